@@ -1,0 +1,73 @@
+"""The one home of gradwatch's TensorBoard tag names and record formats.
+
+Imported by the monitor (writer), by `gradwatch report` and by the TensorBoard
+plugin (readers). Importing this module does not import TensorFlow.
+
+Scalar series (plugin "scalars", so the Scalars tab shows them; one value per
+training step unless said otherwise). The step of every value is the optimizer
+iteration count after that step's update, counted from 1 -- the step Keras'
+`TensorBoard` callback uses for its `batch_*` summaries.
+
+| tag                          | value                                                        |
+| ---------------------------- | ------------------------------------------------------------ |
+| `grad_norm/global`           | L2 norm of the whole gradient, before any clipping           |
+| `grad_norm/<layer path>`     | L2 norm over one layer's trainable variables, pre-clip       |
+| `grad_norm/global_clipped`   | global norm after gradwatch's clipping (when `auto_clip` set)|
+| `grad_norm/threshold`        | explosion threshold in force (absent during warm-up)         |
+| `grad_norm/clip_threshold`   | clipping threshold in force (only while clipping is on)      |
+| `grad_norm/explosion`        | 1.0 at each exploding step, and only there                   |
+| `grad_norm/overflow`         | 1.0 at each step the loss-scale optimizer skipped (overflow) |
+
+Plugin data (plugin "gradwatch", string tensors holding JSON):
+
+| tag                    | value                                                        |
+| ---------------------- | ------------------------------------------------------------ |
+| `gradwatch/layers`     | JSON list of layer paths in model order (written at start)   |
+| `gradwatch/explosions` | JSON list of explosion records since the previous write      |
+| `gradwatch/clipping`   | JSON list of clipping events (switch-on) since previous write|
+
+Text (plugin "text", for the Text tab): `gradwatch/alerts`, one markdown line
+per alert or burst summary.
+"""
+
+PREFIX = "grad_norm/"
+GLOBAL = PREFIX + "global"
+GLOBAL_CLIPPED = PREFIX + "global_clipped"
+THRESHOLD = PREFIX + "threshold"
+CLIP_THRESHOLD = PREFIX + "clip_threshold"
+EXPLOSION = PREFIX + "explosion"
+OVERFLOW = PREFIX + "overflow"
+
+# Tags under PREFIX that are not layers. A layer named like one of these
+# would collide; the monitor rejects such a model at start-up.
+RESERVED = frozenset(
+    {GLOBAL, GLOBAL_CLIPPED, THRESHOLD, CLIP_THRESHOLD, EXPLOSION, OVERFLOW}
+)
+
+PLUGIN_NAME = "gradwatch"
+LAYERS = "gradwatch/layers"
+EXPLOSIONS = "gradwatch/explosions"
+CLIPPING = "gradwatch/clipping"
+ALERTS_TEXT = "gradwatch/alerts"
+
+# Sub-folder of `log_dir` holding the training run (as Keras' TensorBoard).
+TRAIN_RUN = "train"
+
+# `action` values of an explosion record.
+ACTION_NONE = "none"
+ACTION_CLIP_ON = "clipping_on"  # this explosion switched clipping on
+ACTION_CLIPPED = "clipped"  # clipping already on; the step was clipped
+ACTION_SKIPPED = "skipped"  # non-finite gradient: update skipped
+ACTIONS = (ACTION_NONE, ACTION_CLIP_ON, ACTION_CLIPPED, ACTION_SKIPPED)
+
+
+def layer_tag(layer_path):
+    """Tag of a layer's norm series: `grad_norm/<layer path>`."""
+    return PREFIX + layer_path
+
+
+def layer_of_tag(tag):
+    """The layer path of a per-layer tag, or None for other tags."""
+    if not tag.startswith(PREFIX) or tag in RESERVED:
+        return None
+    return tag[len(PREFIX):]
