@@ -1,0 +1,174 @@
+"""Explosion records, alert lines and burst summaries.
+
+The only module that logs alerts (logger `"gradwatch"`). A burst of
+consecutive exploding steps is logged as its first explosion in full, then a
+summary every `summary_every` explosions and when the burst ends; every
+explosion is still kept in `GradientMonitor.explosions` and TensorBoard.
+"""
+
+import dataclasses
+import logging
+import math
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from gradwatch import state, tags
+
+logger = logging.getLogger("gradwatch")
+logger.addHandler(logging.NullHandler())
+
+
+@dataclasses.dataclass(frozen=True)
+class Explosion:
+    """One exploding step.
+
+    Attributes:
+        step: optimizer iteration after the update, counted from 1.
+        epoch: the epoch, counted from 0 like Keras callbacks' `epoch`
+            (log lines show it from 1, like Keras' progress bar).
+        global_norm: global gradient norm before clipping (may be NaN/Inf).
+        threshold: the explosion threshold in force at that step.
+        layers: top offending layers as `(layer path, norm)`, largest first,
+            NaN/Inf first.
+        action: one of `"none"`, `"clipping_on"`, `"clipped"`, `"skipped"`.
+        nonfinite: the gradient held NaN or Inf.
+    """
+
+    step: int
+    epoch: int
+    global_norm: float
+    threshold: float
+    layers: Tuple[Tuple[str, float], ...]
+    action: str
+    nonfinite: bool = False
+
+    def to_json(self):
+        from gradwatch.summaries import json_safe
+
+        return {"step": self.step, "epoch": self.epoch,
+                "global_norm": json_safe(self.global_norm), "threshold": json_safe(self.threshold),
+                "layers": [[path, json_safe(norm)] for path, norm in self.layers],
+                "action": self.action, "nonfinite": self.nonfinite}
+
+
+def top_layers(layer_norms, layer_paths, count):
+    """`(path, norm)` of the `count` largest norms; NaN/Inf first."""
+    norms = np.asarray(layer_norms, dtype=np.float64)
+    rank = np.where(np.isfinite(norms), norms, np.inf)
+    order = sorted(range(len(norms)), key=lambda i: (-rank[i], i))[:count]
+    return tuple((layer_paths[i], float(norms[i])) for i in order)
+
+
+def action_of(flags):
+    flags = int(flags)
+    if flags & state.SKIPPED:
+        return tags.ACTION_SKIPPED
+    if flags & state.CLIP_SWITCHED_ON:
+        return tags.ACTION_CLIP_ON
+    if flags & state.CLIP_ACTIVE:
+        return tags.ACTION_CLIPPED
+    return tags.ACTION_NONE
+
+
+def explosions_from_records(steps, rows, layer_paths, epoch, top_count):
+    """Explosion records of the exploded rows of a drained record batch."""
+    found = []
+    for step, row in zip(steps, rows):
+        flags = int(row[state.FLAGS])
+        if not flags & state.EXPLODED:
+            continue
+        found.append(Explosion(
+            step=int(step), epoch=int(epoch), global_norm=float(row[state.GLOBAL]),
+            threshold=float(row[state.THRESHOLD]),
+            layers=top_layers(row[state.LAYERS_START:], layer_paths, top_count),
+            action=action_of(flags), nonfinite=bool(flags & state.NONFINITE)))
+    return found
+
+
+def _num(value):
+    return f"{value:.3g}" if math.isfinite(value) else str(value)
+
+
+_ACTION_TEXT = {tags.ACTION_NONE: "", tags.ACTION_CLIP_ON: "; clipping switched on",
+                tags.ACTION_CLIPPED: "; clipped", tags.ACTION_SKIPPED: "; update skipped"}
+
+
+def explosion_message(record):
+    """One alert line, e.g. `gradient explosion at step 1234 (epoch 3): ...`."""
+    where = f"at step {record.step} (epoch {record.epoch + 1})"
+    layers = ", ".join(f"{path} {_num(norm)}" for path, norm in record.layers)
+    if record.nonfinite:
+        bad = [path for path, norm in record.layers if not math.isfinite(norm)]
+        text = (f"NaN/Inf gradient in {', '.join(bad) or 'the model'} {where}: "
+                f"global norm {_num(record.global_norm)}; top layers: {layers}")
+    else:
+        text = (f"gradient explosion {where}: global norm {_num(record.global_norm)} "
+                f"> threshold {_num(record.threshold)}; top layers: {layers}")
+    return text + _ACTION_TEXT[record.action]
+
+
+@dataclasses.dataclass
+class Burst:
+    """Consecutive exploding steps."""
+
+    first_step: int
+    last_step: int
+    count: int
+    worst_norm: float
+
+    def add(self, record):
+        self.last_step, self.count = record.step, self.count + 1
+        if _worse(record.global_norm, self.worst_norm):
+            self.worst_norm = record.global_norm
+
+    def message(self, ended):
+        state_text = "ended" if ended else "ongoing"
+        return (f"gradient explosion burst {state_text}: {self.count} exploding steps "
+                f"in steps {self.first_step}-{self.last_step}, worst global norm {_num(self.worst_norm)}")
+
+
+def _worse(norm, than):
+    return math.isnan(norm) or (not math.isnan(than) and norm > than)
+
+
+class AlertLog:
+    """Turns the drained records into log lines, rate-limiting bursts.
+
+    `feed` returns the lines it logged, for the TensorBoard text summary.
+    """
+
+    def __init__(self, print_fn: Optional[callable], summary_every=100):
+        self.print_fn = print_fn
+        self.summary_every = summary_every
+        self.burst: Optional[Burst] = None
+
+    def feed(self, steps, rows, records_by_step) -> List[str]:
+        lines = []
+        for step, row in zip(steps, rows):
+            flags = int(row[state.FLAGS])
+            if flags & state.OVERFLOW:
+                continue
+            record = records_by_step.get(int(step)) if flags & state.EXPLODED else None
+            if record is None:
+                lines += self.close()
+            elif self.burst is None:
+                self.burst = Burst(record.step, record.step, 1, record.global_norm)
+                lines.append(self._emit(explosion_message(record), {"gradwatch_explosion": record}))
+            else:
+                self.burst.add(record)
+                if self.burst.count % self.summary_every == 0:
+                    lines.append(self._emit(self.burst.message(False), {"gradwatch_burst": self.burst}))
+        return lines
+
+    def close(self):
+        burst, self.burst = self.burst, None
+        if burst is None or burst.count == 1:
+            return []
+        return [self._emit(burst.message(True), {"gradwatch_burst": burst})]
+
+    def _emit(self, text, extra):
+        logger.warning(text, extra=extra)
+        if self.print_fn is not None:
+            self.print_fn("gradwatch: " + text)
+        return text

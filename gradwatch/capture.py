@@ -1,0 +1,152 @@
+"""The hook on a Keras 3 (TensorFlow backend) optimizer.
+
+Where the gradient is taken: Keras' `apply()` unscales (loss scaling),
+`_backend_apply_gradients` averages accumulated gradients and clips, then
+`_backend_update_step` all-reduces across replicas (`_all_reduce_sum_gradients`)
+and updates. gradwatch wraps, on the optimizer *instance* only:
+
+- `_all_reduce_sum_gradients`: after the cross-replica sum, computes the
+  statistics, detection and clipping in-graph and returns the clipped gradient;
+- `_clip_gradients`: made a no-op, so Keras never clips the per-replica
+  gradient; a `clipnorm`/`clipvalue`/`global_clipnorm` set on the optimizer is
+  applied by gradwatch, after the sum (its norms are then pre-clip norms);
+- `_distributed_tf_update_step`: skipped (`tf.cond`) on a non-finite gradient
+  when skipping is on;
+- under a `LossScaleOptimizer`, the outer optimizer's overflow branch, to
+  record steps it skips.
+
+`uninstall()` removes every wrapper; nothing is left in the optimizer's config.
+"""
+
+import tensorflow as tf
+
+from gradwatch import clipping, detection, state, stats
+
+
+class KerasCapture:
+    """Installs the in-graph capture on `model.optimizer` for one `fit()`.
+
+    Args:
+        model: the compiled Keras 3 model.
+        policy: a `gradwatch.policy.StepPolicy` with the detection and
+            clipping settings.
+        capacity: rows of the on-device ring buffer.
+    """
+
+    def __init__(self, model, policy, capacity):
+        self.model = model
+        self.policy = policy
+        self.outer = model.optimizer
+        self.optimizer = getattr(self.outer, "inner_optimizer", self.outer)
+        self.loss_scaled = self.optimizer is not self.outer
+        self.layer_paths, self._layer_of_variable = stats.layer_paths(model)
+        self.state = state.DeviceState(
+            model.distribute_strategy, len(self.layer_paths), capacity,
+            clipping.AUTO_HISTORY, policy.initial_adaptive_state())
+        self._skip_pred = None
+        self._installed = {}
+
+    # -- installation ------------------------------------------------------
+    def install(self):
+        if getattr(self.optimizer, "_gradwatch_capture", None) is not None:
+            raise RuntimeError("gradwatch is already attached to this optimizer.")
+        self._wrap(self.optimizer, "_all_reduce_sum_gradients", self._on_all_reduced)
+        self._wrap(self.optimizer, "_backend_update_step", self._on_update_step)
+        self._wrap(self.optimizer, "_clip_gradients", lambda original: (lambda grads: grads))
+        if self.policy.skip_nonfinite:
+            self._wrap(self.optimizer, "_distributed_tf_update_step", self._on_distributed_update)
+        if self.loss_scaled:
+            self._wrap(self.outer, "_stateful_handle_non_finite_grads", self._on_overflow)
+        self.optimizer._gradwatch_capture = self
+
+    def uninstall(self):
+        for (target, name) in list(self._installed):
+            target.__dict__.pop(name, None)
+        self._installed.clear()
+        self.optimizer.__dict__.pop("_gradwatch_capture", None)
+
+    def _wrap(self, target, name, make_wrapper):
+        original = getattr(target, name)
+        target.__dict__[name] = make_wrapper(original)
+        self._installed[(target, name)] = original
+
+    # -- wrappers (run at trace time) ---------------------------------------
+    def _on_update_step(self, original):
+        def update_step(grads, trainable_variables, learning_rate):
+            self._current_variables = list(trainable_variables)
+            return original(grads, trainable_variables, learning_rate)
+        return update_step
+
+    def _on_all_reduced(self, original):
+        def all_reduce(grads_and_vars):
+            reduced = list(original(grads_and_vars))
+            grads = [g for g, _ in reduced]
+            new_grads = self._process(grads)
+            return [(g, v) for g, (_, v) in zip(new_grads, reduced)]
+        return all_reduce
+
+    def _on_distributed_update(self, original):
+        def distributed_update(distribution, grads_and_vars, learning_rate):
+            skip = self._skip_pred
+            if skip is None:
+                return original(distribution, grads_and_vars, learning_rate)
+
+            def apply():
+                original(distribution, grads_and_vars, learning_rate)
+                return tf.constant(True)
+
+            return tf.cond(skip, lambda: tf.constant(False), apply)
+        return distributed_update
+
+    def _on_overflow(self, original):
+        def handle_non_finite():
+            original()
+            width = state.LAYERS_START + self.state.num_layers
+            row = tf.tensor_scatter_nd_update(
+                tf.fill([width], float("nan")), [[state.FLAGS]], [float(state.OVERFLOW)])
+            self.state.append(self.optimizer.iterations + 1, row)
+        return handle_non_finite
+
+    # -- the per-step computation -------------------------------------------
+    def _layer_ids(self):
+        variables = getattr(self, "_current_variables", None) or []
+        unknown = len(self.layer_paths)
+        return [self._layer_of_variable.get(id(v), unknown) for v in variables]
+
+    def _process(self, grads):
+        """In-graph: statistics, detection, clipping and the record of a step."""
+        num_layers = len(self.layer_paths)
+        layer_ids = self._layer_ids()
+        if len(layer_ids) != len(grads):
+            layer_ids = [num_layers] * len(grads)
+        variable_sq = stats.variable_squared_norms(grads)
+        layer_sq = stats.sum_by_layer(variable_sq, layer_ids, num_layers + 1)
+        global_norm = stats.global_norm(layer_sq)
+        nonfinite = stats.is_nonfinite(layer_sq)
+        step_result = self.policy.decide(self.state, global_norm, nonfinite)
+        new_grads, clipped_norm = grads, global_norm
+        if self.policy.clip_mode is not None:
+            new_grads = clipping.clip_gradients(
+                grads, self.policy.clip_mode, step_result.clip_threshold,
+                step_result.clip_active, variable_sq)
+            clipped_norm = _clipped_global_norm(
+                self.policy.clip_mode, new_grads, variable_sq, step_result)
+        self._skip_pred = step_result.skip if self.policy.skip_nonfinite else None
+        row = tf.concat([
+            tf.stack([global_norm, clipped_norm, step_result.threshold,
+                      tf.where(step_result.clip_active, step_result.clip_threshold, 0.0),
+                      step_result.flags]),
+            tf.sqrt(layer_sq[:num_layers])], axis=0)
+        self.state.append(self.optimizer.iterations + 1, row)
+        return new_grads
+
+
+def _clipped_global_norm(mode, clipped_grads, variable_sq, step_result):
+    if mode == "clipvalue":
+        return tf.sqrt(tf.reduce_sum(stats.variable_squared_norms(clipped_grads)))
+    threshold, active = step_result.clip_threshold, step_result.clip_active
+    if mode == "global_clipnorm":
+        total = tf.reduce_sum(variable_sq)
+        return tf.sqrt(total) * clipping.norm_clip_factor(total, threshold, active)
+    factors = clipping.norm_clip_factor(variable_sq, threshold, active)
+    return tf.sqrt(tf.reduce_sum(variable_sq * tf.square(factors)))

@@ -1,0 +1,165 @@
+"""`GradientMonitor`: the Keras callback users add to `model.fit`."""
+
+import logging
+import os
+
+import keras
+
+from gradwatch import clipping, summaries, tags, validation
+from gradwatch.capture import KerasCapture
+from gradwatch.policy import StepPolicy
+from gradwatch.recorder import Recorder
+
+logger = logging.getLogger("gradwatch")
+
+# "epoch" still drains the device buffer at least this often (bounded memory).
+_EPOCH_DRAIN_STEPS = 1024
+
+
+class GradientMonitor(keras.callbacks.Callback):
+    """Records per-layer and global gradient norms of every training step.
+
+    The norms are those of the gradient the optimizer really applies: after
+    loss-scale unscaling, gradient accumulation and the cross-replica sum,
+    before clipping. They are taken inside the compiled train step (also under
+    XLA) and kept on the device; the callback writes them to TensorBoard.
+
+    Args:
+        log_dir: folder of the TensorBoard logs; events go to `log_dir/train`,
+            the run of Keras' `TensorBoard` callback for the same `log_dir`.
+        update_freq: how often, in steps, the callback reads the recorded steps
+            from the device and writes them, or `"epoch"`. Every step is
+            written whatever the value: nothing is averaged or dropped; a larger
+            value only batches the writing (and delays alerts by up to that
+            many steps). Default 100.
+        explosion_threshold: a positive number: a step explodes when its global
+            norm is not below it. `None` (default): adaptive, learnt from the
+            run's own healthy steps. NaN/Inf gradients always explode.
+        auto_clip: `None` (monitor only), `"clipnorm"`, `"global_clipnorm"` or
+            `"clipvalue"`: switch that clipping on at the first explosion,
+            starting with the exploding step itself.
+        clip_threshold: the clipping threshold, a positive number, or `"auto"`:
+            the 90th percentile of the last 512 healthy global norms.
+        skip_nonfinite: skip updates whose gradient holds NaN/Inf. Defaults to
+            True when `auto_clip` is set, else False.
+        top_layers: how many layers an alert names.
+        verbose: 0 silent, 1 or 2 print alerts to the console (they always go
+            to the `"gradwatch"` logger).
+
+    Example:
+
+    ```python
+    model.fit(x, y, epochs=5,
+              callbacks=[gradwatch.GradientMonitor("logs", auto_clip="clipnorm")])
+    ```
+    """
+
+    def __init__(self, log_dir="logs", *, update_freq=100, explosion_threshold=None,
+                 auto_clip=None, clip_threshold=1.0, skip_nonfinite=None, top_layers=3,
+                 verbose=1):
+        super().__init__()
+        self.log_dir = validation.check_log_dir(log_dir)
+        self.update_freq = validation.check_update_freq(update_freq)
+        self.explosion_threshold = validation.check_explosion_threshold(explosion_threshold)
+        self.auto_clip = validation.check_auto_clip(auto_clip)
+        self.clip_threshold = validation.check_clip_threshold(clip_threshold)
+        skip = validation.check_optional_bool("skip_nonfinite", skip_nonfinite)
+        self.skip_nonfinite = (auto_clip is not None) if skip is None else skip
+        self.top_layers = validation.check_positive_int("top_layers", top_layers)
+        self.verbose = validation.check_verbose(verbose)
+        self.explosions = []
+        self.clipping_events = []
+        self._recorder = None
+        self._layer_paths = []
+
+    @property
+    def layer_paths(self):
+        """Reported layers in model order (known once training has begun)."""
+        return list(self._layer_paths)
+
+    def on_train_begin(self, logs=None):
+        self.explosions, self.clipping_events = [], []
+        if self._recorder is not None:  # an earlier fit() ended abnormally
+            self._recorder.close()
+        policy = self._policy()
+        writer = _open_writer(os.path.join(self.log_dir, tags.TRAIN_RUN))
+        capture = KerasCapture(self.model, policy, self._capacity())
+        print_fn = _print_msg if self.verbose else None
+        self._recorder = Recorder(self, capture, writer, print_fn)
+        self._recorder.start()
+        self._layer_paths = list(capture.layer_paths)
+        self._epoch, self._batches_before_epoch, self._batches_at_drain = 0, 0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = self._batches_before_epoch + batch + 1
+        interval = _EPOCH_DRAIN_STEPS if self.update_freq == "epoch" else self.update_freq
+        if done - self._batches_at_drain >= interval:
+            self._batches_at_drain = done
+            self._recorder.drain(self._epoch)
+        self._batches_in_epoch = batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._batches_before_epoch += getattr(self, "_batches_in_epoch", 0)
+        self._batches_in_epoch = 0
+        self._batches_at_drain = self._batches_before_epoch
+        self._recorder.drain(epoch, flush=True)
+
+    def on_train_end(self, logs=None):
+        if self._recorder is not None:
+            self._recorder.drain(self._epoch, flush=True)
+            self._recorder.close()
+            self._recorder = None
+
+    def _policy(self):
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError("GradientMonitor needs a compiled model: call `model.compile(optimizer=...)` "
+                             "before `fit()`.")
+        own_mode, own_threshold = _optimizer_clipping(optimizer)
+        if own_mode and self.auto_clip and own_mode != self.auto_clip:
+            raise ValueError(
+                f"`auto_clip={self.auto_clip!r}` conflicts with the optimizer's own "
+                f"`{own_mode}={own_threshold}`: Keras allows one kind of clipping. Remove one.")
+        return StepPolicy(
+            explosion_threshold=self.explosion_threshold,
+            clip_mode=self.auto_clip or own_mode,
+            clip_threshold=own_threshold if own_mode else self.clip_threshold,
+            auto_switch=self.auto_clip is not None and own_mode is None,
+            skip_nonfinite=self.skip_nonfinite and not hasattr(optimizer, "inner_optimizer"))
+
+    def _capacity(self):
+        interval = _EPOCH_DRAIN_STEPS if self.update_freq == "epoch" else self.update_freq
+        steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        return 2 * (interval + steps_per_execution) + 16
+
+    def get_config(self):
+        return {"log_dir": self.log_dir, "update_freq": self.update_freq,
+                "explosion_threshold": self.explosion_threshold, "auto_clip": self.auto_clip,
+                "clip_threshold": self.clip_threshold, "skip_nonfinite": self.skip_nonfinite,
+                "top_layers": self.top_layers, "verbose": self.verbose}
+
+
+def _optimizer_clipping(optimizer):
+    """`(mode, threshold)` of clipping configured on the optimizer, or (None, None)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    for mode in clipping.MODES:
+        value = getattr(inner, mode, None)
+        if value is not None:
+            return mode, float(value)
+    return None, None
+
+
+def _open_writer(run_dir):
+    try:
+        return summaries.EventWriter(run_dir)
+    except Exception as error:  # tf.errors and OSError alike
+        raise ValueError(f"GradientMonitor cannot write its logs to {run_dir!r}: {error}") from error
+
+
+def _print_msg(message):
+    from keras.src.utils import io_utils  # Keras' console printer (respects absl logging mode)
+
+    io_utils.print_msg(message)

@@ -1,0 +1,102 @@
+"""The per-step decision inside the compiled step: detection, clipping, skip.
+
+`StepPolicy.decide` reads and updates the `DeviceState` variables with
+branch-free ops (`tf.where`), so the same trace serves every step: the step
+whose explosion switches clipping on is itself clipped (zero lag).
+"""
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional, Union
+
+import tensorflow as tf
+
+from gradwatch import clipping, detection, state
+
+
+class StepResult(NamedTuple):
+    threshold: tf.Tensor  # explosion threshold in force (inf in warm-up)
+    exploded: tf.Tensor
+    clip_active: tf.Tensor  # clipping applies to this step
+    clip_threshold: tf.Tensor
+    skip: tf.Tensor  # the update is skipped (non-finite gradient)
+    flags: tf.Tensor  # float32 bit set, see `state`
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPolicy:
+    """Detection and clipping settings of one run (validated by the monitor).
+
+    Attributes:
+        explosion_threshold: a fixed threshold, or None for the adaptive one.
+        adaptive: settings of the adaptive detector.
+        clip_mode: the clipping gradwatch applies (`auto_clip`, or the
+            optimizer's own clipping, which gradwatch takes over), or None.
+        clip_threshold: a number, or "auto".
+        auto_switch: switch clipping on at the first finite explosion.
+        skip_nonfinite: skip updates whose gradient holds NaN/Inf.
+    """
+
+    explosion_threshold: Optional[float] = None
+    adaptive: detection.AdaptiveConfig = detection.AdaptiveConfig()
+    clip_mode: Optional[str] = None
+    clip_threshold: Union[float, str] = 1.0
+    auto_switch: bool = False
+    skip_nonfinite: bool = False
+
+    def initial_adaptive_state(self):
+        return detection.initial_adaptive_state()
+
+    def decide(self, device_state, global_norm, nonfinite):
+        threshold = self._threshold(device_state)
+        exploded = detection.is_explosion(global_norm, threshold)
+        if self.explosion_threshold is None:
+            _update_adaptive(device_state, self.adaptive, global_norm, exploded)
+        healthy = tf.logical_not(tf.logical_or(exploded, nonfinite))
+        was_active = device_state.clip_active.read_value()
+        switching = tf.logical_and(
+            tf.constant(self.auto_switch),
+            tf.logical_and(tf.logical_not(was_active), tf.logical_and(exploded, tf.logical_not(nonfinite))))
+        clip_active = tf.logical_or(was_active, switching)
+        clip_threshold = self._clip_threshold(device_state, switching, threshold)
+        if self.clip_mode is not None:
+            device_state.clip_active.assign(clip_active)
+            device_state.clip_threshold.assign(clip_threshold)
+            if self.clip_threshold == "auto":
+                device_state.remember_healthy(global_norm, healthy)
+        skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
+        flags = _flags(exploded, nonfinite, skip, switching, clip_active)
+        return StepResult(threshold, exploded, clip_active, clip_threshold, skip, flags)
+
+    def _threshold(self, device_state):
+        if self.explosion_threshold is not None:
+            return tf.constant(float(self.explosion_threshold), tf.float32)
+        current = detection.AdaptiveState(*(v.read_value() for v in device_state.adaptive))
+        return detection.adaptive_threshold(current, self.adaptive)
+
+    def _clip_threshold(self, device_state, switching, explosion_threshold):
+        if self.clip_threshold != "auto":
+            return tf.constant(float(self.clip_threshold), tf.float32)
+        from_history = clipping.percentile(
+            device_state.healthy_norms.read_value(), device_state.healthy_count.read_value(),
+            clipping.AUTO_PERCENTILE)
+        fallback = tf.where(tf.math.is_finite(explosion_threshold), explosion_threshold, 1.0)
+        chosen = tf.where(tf.math.is_nan(from_history), fallback, from_history)
+        return tf.where(switching, chosen, device_state.clip_threshold.read_value())
+
+
+def _update_adaptive(device_state, config, global_norm, exploded):
+    current = detection.AdaptiveState(*(v.read_value() for v in device_state.adaptive))
+    new = detection.update_adaptive_state(current, global_norm, exploded, config)
+    for variable, value in zip(device_state.adaptive, new):
+        variable.assign(value)
+
+
+def _flags(exploded, nonfinite, skip, switching, clip_active):
+    bits = [(exploded, state.EXPLODED), (nonfinite, state.NONFINITE), (skip, state.SKIPPED),
+            (switching, state.CLIP_SWITCHED_ON), (clip_active, state.CLIP_ACTIVE)]
+    return tf.add_n([tf.where(flag, float(bit), 0.0) for flag, bit in bits])
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

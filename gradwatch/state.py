@@ -1,0 +1,97 @@
+"""On-device state of a monitored run: a ring buffer of per-step records, the
+adaptive detector's statistics and the clipping state, in `tf.Variable`s.
+
+Written from inside the compiled train step (one row per optimizer update),
+read from the host by the callback every few steps. Under a distribution
+strategy the variables are `ON_READ` / `ONLY_FIRST_REPLICA`: each replica
+writes its own copy (all replicas compute identical values from the
+all-reduced gradient) and the host reads the first replica's.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+# Columns of a record row; the per-layer norms follow from LAYERS_START.
+GLOBAL, GLOBAL_CLIPPED, THRESHOLD, CLIP_THRESHOLD, FLAGS = range(5)
+LAYERS_START = 5
+
+# Bits of the FLAGS column.
+EXPLODED, NONFINITE, SKIPPED, CLIP_SWITCHED_ON, CLIP_ACTIVE, OVERFLOW = (
+    1, 2, 4, 8, 16, 32)
+
+
+def has_flag(flags, bit):
+    """Vectorised flag test on a float FLAGS column (numpy)."""
+    return (np.asarray(flags).astype(np.int64) & bit) != 0
+
+
+class DeviceState:
+    """The variables; created under `strategy`'s scope."""
+
+    def __init__(self, strategy, num_layers, capacity, history_size, adaptive_state):
+        self.num_layers = num_layers
+        self.capacity = capacity
+        with strategy.scope():
+            make = _variable_factory(strategy)
+            self.records = make(tf.zeros([capacity, LAYERS_START + num_layers], tf.float32))
+            self.record_steps = make(tf.zeros([capacity], tf.int64))
+            self.record_count = make(tf.zeros([], tf.int64))
+            self.adaptive = [make(tf.convert_to_tensor(t, tf.float32)) for t in adaptive_state]
+            self.clip_active = make(tf.constant(False))
+            self.clip_threshold = make(tf.zeros([], tf.float32))
+            self.healthy_norms = make(tf.zeros([history_size], tf.float32))
+            self.healthy_count = make(tf.zeros([], tf.int64))
+
+    def append(self, step, row):
+        """In-graph: writes one record at the next ring-buffer slot."""
+        count = self.record_count.read_value()
+        slot = tf.reshape(tf.cast(count % self.capacity, tf.int32), [1, 1])
+        self.records.scatter_nd_update(slot, tf.reshape(row, [1, -1]))
+        self.record_steps.scatter_nd_update(slot, tf.reshape(tf.cast(step, tf.int64), [1]))
+        self.record_count.assign(count + 1)
+
+    def remember_healthy(self, global_norm, healthy):
+        """In-graph: appends `global_norm` to the history when `healthy`."""
+        count = self.healthy_count.read_value()
+        size = self.healthy_norms.shape[0]
+        slot = tf.reshape(tf.cast(count % size, tf.int32), [1, 1])
+        old = tf.gather_nd(self.healthy_norms.read_value(), slot)
+        new = tf.where(healthy, tf.reshape(global_norm, [1]), old)
+        self.healthy_norms.scatter_nd_update(slot, new)
+        self.healthy_count.assign(count + tf.cast(healthy, tf.int64))
+
+    def read_since(self, already_read):
+        """Host: `(steps, rows, total, lost)` of the records after the first
+        `already_read`; `lost` counts records overwritten before being read."""
+        total = int(_host_value(self.record_count))
+        fresh = total - already_read
+        if fresh <= 0:
+            return np.zeros([0], np.int64), np.zeros([0, LAYERS_START + self.num_layers]), total, 0
+        lost = max(0, fresh - self.capacity)
+        first = total - min(fresh, self.capacity)
+        slots = np.arange(first, total) % self.capacity
+        rows = _host_value(self.records)[slots]
+        steps = _host_value(self.record_steps)[slots]
+        return steps, rows, total, lost
+
+    def set_clip_state(self, active, threshold):
+        self.clip_active.assign(bool(active))
+        self.clip_threshold.assign(float(threshold))
+
+
+def _variable_factory(strategy):
+    distributed = type(strategy).__name__ != "_DefaultDistributionStrategy"
+
+    def make(initial):
+        if distributed:
+            return tf.Variable(
+                initial, trainable=False,
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        return tf.Variable(initial, trainable=False)
+
+    return make
+
+
+def _host_value(variable):
+    return np.asarray(tf.convert_to_tensor(variable))
