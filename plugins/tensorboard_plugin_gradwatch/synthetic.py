@@ -1,0 +1,99 @@
+"""Realistic synthetic gradwatch logs, for tests and screenshots.
+
+Writes what the monitor writes (see `gradwatch.tags`): per-layer and global
+norms every step, an adaptive threshold after warm-up, one explosion that
+switches clipping on, a non-finite step that is skipped, and the JSON records.
+"""
+
+import math
+import os
+
+import numpy as np
+
+from gradwatch import summaries, tags
+
+LAYERS = (
+    "embedding", "encoder/lstm", "encoder/lstm_1", "encoder/dense",
+    "attention/query", "attention/key", "attention/value", "decoder/lstm",
+    "decoder/dense", "head",
+)
+STEPS = 600
+WARMUP = 50
+EXPLOSION_STEP = 400     # switches clipping on
+NAN_STEP = 520           # non-finite gradient, update skipped
+NAN_LAYER = "decoder/lstm"
+FLUSH_EVERY = 20       # 30 flushes: more than the 10 samples TensorBoard keeps by default
+
+
+def _layer_norms(rng, steps):
+    """steps x layers array of plausible, slowly decaying, noisy norms."""
+    scales = np.geomspace(0.02, 3.0, len(LAYERS))[rng.permutation(len(LAYERS))]
+    decay = 1.0 + 2.0 * np.exp(-np.arange(1, steps + 1) / 150.0)
+    noise = rng.lognormal(0.0, 0.25, size=(steps, len(LAYERS)))
+    norms = scales[None, :] * decay[:, None] * noise
+    norms[EXPLOSION_STEP - 1, LAYERS.index("encoder/lstm_1")] *= 400.0
+    norms[EXPLOSION_STEP - 1, LAYERS.index("encoder/lstm")] *= 60.0
+    norms[EXPLOSION_STEP + 30 - 1, LAYERS.index("encoder/dense")] *= 80.0  # clipped
+    return norms
+
+
+def _record(step, norms_row, global_norm, threshold, action):
+    pairs = sorted(zip(LAYERS, norms_row), key=lambda p: (math.isfinite(p[1]), -p[1] if math.isfinite(p[1]) else 0))
+    return {
+        "step": step, "epoch": (step - 1) // 100,
+        "global_norm": summaries.json_safe(global_norm),
+        "threshold": summaries.json_safe(threshold),
+        "layers": [[path, summaries.json_safe(norm)] for path, norm in pairs],
+        "action": action,
+    }
+
+
+def write_run(run_dir, seed=0):
+    """Writes one synthetic run into `run_dir`; returns a dict of the facts a test checks."""
+    rng = np.random.default_rng(seed)
+    norms = _layer_norms(rng, STEPS)
+    norms[NAN_STEP - 1, LAYERS.index(NAN_LAYER)] = math.nan
+    writer = summaries.EventWriter(run_dir)
+    writer.write_json(0, tags.LAYERS, list(LAYERS))
+    explosions, clipping, pending, threshold, clip_on = [], [], [], math.inf, False
+    for step in range(1, STEPS + 1):
+        row = norms[step - 1]
+        global_norm = float(np.sqrt(np.sum(row.astype(np.float64) ** 2)))
+        values = {tags.layer_tag(path): float(norm) for path, norm in zip(LAYERS, row)}
+        values[tags.GLOBAL] = global_norm
+        if step > WARMUP:
+            values[tags.THRESHOLD] = threshold
+        exploding = step > WARMUP and (global_norm > threshold or not math.isfinite(global_norm))
+        if exploding:
+            values[tags.EXPLOSION] = 1.0
+            action = (tags.ACTION_SKIPPED if not math.isfinite(global_norm)
+                      else tags.ACTION_CLIPPED if clip_on else tags.ACTION_CLIP_ON)
+            pending.append(_record(step, row, global_norm, threshold, action))
+            if action == tags.ACTION_CLIP_ON:
+                clip_on = True
+                clip_threshold = threshold
+                clipping.append({"step": step, "epoch": (step - 1) // 100, "mode": "global_norm",
+                                 "threshold": threshold, "cause_step": step})
+                writer.write_json(step, tags.CLIPPING, clipping[-1:])
+        if clip_on:
+            values[tags.CLIP_THRESHOLD] = clip_threshold
+            values[tags.GLOBAL_CLIPPED] = min(global_norm, clip_threshold) if math.isfinite(global_norm) else 0.0
+        if step == NAN_STEP:
+            values[tags.OVERFLOW] = 1.0
+        writer.write_scalars(step, values)
+        if step >= WARMUP and math.isfinite(global_norm) and not exploding:
+            recent = norms[max(0, step - WARMUP):step]
+            history = np.sqrt(np.nansum(recent.astype(np.float64) ** 2, axis=1))
+            threshold = float(np.median(history) * 4.0)
+        if step % FLUSH_EVERY == 0:
+            writer.write_json(step, tags.EXPLOSIONS, pending)
+            explosions.extend(pending)
+            pending = []
+    writer.close()
+    return {"layers": list(LAYERS), "explosion_steps": [r["step"] for r in explosions],
+            "norms": norms, "clipping_steps": [c["step"] for c in clipping]}
+
+
+if __name__ == "__main__":
+    import sys
+    print(write_run(os.path.join(sys.argv[1], tags.TRAIN_RUN))["explosion_steps"])
