@@ -1,0 +1,161 @@
+"""The `gradwatch` command: `gradwatch report LOGDIR`, and `gradwatch demo` (to come).
+
+Exit status: 0 success; 1 `--fail-on-explosion` and some run exploded; 2 usage
+errors, a missing LOGDIR, no gradwatch run under it, or an unreadable event
+file (one line on stderr, `gradwatch: error: ...`, never a traceback).
+
+`gradwatch report LOGDIR --json` prints one JSON document (strict JSON: NaN
+and infinities are the strings "nan", "inf", "-inf"; absent values are null):
+
+    {
+      "gradwatch_report_version": 1,
+      "logdir": "<LOGDIR as given>",
+      "runs": [                              # sorted by run name
+        {
+          "run": "train",                    # folder relative to LOGDIR ("." for LOGDIR)
+          "steps": {"first": 1, "last": 900, "count": 900},   # steps with a global norm
+          "global_norm": {                   # over finite values; null if none
+            "max": 12.5, "median": 0.93,
+            "nonfinite": 2                   # steps whose global norm is NaN/Inf
+          },
+          "explosions": {
+            "count": 3, "first_step": 120,   # first_step null without explosions
+            "worst": "nan", "worst_step": 450,   # NaN/Inf count as worst, then largest
+            "nonfinite": 1,                  # explosions with a NaN/Inf gradient
+            "records": [                     # every explosion, by step
+              {"step": 120, "epoch": 0, "global_norm": 5200.0, "threshold": 41.7,
+               "action": "clipping_on",      # none | clipping_on | clipped | skipped
+               "nonfinite": false,
+               "layers": [["lstm", 5100.0], ["dense_2", 98.0]]}   # largest first
+            ]
+          },
+          "top_layers": [                    # at most 5: by explosions led (top layer of
+            {"layer": "lstm",                # the record), then NaN/Inf count, then max norm
+             "explosions_led": 2, "max_norm": 5100.0, "median_norm": 0.4, "nonfinite": 0}
+          ],
+          "clipping": [                      # clipping switched on, by step
+            {"step": 120, "mode": "clipnorm", "threshold": 1.0, "cause_step": 120}
+          ]
+        }
+      ]
+    }
+
+New keys may be added within version 1; renaming or removing one bumps the version.
+Importing this module or running `report` does not import TensorFlow.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import gradwatch
+
+EXIT_OK, EXIT_EXPLODED, EXIT_ERROR = 0, 1, 2
+PROG = "gradwatch"
+
+
+class _ReportError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def build_parser():
+    """The argument parser of the `gradwatch` command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Gradient monitoring for Keras: reports of gradwatch log folders.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {gradwatch.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    report = commands.add_parser(
+        "report", help="summarize the gradwatch runs under a log folder",
+        description="For every run under LOGDIR with gradwatch data: steps covered, max and "
+                    "median global norm, explosions, top layers and clipping events.")
+    report.add_argument("logdir", metavar="LOGDIR",
+                        help="folder searched recursively for runs (folders holding event files)")
+    report.add_argument("--json", action="store_true",
+                        help="print a JSON document (schema: `pydoc gradwatch.cli`)")
+    report.add_argument("--fail-on-explosion", action="store_true",
+                        help="exit with status 1 if any run had a gradient explosion (for CI)")
+    report.set_defaults(handler=run_report)
+
+    # TODO(issue 6): placeholder, to be replaced by the real `demo` once the monitor exists.
+    demo = commands.add_parser("demo", help="train a small model that explodes (not yet available)",
+                               description="Not yet available.")
+    demo.set_defaults(handler=run_demo_stub)
+    return parser
+
+
+def run_demo_stub(args, out, err):
+    """Placeholder for `gradwatch demo`."""
+    err.write(f"{PROG}: error: `gradwatch demo` is not yet available.\n")
+    return EXIT_ERROR
+
+
+def _load_runs(logdir):
+    from gradwatch import logs
+
+    try:
+        runs = logs.read_logdir(logdir)
+    except FileNotFoundError:
+        raise _ReportError(f"LOGDIR does not exist. Received: logdir={logdir!r}")
+    except NotADirectoryError:
+        raise _ReportError(f"LOGDIR must be a folder. Received: logdir={logdir!r}")
+    except logs.LogReadError as error:
+        raise _ReportError(str(error))
+    if not runs:
+        raise _ReportError(
+            f"No gradwatch runs found under {logdir!r}: no folder holds event files "
+            "with gradwatch data (written by `gradwatch.GradientMonitor`).")
+    return sorted(runs, key=lambda run: run.name)
+
+
+def run_report(args, out, err):
+    """`gradwatch report`: prints the report; returns the exit status."""
+    from gradwatch import report
+
+    document = report.summarize(args.logdir, _load_runs(args.logdir))
+    if args.json:
+        out.write(json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    else:
+        out.write(report.format_text(document))
+    exploded = [run for run in document["runs"] if run["explosions"]["count"]]
+    if args.fail_on_explosion and exploded:
+        for run in exploded:
+            explosions = run["explosions"]
+            err.write(f"{PROG}: run {run['run']!r} exploded: {explosions['count']} "
+                      f"explosion(s), first at step {explosions['first_step']}\n")
+        return EXIT_EXPLODED
+    return EXIT_OK
+
+
+def _silence_stdout():
+    """Points stdout at /dev/null so exiting after a closed pipe stays quiet."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def main(argv=None):
+    """Entry point of the `gradwatch` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors
+        return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    try:
+        return args.handler(args, sys.stdout, sys.stderr)
+    except _ReportError as error:
+        sys.stderr.write(f"{PROG}: error: {error}\n")
+        return EXIT_ERROR
+    except BrokenPipeError:  # e.g. `gradwatch report LOGDIR | head`
+        _silence_stdout()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

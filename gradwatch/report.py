@@ -1,0 +1,192 @@
+"""Summaries of gradwatch runs for `gradwatch report`: a JSON document and a text table.
+
+`summarize(logdir, runs)` builds the document described in `gradwatch.cli`
+(schema version `REPORT_VERSION`); `format_text(document)` renders it for a
+terminal. Both take `gradwatch.logs.RunData` and never import TensorFlow.
+"""
+
+import math
+
+import numpy as np
+
+from gradwatch.summaries import json_safe
+
+REPORT_VERSION = 1
+TOP_LAYER_COUNT = 5
+SHOWN_EXPLOSIONS = 10  # explosion rows shown per run in the text report
+
+
+def _optional(value):
+    return None if value is None else json_safe(value)
+
+
+def _finite_stats(values):
+    """`{"max", "median", "nonfinite"}` over the finite values of an array."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    return {
+        "max": float(finite.max()) if finite.size else None,
+        "median": float(np.median(finite)) if finite.size else None,
+        "nonfinite": int(values.size - finite.size),
+    }
+
+
+def _severity(norm):
+    """Sort key: NaN/Inf are the worst, then larger norms."""
+    return (1, 0.0) if not math.isfinite(norm) else (0, norm)
+
+
+def _explosion_record(explosion):
+    return {
+        "step": explosion.step,
+        "epoch": explosion.epoch,
+        "global_norm": json_safe(explosion.global_norm),
+        "threshold": _optional(explosion.threshold),
+        "action": explosion.action,
+        "nonfinite": explosion.nonfinite,
+        "layers": [[name, json_safe(norm)] for name, norm in explosion.layers],
+    }
+
+
+def _explosions(run):
+    records = run.explosions
+    worst = max(records, key=lambda e: _severity(e.global_norm), default=None)
+    return {
+        "count": len(records),
+        "first_step": records[0].step if records else None,
+        "worst": None if worst is None else json_safe(worst.global_norm),
+        "worst_step": None if worst is None else worst.step,
+        "nonfinite": sum(1 for e in records if e.nonfinite),
+        "records": [_explosion_record(e) for e in records],
+    }
+
+
+def _top_layers(run):
+    """Layers ranked by explosions led, then NaN/Inf norms seen, then max norm."""
+    led = {}
+    for explosion in run.explosions:
+        if explosion.leading_layer is not None:
+            led[explosion.leading_layer] = led.get(explosion.leading_layer, 0) + 1
+    names = list(run.layer_norms) + [name for name in led if name not in run.layer_norms]
+    rows = []
+    for name in names:
+        series = run.layer_norms.get(name)
+        stats = _finite_stats(series.values if series is not None else [])
+        rows.append({"layer": name, "explosions_led": led.get(name, 0),
+                     "max_norm": stats["max"], "median_norm": stats["median"],
+                     "nonfinite": stats["nonfinite"]})
+    rows.sort(key=lambda r: (-r["explosions_led"], -r["nonfinite"],
+                             -(r["max_norm"] if r["max_norm"] is not None else -math.inf)))
+    return rows[:TOP_LAYER_COUNT]
+
+
+def _clipping(run):
+    return [{"step": c.step, "mode": c.mode, "threshold": _optional(c.threshold),
+             "cause_step": c.cause_step} for c in run.clipping]
+
+
+def summarize_run(run):
+    """The report entry of one `RunData`."""
+    return {
+        "run": run.name,
+        "steps": {"first": run.first_step, "last": run.last_step, "count": run.step_count},
+        "global_norm": _finite_stats(run.global_norm.values),
+        "explosions": _explosions(run),
+        "top_layers": _top_layers(run),
+        "clipping": _clipping(run),
+    }
+
+
+def summarize(logdir, runs):
+    """The whole report document (see `gradwatch.cli` for the schema)."""
+    return {
+        "gradwatch_report_version": REPORT_VERSION,
+        "logdir": logdir,
+        "runs": [summarize_run(run) for run in runs],
+    }
+
+
+# -- text --------------------------------------------------------------------
+
+
+def _num(value):
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value  # "nan", "inf", "-inf"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def _table(header, rows, indent=""):
+    """Lines of an aligned table; numeric-looking columns right-aligned."""
+    cells = [header] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    right = [all(_numeric(row[i]) for row in cells[1:]) for i in range(len(header))]
+    lines = []
+    for row in cells:
+        padded = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)]
+        lines.append((indent + "  ".join(padded)).rstrip())
+    return lines
+
+
+def _numeric(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return text == "-"
+
+
+def _steps_text(steps):
+    if not steps["count"]:
+        return "-"
+    return f"{steps['first']}..{steps['last']} ({steps['count']})"
+
+
+def _overview(runs):
+    header = ["run", "steps", "max norm", "median norm", "non-finite", "explosions",
+              "first explosion", "worst"]
+    rows = [[r["run"], _steps_text(r["steps"]), _num(r["global_norm"]["max"]),
+             _num(r["global_norm"]["median"]), r["global_norm"]["nonfinite"],
+             r["explosions"]["count"], _num(r["explosions"]["first_step"]),
+             _num(r["explosions"]["worst"])] for r in runs]
+    return _table(header, rows)
+
+
+def _run_details(run):
+    lines = [f"run {run['run']!r}:"]
+    explosions = run["explosions"]
+    if explosions["count"]:
+        lines.append(f"  explosions: {explosions['count']} (first at step {explosions['first_step']}, "
+                     f"worst {_num(explosions['worst'])} at step {explosions['worst_step']}, "
+                     f"{explosions['nonfinite']} non-finite)")
+        shown = explosions["records"][:SHOWN_EXPLOSIONS]
+        rows = [[e["step"], _num(e["epoch"]), _num(e["global_norm"]), _num(e["threshold"]),
+                 e["action"] or "-", e["layers"][0][0] if e["layers"] else "-"] for e in shown]
+        lines += _table(["step", "epoch", "global norm", "threshold", "action", "top layer"],
+                        rows, indent="    ")
+        if explosions["count"] > len(shown):
+            lines.append(f"    ... {explosions['count'] - len(shown)} more (see --json)")
+    else:
+        lines.append("  explosions: none")
+    if run["top_layers"]:
+        lines.append("  top layers:")
+        rows = [[t["layer"], t["explosions_led"], _num(t["max_norm"]), _num(t["median_norm"]),
+                 t["nonfinite"]] for t in run["top_layers"]]
+        lines += _table(["layer", "explosions led", "max norm", "median norm", "non-finite"],
+                        rows, indent="    ")
+    for event in run["clipping"]:
+        lines.append(f"  clipping: {event['mode']} switched on at step {event['step']}, "
+                     f"threshold {_num(event['threshold'])}")
+    return lines
+
+
+def format_text(document):
+    """The report as aligned plain text, one overview table then a block per run."""
+    lines = [f"gradwatch report of {document['logdir']}", ""]
+    lines += _overview(document["runs"])
+    for run in document["runs"]:
+        lines += [""] + _run_details(run)
+    return "\n".join(lines) + "\n"
