@@ -39,17 +39,38 @@ class KerasCapture:
         self.outer = model.optimizer
         self.optimizer = getattr(self.outer, "inner_optimizer", self.outer)
         self.loss_scaled = self.optimizer is not self.outer
-        self.layer_paths, self._layer_of_variable = stats.layer_paths(model)
-        self.state = state.DeviceState(
-            model.distribute_strategy, len(self.layer_paths), capacity,
-            clipping.AUTO_HISTORY, policy.initial_adaptive_state())
+        self.capacity = capacity
+        self.layer_paths, self.state = None, None
+        self.traced = False  # the hook has run: the optimizer is reached
         self._skip_pred = None
         self._installed = {}
+
+    @property
+    def ready(self):
+        return self.state is not None
+
+    def prepare(self):
+        """Maps variables to layers and creates the device state.
+
+        Done at `install()` for a built model, else when the train step is
+        first traced (an unbuilt model only gets its variables then).
+        """
+        if self.ready:
+            return
+        self.layer_paths, self._layer_of_variable = stats.layer_paths(self.model)
+        with tf.init_scope():
+            self.state = state.DeviceState(
+                self.model.distribute_strategy, len(self.layer_paths), self.capacity,
+                clipping.AUTO_HISTORY, self.policy.initial_adaptive_state())
+        if self.policy.clip_mode is not None and not self.policy.auto_switch:
+            self.state.set_clip_state(True, float(self.policy.clip_threshold))
 
     # -- installation ------------------------------------------------------
     def install(self):
         if getattr(self.optimizer, "_gradwatch_capture", None) is not None:
             raise RuntimeError("gradwatch is already attached to this optimizer.")
+        if self.model.built and self.model.trainable_variables:
+            self.prepare()
         self._wrap(self.optimizer, "_all_reduce_sum_gradients", self._on_all_reduced)
         self._wrap(self.optimizer, "_backend_update_step", self._on_update_step)
         self._wrap(self.optimizer, "_clip_gradients", lambda original: (lambda grads: grads))
@@ -73,6 +94,8 @@ class KerasCapture:
     # -- wrappers (run at trace time) ---------------------------------------
     def _on_update_step(self, original):
         def update_step(grads, trainable_variables, learning_rate):
+            self.prepare()
+            self.traced = True
             self._current_variables = list(trainable_variables)
             return original(grads, trainable_variables, learning_rate)
         return update_step

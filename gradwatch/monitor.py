@@ -75,6 +75,8 @@ class GradientMonitor(keras.callbacks.Callback):
     @property
     def layer_paths(self):
         """Reported layers in model order (known once training has begun)."""
+        if self._recorder is not None:
+            return list(self._recorder.layer_paths)
         return list(self._layer_paths)
 
     def on_train_begin(self, logs=None):
@@ -87,7 +89,6 @@ class GradientMonitor(keras.callbacks.Callback):
         print_fn = _print_msg if self.verbose else None
         self._recorder = Recorder(self, capture, writer, print_fn)
         self._recorder.start()
-        self._layer_paths = list(capture.layer_paths)
         self._epoch, self._batches_before_epoch, self._batches_at_drain = 0, 0, 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -110,6 +111,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._recorder is not None:
             self._recorder.drain(self._epoch, flush=True)
+            self._layer_paths = list(self._recorder.layer_paths)
             self._recorder.close()
             self._recorder = None
 

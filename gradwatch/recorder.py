@@ -16,33 +16,49 @@ from gradwatch import alerts, clipping, state, summaries, tags
 logger = logging.getLogger("gradwatch")
 
 
+_NO_GRADIENT = (
+    "GradientMonitor saw no gradient: the optimizer was never called. A custom `train_step` "
+    "must apply gradients with `self.optimizer.apply(...)` or `apply_gradients(...)`, and the "
+    "model needs trainable weights.")
+
+
 class Recorder:
     def __init__(self, monitor, capture, writer, print_fn):
         self.monitor = monitor
         self.capture = capture
         self.writer = writer
         self.print_fn = print_fn
-        self.layer_paths = capture.layer_paths
-        self._layer_tags = [tags.layer_tag(p) for p in self.layer_paths]
+        self._layer_tags = None
         self._records_read = 0
         self._alert_log = alerts.AlertLog(print_fn)
         self._warned = set()
 
     # -- lifecycle -----------------------------------------------------------
+    @property
+    def layer_paths(self):
+        return self.capture.layer_paths or []
+
     def start(self):
         model = self.capture.model
-        clash = [t for t in self._layer_tags if t in tags.RESERVED]
-        if clash:
-            raise ValueError(f"Layer names clash with gradwatch's own tags: {clash}. Rename the layers.")
-        if not self.layer_paths:
+        if model.built and not model.trainable_variables:
             raise ValueError("GradientMonitor found no trainable weights in the model: "
                              "there is no gradient to monitor.")
-        policy = self.capture.policy
-        if policy.clip_mode is not None and not policy.auto_switch:
-            threshold = float(policy.clip_threshold)
-            self.capture.state.set_clip_state(True, threshold)
         self.capture.install()
+        if self.capture.ready:
+            self._check_layer_names()
         model.make_train_function(force=True)
+
+    def _check_layer_names(self):
+        clash = [p for p in self.layer_paths if tags.layer_tag(p) in tags.RESERVED]
+        if clash:
+            raise ValueError(f"Layer names clash with gradwatch's own tags: {clash}. Rename the layers.")
+
+    def _begin_writing(self):
+        """First drain after the step was traced: layer tags and order."""
+        self._layer_tags = [tags.layer_tag(p) for p in self.layer_paths]
+        clash = [t for t in self._layer_tags if t in tags.RESERVED]
+        if clash:
+            self._warn_once("names", f"layer names clash with gradwatch's own tags: {clash}")
         self._guard("write", lambda: self.writer.write_json(
             int(self.capture.optimizer.iterations.numpy()), tags.LAYERS, self.layer_paths))
 
@@ -57,6 +73,12 @@ class Recorder:
         self._guard("drain", lambda: self._drain(epoch, flush))
 
     def _drain(self, epoch, flush):
+        if not self.capture.ready:
+            if self.capture.traced or flush:
+                self._warn_once("no_gradient", _NO_GRADIENT)
+            return
+        if self._layer_tags is None:
+            self._begin_writing()
         steps, rows, total, lost = self.capture.state.read_since(self._records_read)
         self._records_read = total
         if lost:

@@ -1,0 +1,78 @@
+"""Independent references for the tests: event files read with TensorBoard's
+own loader, gradients computed with `tf.GradientTape`."""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+
+def read_tags(log_dir, run="train"):
+    """`{tag: {step: value}}` of every tensor-valued series in a run."""
+    acc = event_accumulator.EventAccumulator(
+        os.path.join(log_dir, run), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    series = {}
+    for tag in acc.Tags()["tensors"]:
+        values = {}
+        for event in acc.Tensors(tag):
+            array = tf.make_ndarray(event.tensor_proto)
+            assert event.step not in values, f"duplicate step {event.step} in {tag}"
+            values[event.step] = array.item() if array.dtype != object else array.item().decode()
+        series[tag] = values
+    return series
+
+
+def tape_norms(model, x, y, loss_fn=None):
+    """Per-variable gradient and global norm of one batch at the current weights."""
+    loss_fn = loss_fn or keras.losses.MeanSquaredError()
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True))
+        if model.losses:
+            loss = loss + tf.add_n(model.losses)
+    variables = model.trainable_variables
+    grads = tape.gradient(loss, variables)
+    dense = [tf.convert_to_tensor(g) for g in grads]
+    return {id(v): float(tf.norm(g)) for v, g in zip(variables, dense)}, float(tf.linalg.global_norm(dense))
+
+
+class WeightsBeforeEachStep(keras.callbacks.Callback):
+    """Keeps a copy of the weights before every training batch."""
+
+    def on_train_begin(self, logs=None):
+        self.snapshots = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.snapshots.append([v.numpy().copy() for v in self.model.trainable_variables])
+
+
+def batches(x, y, batch_size):
+    for start in range(0, len(x), batch_size):
+        yield x[start:start + batch_size], y[start:start + batch_size]
+
+
+def expected_norms_per_step(model, snapshots, x, y, batch_size, loss_fn=None):
+    """Replays each step's weights and returns `[(variable norms, global norm)]`."""
+    saved = [v.numpy() for v in model.trainable_variables]
+    result = []
+    for weights, (xb, yb) in zip(snapshots, batches(x, y, batch_size)):
+        for v, w in zip(model.trainable_variables, weights):
+            v.assign(w)
+        result.append(tape_norms(model, xb, yb, loss_fn))
+    for v, w in zip(model.trainable_variables, saved):
+        v.assign(w)
+    return result
+
+
+def layer_norm(variable_norms, layer):
+    """Norm over a layer's trainable variables (keyed by `id`)."""
+    return float(np.sqrt(sum(variable_norms[id(v)] ** 2 for v in layer.trainable_variables)))
+
+
+def regression_data(n=64, features=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = (x @ rng.normal(size=(features, 1)) + 0.1 * rng.normal(size=(n, 1))).astype("float32")
+    return x, y

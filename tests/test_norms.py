@@ -1,0 +1,140 @@
+"""Logged norms equal norms computed independently with tf.GradientTape."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradwatch
+from gradwatch import tags
+from helpers import (WeightsBeforeEachStep, expected_norms_per_step, layer_norm, read_tags,
+                     regression_data)
+
+RTOL = 1e-5
+
+
+def sequential():
+    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="hidden"),
+                             keras.layers.Dense(1, name="out")], name="seq")
+
+
+def functional():
+    inputs = keras.Input((8,))
+    a = keras.layers.Dense(16, activation="relu", name="branch_a")(inputs)
+    b = keras.layers.Dense(16, activation="tanh", name="branch_b")(inputs)
+    merged = keras.layers.Concatenate()([a, b])
+    return keras.Model(inputs, keras.layers.Dense(1, name="head")(merged))
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.first = keras.layers.Dense(12, activation="relu", name="first")
+        self.second = keras.layers.Dense(1, name="second")
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+def nested():
+    encoder = keras.Sequential([keras.layers.Dense(8, activation="relu", name="inner_a"),
+                                keras.layers.Dense(4, name="inner_b")], name="encoder")
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, keras.layers.Dense(1, name="head")(encoder(inputs)))
+
+
+def layer_objects(model, paths):
+    """The layer object of each reported path (walking nested models)."""
+    found = {}
+    for path in paths:
+        layer = model
+        for name in path.split("/"):
+            layer = layer.get_layer(name)
+        found[path] = layer
+    return found
+
+
+def fit_and_compare(model, tmp_path, *, jit_compile=False, expected_paths=None, steps=4):
+    x, y = regression_data(n=16 * steps)
+    model(x[:1])  # weights exist before the first step, so they can be snapshot
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse",
+                  jit_compile=jit_compile)
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), update_freq=3, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    if expected_paths is not None:
+        assert monitor.layer_paths == expected_paths
+    expected = expected_norms_per_step(model, snapshots.snapshots, x, y, 16)
+    logged = read_tags(str(tmp_path))
+    assert sorted(logged[tags.GLOBAL]) == list(range(1, steps + 1))
+    layers = layer_objects(model, monitor.layer_paths)
+    for step, (variable_norms, global_norm) in enumerate(expected, start=1):
+        np.testing.assert_allclose(logged[tags.GLOBAL][step], global_norm, rtol=RTOL)
+        for path, layer in layers.items():
+            np.testing.assert_allclose(logged[tags.layer_tag(path)][step],
+                                       layer_norm(variable_norms, layer), rtol=RTOL)
+    return monitor, logged
+
+
+@pytest.mark.parametrize("build, paths", [
+    (sequential, ["hidden", "out"]),
+    (functional, ["branch_a", "branch_b", "head"]),
+    (Subclassed, ["first", "second"]),
+    (nested, ["encoder/inner_a", "encoder/inner_b", "head"]),
+])
+def test_norms_equal_tape_norms(build, paths, tmp_path):
+    fit_and_compare(build(), tmp_path, expected_paths=paths)
+
+
+def test_norms_under_xla(tmp_path):
+    fit_and_compare(sequential(), tmp_path, jit_compile=True)
+
+
+def test_rnn_cell_reported_under_rnn_layer(tmp_path):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.GRU(4, name="gru"),
+                              keras.layers.Dense(1, name="out")])
+    x = np.random.default_rng(0).normal(size=(32, 5, 3)).astype("float32")
+    y = x.sum(axis=(1, 2))[:, None].astype("float32")
+    model.compile(optimizer="sgd", loss="mse")
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    assert monitor.layer_paths == ["gru", "out"]
+    expected = expected_norms_per_step(model, snapshots.snapshots, x, y, 16)
+    logged = read_tags(str(tmp_path))
+    for step, (variable_norms, _) in enumerate(expected, start=1):
+        np.testing.assert_allclose(logged["grad_norm/gru"][step],
+                                   layer_norm(variable_norms, model.get_layer("gru")), rtol=RTOL)
+
+
+def test_frozen_layers_not_reported(tmp_path):
+    model = sequential()
+    model.get_layer("hidden").trainable = False
+    _, logged = fit_and_compare(model, tmp_path, expected_paths=["out"])
+    assert "grad_norm/hidden" not in logged
+
+
+def test_monitoring_changes_no_weight_bit_for_bit(tmp_path):
+    x, y = regression_data(n=64)
+    results = []
+    for callbacks in ([], [gradwatch.GradientMonitor(str(tmp_path), update_freq=1, verbose=0)]):
+        keras.utils.set_random_seed(3)
+        model = functional()
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+        results.append([v.numpy() for v in model.weights + model.optimizer.variables])
+    for plain, monitored in zip(*results):
+        np.testing.assert_array_equal(plain, monitored)
+
+
+def test_unbuilt_model_is_captured_from_its_first_step(tmp_path):
+    model = keras.Sequential([keras.layers.Dense(4, name="a"), keras.layers.Dense(1, name="b")])
+    x, y = regression_data(n=48)
+    model.compile(optimizer="sgd", loss="mse")
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.layer_paths == ["a", "b"]
+    logged = read_tags(str(tmp_path))
+    assert sorted(logged[tags.GLOBAL]) == [1, 2, 3]
+    assert sorted(logged["grad_norm/a"]) == [1, 2, 3]
