@@ -197,7 +197,8 @@ def find_event_folders(logdir):
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames.sort()
+        # Real folders before symbolic links to them, so runs keep their real names.
+        dirnames.sort(key=lambda name: (os.path.islink(os.path.join(dirpath, name)), name))
         files = _event_files(dirpath, filenames, root)
         if files:
             name = os.path.relpath(dirpath, logdir).replace(os.sep, "/")
