@@ -1,0 +1,157 @@
+// gradwatch dashboard: entry point loaded by TensorBoard in an iframe
+// (/data/plugin_entry.html?name=gradwatch, whose <base> is /data/plugin/gradwatch/,
+// so the relative URLs below reach this plugin's routes).
+
+import {drawGlobalChart} from './chart.js';
+import {decodeCells, drawHeatmap, drawLegend} from './heatmap.js';
+import {el, fmtStep} from './format.js';
+import {renderAlerts, renderRanking} from './tables.js';
+import {buildLayout, globalLegend, showTooltip, hideTooltip} from './layout.js';
+
+const MAX_HEATMAP_CELLS = 150000;  // keeps /heatmap responses small for deep models
+const state = {runs: [], run: null, data: null, selected: null, hitHeatmap: null, hoverGlobal: null, token: 0};
+let ui = null;
+
+async function fetchJSON(url) {
+  const response = await fetch(url);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new Error(body.error || `${response.status} ${response.statusText}`);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+/** Horizontal geometry shared by both charts, so that steps line up vertically. */
+function makeLayout(layers) {
+  const measure = document.createElement('canvas').getContext('2d');
+  measure.font = '11px Roboto, "Helvetica Neue", Arial, sans-serif';
+  const longest = Math.max(60, ...layers.map((name) => measure.measureText(name).width));
+  const width = Math.max(480, ui.root.clientWidth - 66);  // page and card paddings
+  const left = Math.round(Math.min(220, longest + 18));
+  const plotWidth = width - left - 24;
+  const data = state.data && state.data.heatmap;
+  const first = data ? data.first_step : 0;
+  const span = data ? data.last_step - data.first_step + 1 : 1;
+  return {
+    width, left, plotWidth,
+    xOfStep: (step) => left + ((step - first) / span) * plotWidth,
+    stepOfX: (x) => first + ((x - left) / plotWidth) * span,
+  };
+}
+
+function setStatus(mode, message) {
+  ui.root.dataset.state = mode;
+  ui.loading.hidden = mode !== 'loading';
+  ui.empty.hidden = mode !== 'empty' && mode !== 'error';
+  ui.content.hidden = mode !== 'ready';
+  if (message) ui.empty.textContent = message;
+}
+
+async function loadRuns() {
+  setStatus('loading');
+  const {runs} = await fetchJSON('./runs');
+  state.runs = runs;
+  ui.runSelect.replaceChildren(...runs.map((run) => el('option', '', run.name)));
+  if (!runs.length) {
+    setStatus('empty', 'No run holds gradwatch data yet. Train with gradwatch.GradientMonitor and reload.');
+    return;
+  }
+  const names = runs.map((run) => run.name);
+  const run = names.includes(state.run) ? state.run : names.includes('train') ? 'train' : names[0];
+  ui.runSelect.value = run;
+  await loadRun(run);
+}
+
+async function loadRun(run) {
+  const token = ++state.token;
+  state.run = run;
+  state.selected = null;
+  setStatus('loading');
+  const q = `run=${encodeURIComponent(run)}`;
+  const plotWidth = Math.max(200, ui.root.clientWidth - 300);
+  try {
+    const layers = (state.runs.find((r) => r.name === run) || {}).layers || 1;
+    const columns = Math.max(1, Math.min(plotWidth, Math.floor(MAX_HEATMAP_CELLS / Math.max(1, layers))));
+    const [heatmap, global, alerts, ranking] = await Promise.all([
+      fetchJSON(`./heatmap?${q}&columns=${columns}`),
+      fetchJSON(`./global?${q}&points=${Math.max(10, plotWidth)}`),
+      fetchJSON(`./alerts?${q}&limit=2000`),
+      fetchJSON(`./ranking?${q}&limit=10`),
+    ]);
+    if (token !== state.token) return;
+    if (heatmap.empty || global.empty) {
+      setStatus('empty', 'no gradwatch data in this run');
+      return;
+    }
+    state.data = {heatmap, cells: decodeCells(heatmap.cells), global, alerts, ranking};
+    setStatus('ready');
+    drawAll();
+  } catch (error) {
+    if (token !== state.token) return;
+    setStatus('error', error.status === 404 ? 'no gradwatch data in this run' : `Could not load run: ${error.message}`);
+  }
+}
+
+function describeSampling(heatmap) {
+  const total = heatmap.last_step - heatmap.first_step + 1;
+  const bins = heatmap.bin_width > 1 ? ` Each column is the max over ${fmtStep(heatmap.bin_width)} steps.` : '';
+  if (!heatmap.sampled) return `${heatmap.layers.length} layers × ${fmtStep(total)} steps.${bins}`;
+  return `${heatmap.layers.length} layers; sampled: TensorBoard kept ${fmtStep(heatmap.stored_steps)} of ` +
+    `${fmtStep(total)} steps (start it with --samples_per_plugin=scalars=0 to keep all).${bins}`;
+}
+
+function drawAll() {
+  const {heatmap, cells, global, alerts, ranking} = state.data;
+  const layout = makeLayout(heatmap.layers);
+  ui.sampling.textContent = describeSampling(heatmap);
+  ui.sampling.classList.toggle('gw-warn', heatmap.sampled);
+  globalLegend(ui.globalLegend, global);
+  state.hoverGlobal = drawGlobalChart(ui.global, global, layout, state.selected);
+  state.hitHeatmap = drawHeatmap(ui.heatmap, heatmap, cells, layout, state.selected);
+  drawLegend(ui.heatmapLegend, heatmap, layout.width);
+  ui.heatmapLegend.style.marginLeft = `${layout.left - 10}px`;
+  renderAlerts(ui.alerts, alerts, state.selected, select);
+  renderRanking(ui.ranking, ranking);
+}
+
+function select(step) {
+  state.selected = state.selected === step ? null : step;
+  drawAll();
+}
+
+function wireEvents() {
+  ui.runSelect.addEventListener('change', () => loadRun(ui.runSelect.value));
+  ui.refresh.addEventListener('click', () => loadRuns());
+  ui.heatmap.addEventListener('mousemove', (event) => {
+    const hit = state.hitHeatmap && state.hitHeatmap(event.offsetX, event.offsetY);
+    if (!hit) return hideTooltip(ui.tooltip);
+    showTooltip(ui.tooltip, event, hit.layer, [[hit.steps, hit.value]]);
+  });
+  ui.global.addEventListener('mousemove', (event) => {
+    const hit = state.hoverGlobal && state.hoverGlobal(event.offsetX);
+    if (!hit) return hideTooltip(ui.tooltip);
+    showTooltip(ui.tooltip, event, hit.label, hit.rows);
+  });
+  for (const canvas of [ui.heatmap, ui.global]) canvas.addEventListener('mouseleave', () => hideTooltip(ui.tooltip));
+  let pending = null;
+  let lastWidth = ui.root.clientWidth;
+  new ResizeObserver(() => {
+    if (ui.root.clientWidth === lastWidth) return;
+    lastWidth = ui.root.clientWidth;
+    clearTimeout(pending);
+    pending = setTimeout(() => state.data && !ui.content.hidden && drawAll(), 100);
+  }).observe(ui.root);
+}
+
+/** Called by TensorBoard once the module is loaded. */
+export async function render() {
+  ui = buildLayout(document.body);
+  wireEvents();
+  try {
+    await loadRuns();
+  } catch (error) {
+    setStatus('error', `Could not reach the gradwatch plugin: ${error.message}`);
+  }
+}

@@ -1,0 +1,115 @@
+// Alerts table (one row per explosion) and the per-layer ranking.
+
+import {el, fmt, fmtStep} from './format.js';
+
+const ACTION_LABELS = {
+  none: 'alert only',
+  clipping_on: 'clipping switched on',
+  clipped: 'clipped',
+  skipped: 'update skipped',
+};
+
+function table(id, headers) {
+  const node = el('table', 'gw-table');
+  node.id = id;
+  const head = node.createTHead().insertRow();
+  for (const [text, className] of headers) head.appendChild(el('th', className || '', text));
+  node.appendChild(el('tbody'));
+  return node;
+}
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function topLayersCell(row, alert) {
+  const td = row.insertCell();
+  td.className = 'gw-top-layers';
+  for (const [layer, norm] of alert.top_layers) {
+    const item = el('span', 'gw-layer-chip');
+    item.appendChild(el('span', 'gw-layer-name', layer));
+    item.appendChild(el('span', 'gw-layer-norm', fmt(norm)));
+    td.appendChild(item);
+  }
+  const more = alert.layer_count - alert.top_layers.length;
+  if (more > 0) {
+    const rest = el('span', 'gw-more', `+${more}`);
+    rest.title = `${more} more layers in this record`;
+    td.appendChild(rest);
+  }
+}
+
+/** Fills `container` with the alerts table; clicking a row calls onSelect(step). */
+export function renderAlerts(container, data, selectedStep, onSelect) {
+  container.replaceChildren();
+  const count = data.total === 1 ? '1 explosion' : `${data.total} explosions`;
+  const shown = data.alerts.length < data.total ? ` (first ${data.alerts.length} shown)` : '';
+  container.appendChild(el('p', 'gw-caption', `${count}${shown}. Click a row to mark its step in both charts.`));
+  if (!data.alerts.length) {
+    container.appendChild(el('p', 'gw-none', 'No explosions detected in this run.'));
+    return;
+  }
+  const node = table('gw-alerts', [
+    ['Step', 'gw-num'], ['Epoch', 'gw-num'], ['Global norm', 'gw-num'], ['Threshold', 'gw-num'],
+    ['Top layers (norm)'], ['Action'],
+  ]);
+  for (const alert of data.alerts) {
+    const row = node.tBodies[0].insertRow();
+    row.dataset.step = String(alert.step);
+    if (alert.step === selectedStep) row.classList.add('gw-selected');
+    cell(row, fmtStep(alert.step), 'gw-num');
+    cell(row, alert.epoch == null ? '—' : String(alert.epoch), 'gw-num');
+    cell(row, fmt(alert.global_norm), 'gw-num gw-strong');
+    cell(row, alert.threshold == null ? '—' : fmt(alert.threshold), 'gw-num');
+    topLayersCell(row, alert);
+    const action = row.insertCell();
+    action.appendChild(el('span', `gw-badge gw-action-${alert.action || 'unknown'}`,
+      ACTION_LABELS[alert.action] || 'unknown'));
+    row.addEventListener('click', () => onSelect(alert.step));
+  }
+  container.appendChild(el('div', 'gw-scroll')).appendChild(node);
+  renderClipping(container, data.clipping, onSelect);
+}
+
+function renderClipping(container, events, onSelect) {
+  if (!events || !events.length) return;
+  const list = el('ul', 'gw-clipping');
+  list.id = 'gw-clipping-events';
+  for (const event of events) {
+    const item = el('li', '', `Clipping switched on at step ${fmtStep(event.step)}` +
+      ` (${event.mode || 'global norm'}, threshold ${fmt(event.threshold)}` +
+      `${event.cause_step != null ? `, caused by step ${fmtStep(event.cause_step)}` : ''}).`);
+    item.addEventListener('click', () => onSelect(event.step));
+    list.appendChild(item);
+  }
+  container.appendChild(list);
+}
+
+/** Fills `container` with the per-layer ranking (alerts led, non-finite count, peak). */
+export function renderRanking(container, data) {
+  container.replaceChildren();
+  container.appendChild(el('p', 'gw-caption',
+    'Layers with the largest norm at an explosion come first, then layers with NaN/Inf, then by peak norm.'));
+  const node = table('gw-ranking', [
+    ['#', 'gw-num'], ['Layer'], ['Alerts led', 'gw-num'], ['NaN/Inf', 'gw-num'],
+    ['Peak', 'gw-num'], ['Median', 'gw-num'], ['Peak / median', 'gw-num'],
+  ]);
+  data.layers.forEach((layer, i) => {
+    const row = node.tBodies[0].insertRow();
+    row.dataset.layer = layer.layer;
+    cell(row, String(i + 1), 'gw-num gw-dim');
+    cell(row, layer.layer, 'gw-layer-name');
+    cell(row, String(layer.times_top), layer.times_top ? 'gw-num gw-strong' : 'gw-num gw-dim');
+    cell(row, String(layer.nonfinite), layer.nonfinite ? 'gw-num gw-bad' : 'gw-num gw-dim');
+    cell(row, layer.peak == null ? '—' : fmt(layer.peak), 'gw-num');
+    cell(row, layer.median == null ? '—' : fmt(layer.median), 'gw-num');
+    cell(row, layer.peak_over_median == null ? '—' : `${fmt(layer.peak_over_median)}×`, 'gw-num');
+  });
+  container.appendChild(node);
+  if (data.total > data.layers.length) {
+    container.appendChild(el('p', 'gw-caption', `Top ${data.layers.length} of ${data.total} layers.`));
+  }
+}
