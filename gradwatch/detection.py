@@ -109,15 +109,25 @@ def adaptive_threshold(state, config):
     4.0
     """
     count, log_norm_mean, log_norm_var = (_float32(value) for value in state)
-    log_margin = tf.clip_by_value(_float32(config.z_threshold) * tf.sqrt(log_norm_var),
-                                  tf.math.log(_float32(config.min_ratio)), tf.math.log(_float32(config.max_ratio)))
-    threshold = tf.exp(log_norm_mean + log_margin)
-    warming_up = count < _float32(config.warmup_steps)
-    return tf.where(warming_up, tf.constant(math.inf, tf.float32), threshold)
+    threshold = tf.exp(log_norm_mean + _log_margin(log_norm_var, config))
+    return tf.where(_warming_up(count, config), tf.constant(math.inf, tf.float32), threshold)
+
+
+def _log_margin(log_norm_var, config):
+    """log(threshold / typical norm): z * std, clipped to [log(min_ratio), log(max_ratio)]."""
+    return tf.clip_by_value(_float32(config.z_threshold) * tf.sqrt(log_norm_var),
+                            tf.math.log(_float32(config.min_ratio)), tf.math.log(_float32(config.max_ratio)))
+
+
+def _warming_up(count, config):
+    return count < _float32(config.warmup_steps)
 
 
 def update_adaptive_state(state, global_norm, exploded, config):
     """The state after one step; unchanged if `exploded` or the norm is not finite and positive.
+
+    After warm-up, a norm below `typical / margin` (the threshold mirrored
+    below the typical norm) is counted as `typical / margin`.
 
     >>> config = AdaptiveConfig()
     >>> state = update_adaptive_state(initial_adaptive_state(), 2.0, False, config)
@@ -132,6 +142,10 @@ def update_adaptive_state(state, global_norm, exploded, config):
     healthy = tf.logical_and(tf.logical_not(tf.cast(exploded, tf.bool)),
                              tf.logical_and(tf.math.is_finite(norm), norm > 0))
     log_norm = tf.math.log(tf.where(healthy, norm, tf.ones_like(norm)))
+    # After warm-up, unusually small norms enter as if at the mirror image of
+    # the threshold, so one near-zero step cannot drag the threshold down.
+    log_floor = log_norm_mean - _log_margin(log_norm_var, config)
+    log_norm = tf.where(_warming_up(count, config), log_norm, tf.maximum(log_norm, log_floor))
     weight = tf.maximum(1.0 / (count + 1.0), 1.0 - _float32(config.decay))
     deviation = log_norm - log_norm_mean
     # Welford-style update: exact running mean/variance while weight = 1/n.

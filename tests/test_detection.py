@@ -1,0 +1,273 @@
+import doctest
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradwatch import detection
+from gradwatch.detection import (AdaptiveConfig, adaptive_threshold, initial_adaptive_state, is_explosion,
+                                 update_adaptive_state)
+
+DEFAULTS = AdaptiveConfig()
+
+
+class NumpyDetector:
+    """Independent float64 reimplementation: running mean/variance of log norms, then EMA."""
+
+    def __init__(self, config):
+        self.config = config
+        self.count, self.mean, self.var = 0, 0.0, 0.0
+
+    def threshold(self):
+        c = self.config
+        if self.count < c.warmup_steps:
+            return math.inf
+        return math.exp(self.mean + self._margin())
+
+    def _margin(self):
+        c = self.config
+        return min(max(c.z_threshold * math.sqrt(self.var), math.log(c.min_ratio)), math.log(c.max_ratio))
+
+    def step(self, norm):
+        exploded = not norm < self.threshold()
+        if not exploded and 0 < norm < math.inf:
+            if self.count >= self.config.warmup_steps:  # small outliers are winsorized
+                norm = max(norm, self.threshold() / math.exp(2 * self._margin()))
+            self.count += 1
+            weight = max(1.0 / self.count, 1.0 - self.config.decay)
+            old_mean = self.mean
+            self.mean += weight * (math.log(norm) - old_mean)
+            # textbook EMA variance form, different from the implementation's.
+            self.var = (1 - weight) * self.var + weight * (1 - weight) * (math.log(norm) - old_mean) ** 2
+        return exploded
+
+
+def run_eagerly(norms, config):
+    state, thresholds, alarms = initial_adaptive_state(), [], []
+    for norm in norms:
+        threshold = adaptive_threshold(state, config)
+        exploded = is_explosion(norm, threshold)
+        state = update_adaptive_state(state, norm, exploded, config)
+        thresholds.append(float(threshold))
+        alarms.append(bool(exploded))
+    return np.array(thresholds), np.array(alarms), state
+
+
+def compiled_replay(config, jit_compile):
+    """A tf.function running the detector over a 1-D sequence with tf.while_loop."""
+
+    @tf.function(jit_compile=jit_compile, input_signature=[tf.TensorSpec([None], tf.float32)])
+    def replay(norms):
+        def body(step, state, thresholds, alarms):
+            threshold = adaptive_threshold(state, config)
+            exploded = is_explosion(norms[step], threshold)
+            state = update_adaptive_state(state, norms[step], exploded, config)
+            return step + 1, state, thresholds.write(step, threshold), alarms.write(step, exploded)
+
+        size = tf.shape(norms)[0]
+        loop_vars = (0, initial_adaptive_state(), tf.TensorArray(tf.float32, size), tf.TensorArray(tf.bool, size))
+        _, state, thresholds, alarms = tf.while_loop(lambda step, *_: step < size, body, loop_vars)
+        return thresholds.stack(), alarms.stack(), state
+
+    def run(norms):
+        thresholds, alarms, state = replay(tf.constant(norms, tf.float32))
+        return thresholds.numpy(), alarms.numpy(), state
+
+    return run
+
+
+REPLAY = compiled_replay(DEFAULTS, jit_compile=False)  # one trace for all lengths (hypothesis)
+
+
+def healthy_sequence(seed, length, noise, halving_steps, start):
+    """Log-normal noise (clipped at 3 sigma) around a level falling/rising exponentially."""
+    rng = np.random.default_rng(seed)
+    level = np.log(start) - np.log(2) * np.arange(length) / halving_steps
+    return np.exp(level + noise * np.clip(rng.normal(size=length), -3, 3)).astype(np.float32)
+
+
+# --- is_explosion: absolute threshold semantics --------------------------------------------------
+
+
+@pytest.mark.parametrize("norm, threshold, expected", [
+    (1.0, 2.0, False), (2.0, 2.0, True), (3.0, 2.0, True), (0.0, 2.0, False),
+    (math.nan, 2.0, True), (math.inf, 2.0, True), (math.nan, math.inf, True), (math.inf, math.inf, True),
+    (3e38, math.inf, False), (1.0, math.nan, True),
+])
+def test_is_explosion_is_not_less_than(norm, threshold, expected):
+    assert bool(is_explosion(norm, threshold)) is expected
+    assert bool(is_explosion(np.float64(norm), np.float32(threshold))) is expected
+    assert bool(is_explosion(tf.constant(norm), tf.constant(threshold))) is expected
+
+
+def test_is_explosion_elementwise_and_overflowing_float64():
+    result = is_explosion(np.array([1.0, 5.0, np.nan, 1e300]), 5.0)
+    assert result.dtype == tf.bool
+    np.testing.assert_array_equal(result, [False, True, True, True])
+
+
+# --- adaptive detector vs. the numpy reference ---------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [DEFAULTS, AdaptiveConfig(10, 0.9, 3.0, 1.5, 50.0), AdaptiveConfig(0, 0.0, 1.0, 1.0, 1.0)])
+def test_matches_numpy_reference(config):
+    norms = healthy_sequence(0, 150, 0.4, -300, 2.0)
+    norms[[70, 90, 91]] *= 1000.0  # explosions, kept out of the statistics
+    norms[[80, 100, 110, 120]] = [np.nan, np.inf, 0.0, 1e-30]
+    reference = NumpyDetector(config)
+    expected_thresholds, expected_alarms = [], []
+    for norm in norms:
+        expected_thresholds.append(reference.threshold())
+        expected_alarms.append(reference.step(float(norm)))
+    thresholds, alarms, _ = REPLAY(norms) if config is DEFAULTS else compiled_replay(config, False)(norms)
+    np.testing.assert_allclose(thresholds, expected_thresholds, rtol=2e-5)
+    np.testing.assert_array_equal(alarms, expected_alarms)
+    if config is DEFAULTS:
+        assert alarms[[70, 80, 90, 91, 100]].all() and alarms.sum() == 5
+        eager_thresholds, eager_alarms, _ = run_eagerly(norms[:80], config)
+        np.testing.assert_allclose(eager_thresholds, thresholds[:80], rtol=1e-6)
+
+
+def test_state_is_exact_running_mean_and_variance_before_the_ema_takes_over():
+    config = AdaptiveConfig(decay=0.9)  # weight 1/n for the first 10 steps
+    norms = [1.0, 2.0, 4.0, 0.5, 3.0]
+    _, _, state = run_eagerly(norms, config)
+    assert float(state.count) == 5
+    assert float(state.log_norm_mean) == pytest.approx(np.mean(np.log(norms)), rel=1e-6)
+    assert float(state.log_norm_var) == pytest.approx(np.var(np.log(norms)), rel=1e-5)
+
+
+def test_warmup_gives_inf_then_a_finite_threshold():
+    config = AdaptiveConfig(warmup_steps=5)
+    state = initial_adaptive_state()
+    for _ in range(5):
+        assert float(adaptive_threshold(state, config)) == math.inf
+        state = update_adaptive_state(state, 1e30, False, config)  # huge but finite: no alarm in warm-up
+    assert float(adaptive_threshold(state, config)) == pytest.approx(4e30, rel=1e-5)  # min_ratio * norm
+
+
+def test_threshold_is_clipped_between_min_and_max_ratio_of_the_typical_norm():
+    quiet = detection.AdaptiveState(50.0, math.log(3.0), 0.0)
+    noisy = detection.AdaptiveState(50.0, math.log(3.0), 100.0)
+    assert float(adaptive_threshold(quiet, DEFAULTS)) == pytest.approx(3.0 * DEFAULTS.min_ratio, rel=1e-6)
+    assert float(adaptive_threshold(noisy, DEFAULTS)) == pytest.approx(3.0 * DEFAULTS.max_ratio, rel=1e-6)
+
+
+@pytest.mark.parametrize("norm, exploded", [
+    (5.0, True), (5.0, np.bool_(True)), (5.0, tf.constant(True)),
+    (math.nan, False), (math.inf, False), (-math.inf, False), (0.0, False), (-1.0, False),
+])
+def test_exploded_and_unusable_norms_do_not_move_the_state(norm, exploded):
+    state = detection.AdaptiveState(*(tf.constant(v) for v in (60.0, 0.5, 0.25)))
+    new_state = update_adaptive_state(state, norm, exploded, DEFAULTS)
+    assert [float(v) for v in new_state] == [60.0, 0.5, 0.25]
+    assert all(v.dtype == tf.float32 and v.shape == () for v in new_state)
+
+
+def test_accepts_python_and_numpy_numbers():
+    state = update_adaptive_state((0, 0, 0), np.float64(2.0), np.bool_(False), DEFAULTS)
+    assert [round(float(v), 5) for v in state] == [1.0, round(math.log(2.0), 5), 0.0]
+    assert adaptive_threshold((np.int64(60), 0.0, 0.0), DEFAULTS).dtype == tf.float32
+
+
+# --- compiled use ---------------------------------------------------------------------------------
+
+
+def test_xla_while_loop_matches_eager_python_loop():
+    norms = healthy_sequence(1, 120, 0.3, 60, 5.0)
+    norms[[60, 95]] *= 100.0
+    thresholds, alarms, _ = compiled_replay(DEFAULTS, jit_compile=True)(norms)
+    eager_thresholds, eager_alarms, _ = run_eagerly(norms, DEFAULTS)
+    np.testing.assert_allclose(thresholds, eager_thresholds, rtol=1e-5)
+    np.testing.assert_array_equal(alarms, eager_alarms)
+    assert np.flatnonzero(alarms).tolist() == [60, 95]
+
+
+def test_xla_train_step_with_variables_traces_once():
+    variables = [tf.Variable(v) for v in initial_adaptive_state()]
+    traces = []
+
+    @tf.function(jit_compile=True)
+    def step(norm):
+        traces.append(1)
+        state = detection.AdaptiveState(*variables)
+        threshold = adaptive_threshold(state, DEFAULTS)
+        exploded = is_explosion(norm, threshold)
+        for variable, value in zip(variables, update_adaptive_state(state, norm, exploded, DEFAULTS)):
+            variable.assign(value)
+        return exploded
+
+    norms = healthy_sequence(2, 80, 0.2, 100, 1.0)
+    norms[70] = np.nan
+    norms[75] *= 100
+    alarms = [bool(step(tf.constant(n))) for n in norms]
+    assert len(traces) == 1
+    assert np.flatnonzero(alarms).tolist() == [70, 75]
+    assert float(variables[0].numpy()) == 78
+
+
+def test_vector_states_work_elementwise():
+    norms = np.stack([healthy_sequence(s, 70, 0.3, 40, 1.0) for s in range(3)], axis=1)
+    state = detection.AdaptiveState(*(tf.zeros([3]) for _ in range(3)))
+    for row in norms:
+        state = update_adaptive_state(state, row, is_explosion(row, adaptive_threshold(state, DEFAULTS)), DEFAULTS)
+    for column in range(3):
+        _, _, single = run_eagerly(norms[:, column], DEFAULTS)
+        np.testing.assert_allclose([v[column] for v in state], [float(v) for v in single], rtol=1e-6)
+
+
+# --- properties -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), length=st.integers(DEFAULTS.warmup_steps + 1, 400),
+       noise=st.floats(0.0, 0.5), halving_steps=st.sampled_from([-200.0, -1000.0, 1e9, 400.0, 100.0, 50.0]),
+       start=st.floats(1e-4, 1e4), data=st.data())
+def test_isolated_100x_spike_after_warmup_is_caught_and_healthy_steps_are_quiet(
+        seed, length, noise, halving_steps, start, data):
+    norms = healthy_sequence(seed, length, noise, halving_steps, start)
+    spike = data.draw(st.integers(DEFAULTS.warmup_steps, length - 1), label="spike")
+    norms[spike] *= 100.0
+    _, alarms, _ = REPLAY(norms)
+    assert np.flatnonzero(alarms).tolist() == [spike]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=300), st.floats(1e-3, 1e6))
+def test_falling_norms_never_alarm(factors, start):
+    norms = np.maximum(start * np.cumprod(factors), 1e-20)  # non-increasing, positive
+    _, alarms, _ = REPLAY(norms)
+    assert not alarms.any()
+
+
+# --- config ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(z_threshold=-1), "`z_threshold` must be a positive number. Received: z_threshold=-1"),
+    (dict(warmup_steps=-1), "`warmup_steps` must be a non-negative integer. Received: warmup_steps=-1"),
+    (dict(warmup_steps=2.5), "Received: warmup_steps=2.5"),
+    (dict(warmup_steps=True), "Received: warmup_steps=True"),
+    (dict(decay=1.0), "`decay` must be a number in [0, 1). Received: decay=1.0"),
+    (dict(decay=math.nan), "Received: decay=nan"),
+    (dict(min_ratio=0.5), "`min_ratio` must be a number >= 1. Received: min_ratio=0.5"),
+    (dict(min_ratio=4.0, max_ratio=3.0), "`max_ratio` must be a number >= min_ratio (4.0). Received: max_ratio=3.0"),
+    (dict(max_ratio="10"), "Received: max_ratio='10'"),
+])
+def test_config_validation_messages(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        AdaptiveConfig(**kwargs)
+    assert message in str(error.value)
+
+
+def test_config_is_frozen_and_defaults_catch_100x():
+    with pytest.raises(AttributeError):
+        DEFAULTS.decay = 0.5
+    assert DEFAULTS.max_ratio < 100 and DEFAULTS.warmup_steps > 0
+
+
+def test_docstring_examples():
+    assert doctest.testmod(detection, raise_on_error=False).failed == 0
