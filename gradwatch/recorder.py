@@ -125,8 +125,17 @@ class Recorder:
     # -- writing ---------------------------------------------------------------
     def _write(self, steps, rows, explosions, switches, lines):
         clip_mode = self.capture.policy.clip_mode
+        overflows = 0
         for step, row in zip(steps, rows):
-            self.writer.write_scalars(int(step), self._row_values(row, clip_mode))
+            if int(row[state.FLAGS]) & state.OVERFLOW:
+                overflows += 1  # the loss-scale optimizer skipped it: no norms
+                continue
+            values = self._row_values(row, clip_mode)
+            if overflows:
+                values[tags.OVERFLOW], overflows = float(overflows), 0
+            self.writer.write_scalars(int(step), values)
+        if overflows:  # skipped steps not yet followed by an update
+            self.writer.write_scalars(int(steps[-1]), {tags.OVERFLOW: float(overflows)})
         last = int(steps[-1])
         if explosions:
             self.writer.write_json(last, tags.EXPLOSIONS, [e.to_json() for e in explosions])
@@ -141,8 +150,6 @@ class Recorder:
 
     def _row_values(self, row, clip_mode):
         flags = int(row[state.FLAGS])
-        if flags & state.OVERFLOW:
-            return {tags.OVERFLOW: 1.0}
         values = {tags.GLOBAL: float(row[state.GLOBAL])}
         values.update(zip(self._layer_tags, row[state.LAYERS_START:].tolist()))
         if math.isfinite(row[state.THRESHOLD]):

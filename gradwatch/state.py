@@ -46,8 +46,8 @@ class DeviceState:
         """In-graph: writes one record at the next ring-buffer slot."""
         count = self.record_count.read_value()
         slot = tf.reshape(tf.cast(count % self.capacity, tf.int32), [1, 1])
-        self.records.scatter_nd_update(slot, tf.reshape(row, [1, -1]))
-        self.record_steps.scatter_nd_update(slot, tf.reshape(tf.cast(step, tf.int64), [1]))
+        _local(self.records).scatter_nd_update(slot, tf.reshape(row, [1, -1]))
+        _local(self.record_steps).scatter_nd_update(slot, tf.reshape(tf.cast(step, tf.int64), [1]))
         self.record_count.assign(count + 1)
 
     def remember_healthy(self, global_norm, healthy):
@@ -57,7 +57,7 @@ class DeviceState:
         slot = tf.reshape(tf.cast(count % size, tf.int32), [1, 1])
         old = tf.gather_nd(self.healthy_norms.read_value(), slot)
         new = tf.where(healthy, tf.reshape(global_norm, [1]), old)
-        self.healthy_norms.scatter_nd_update(slot, new)
+        _local(self.healthy_norms).scatter_nd_update(slot, new)
         self.healthy_count.assign(count + tf.cast(healthy, tf.int64))
 
     def read_since(self, already_read):
@@ -91,6 +91,13 @@ def _variable_factory(strategy):
         return tf.Variable(initial, trainable=False)
 
     return make
+
+
+def _local(variable):
+    """This replica's copy of an `ON_READ` variable (scatter ops need it)."""
+    if isinstance(variable, tf.distribute.DistributedValues):
+        return variable._get_on_device_or_primary()
+    return variable
 
 
 def _host_value(variable):

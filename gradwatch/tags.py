@@ -16,7 +16,8 @@ iteration count after that step's update, counted from 1 -- the step Keras'
 | `grad_norm/threshold`        | explosion threshold in force (absent during warm-up)         |
 | `grad_norm/clip_threshold`   | clipping threshold in force (only while clipping is on)      |
 | `grad_norm/explosion`        | 1.0 at each exploding step, and only there                   |
-| `grad_norm/overflow`         | 1.0 at each step the loss-scale optimizer skipped (overflow) |
+| `grad_norm/overflow`         | steps the loss-scale optimizer skipped (overflow) just before |
+|                              | this step's update; only where there were some               |
 
 Plugin data (plugin "gradwatch", string tensors holding JSON):
 

@@ -34,7 +34,7 @@ def tape_norms(model, x, y, loss_fn=None):
             loss = loss + tf.add_n(model.losses)
     variables = model.trainable_variables
     grads = tape.gradient(loss, variables)
-    dense = [tf.convert_to_tensor(g) for g in grads]
+    dense = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for v, g in zip(variables, grads)]
     return {id(v): float(tf.norm(g)) for v, g in zip(variables, dense)}, float(tf.linalg.global_norm(dense))
 
 
