@@ -22,9 +22,14 @@ last wins, for scalar series and for explosion and clipping records alike.
 Explosion records (`gradwatch/explosions`, JSON) are read with these keys, any
 other key is ignored and a missing one becomes None: `step`, `epoch`,
 `global_norm`, `threshold`, `layers` (`[[layer path, norm], ...]`, largest
-first), `action` (one of `gradwatch.tags.ACTIONS`). Clipping events
-(`gradwatch/clipping`) are read with `step`, `mode` and `threshold`. Numbers
-written as the strings "nan", "inf", "-inf" come back as floats.
+first), `action` (one of `gradwatch.tags.ACTIONS`), `nonfinite`. Clipping
+events (`gradwatch/clipping`) are read with `step`, `epoch`, `mode`,
+`threshold`, `cause_step`. Numbers written as the strings "nan", "inf", "-inf"
+come back as floats. A record that is not of this shape raises `LogReadError`.
+
+Scalars are kept as numpy arrays (layer norms as float32, as written; tags
+written together share one steps array): a 100k-step x 200-layer run takes
+about 100 MB and reads in seconds.
 """
 
 import array
@@ -45,6 +50,7 @@ __all__ = [
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
 _GRADWATCH_JSON_TAGS = (tags.LAYERS, tags.EXPLOSIONS, tags.CLIPPING)
+_PLUGIN_TAG_PREFIX = tags.PLUGIN_NAME + "/"  # gradwatch/layers, gradwatch/alerts, ...
 
 
 class LogReadError(Exception):
@@ -349,6 +355,7 @@ class _RunReader:
         self.json_docs = {tag: [] for tag in _GRADWATCH_JSON_TAGS}  # tag -> [(step, doc)]
         self.layouts = {}  # summary length -> [_Layout]
         self.columns = {}  # tag -> (steps, values) of slowly parsed events
+        self.other_plugin_data = False  # e.g. gradwatch/alerts text
 
     def read_file(self, path):
         from google.protobuf.message import DecodeError
@@ -388,6 +395,8 @@ class _RunReader:
             tag = value.tag
             if tag in self.json_docs:
                 self.json_docs[tag].append((step, _parse_json(path, tag, step, value)))
+            elif tag.startswith(_PLUGIN_TAG_PREFIX):
+                self.other_plugin_data = True
             elif tag.startswith(tags.PREFIX):
                 number = _scalar_of(value)
                 if number is not None:
@@ -412,7 +421,8 @@ class _RunReader:
 
     @property
     def has_gradwatch_data(self):
-        return tags.GLOBAL in self.parts or any(self.json_docs.values())
+        return (tags.GLOBAL in self.parts or any(self.json_docs.values())
+                or self.other_plugin_data)
 
 
 def _scalar_of(value):

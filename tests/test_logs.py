@@ -195,3 +195,11 @@ def test_reading_does_not_import_tensorflow(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_any_gradwatch_tag_makes_a_run(tmp_path):
+    writer = EventWriter(str(tmp_path / "alerts only"))
+    writer.write_text(5, tags.ALERTS_TEXT, "gradient explosion at step 5")
+    writer.close()
+    (run,) = logs.read_logdir(str(tmp_path))
+    assert run.name == "alerts only" and run.step_count == 0 and run.first_step is None
