@@ -1,18 +1,15 @@
 """Pure gradient-explosion detectors, usable inside a compiled train step.
 
-Every function is pure: state in, new state out. The caller keeps the state
-in `tf.Variable`s. All math is float32 and branch-free (`tf.where`, no Python
-`if` on tensors), so the functions run eagerly, inside `tf.function` and under
-XLA (`jit_compile=True`) without retracing per step. They accept Python and
-NumPy numbers too, and work elementwise on same-shaped tensors.
+State in, new state out (the caller keeps it in `tf.Variable`s). All math is
+float32 and branch-free, so the functions run eagerly, in `tf.function` and
+under XLA (`jit_compile=True`) without retracing per step; they accept Python
+and NumPy numbers and work elementwise on same-shaped tensors.
 
 The adaptive detector (ZClip-like) keeps an exponential moving mean and
-variance of log(global_norm) and puts the threshold at
-`exp(mean + clip(z * std, log(min_ratio), log(max_ratio)))`: never below
-`min_ratio` times the typical (geometric-mean) norm, never above `max_ratio`
-times it, so a 100x spike is always caught. Until `warmup_steps` healthy steps
-have been seen the threshold is `+inf` (only NaN/Inf count as explosions).
-Exploded, non-finite and zero norms never enter the statistics.
+variance of log(global_norm); its threshold is
+`exp(mean + clip(z * std, log(min_ratio), log(max_ratio)))`, `+inf` until
+`warmup_steps` healthy steps were seen. Exploded, non-finite and zero norms
+never enter the statistics.
 """
 
 import dataclasses

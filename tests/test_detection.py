@@ -149,6 +149,14 @@ def test_warmup_gives_inf_then_a_finite_threshold():
     assert float(adaptive_threshold(state, config)) == pytest.approx(4e30, rel=1e-5)  # min_ratio * norm
 
 
+def test_one_tiny_norm_after_warmup_cannot_drag_the_threshold_down():
+    _, _, state = run_eagerly(np.ones(60), DEFAULTS)
+    after = update_adaptive_state(state, 1e-30, False, DEFAULTS)
+    assert float(after.count) == 61
+    # entered as typical / min_ratio = 0.25, not 1e-30
+    assert float(adaptive_threshold(after, DEFAULTS)) > 0.9 * float(adaptive_threshold(state, DEFAULTS))
+
+
 def test_threshold_is_clipped_between_min_and_max_ratio_of_the_typical_norm():
     quiet = detection.AdaptiveState(50.0, math.log(3.0), 0.0)
     noisy = detection.AdaptiveState(50.0, math.log(3.0), 100.0)
