@@ -38,14 +38,14 @@ def fetch_json(url, timeout=5):
         return json.loads(response.read().decode("utf-8"))
 
 
-def _wait_for_plugin(base, process, deadline):
-    """Polls /data/plugins_listing until gradwatch is listed enabled; returns the listing."""
+def _wait_for_plugin(base, process, deadline, enabled):
+    """Polls /data/plugins_listing until gradwatch is listed (and enabled, if asked)."""
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError("tensorboard exited with code %s" % process.returncode)
         try:
             listing = fetch_json(base + "/data/plugins_listing")
-            if listing.get("gradwatch", {}).get("enabled"):
+            if "gradwatch" in listing and (listing["gradwatch"]["enabled"] or not enabled):
                 return listing
         except (OSError, ValueError):
             pass
@@ -53,26 +53,57 @@ def _wait_for_plugin(base, process, deadline):
     raise TimeoutError("tensorboard did not list gradwatch as enabled in time")
 
 
+class TensorBoardProcess:
+    """A `tensorboard` child process on 127.0.0.1 and a free port.
+
+    `start()` returns at once (start several, then wait for each); `wait_ready()`
+    waits until gradwatch is listed (and enabled, if asked); `stop()` always ends it.
+    """
+
+    def __init__(self, logdir, load_fast="false", extra_args=()):
+        self.port = free_port()
+        self.base = "http://127.0.0.1:%d" % self.port
+        self.command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir,
+                        "--host", "127.0.0.1", "--port", str(self.port), "--load_fast", load_fast,
+                        "--reload_interval", "0", *extra_args]
+        self.process = None
+        self._log = None
+
+    def start(self):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+        self._log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=env, start_new_session=True)
+        return self
+
+    def wait_ready(self, enabled=True):
+        """The plugins listing, once gradwatch is in it; prints TensorBoard's log on failure."""
+        try:
+            return _wait_for_plugin(self.base, self.process, time.monotonic() + STARTUP_TIMEOUT, enabled)
+        except Exception:
+            self._log.seek(0)
+            sys.stderr.write(self._log.read().decode("utf-8", "replace")[-4000:])
+            raise
+
+    def stop(self):
+        if self.process is not None:
+            _stop(self.process)
+        if self._log is not None:
+            self._log.close()
+
+
 @contextlib.contextmanager
-def tensorboard(logdir, load_fast="false", extra_args=()):
-    """Runs TensorBoard on 127.0.0.1; yields (base URL, plugins listing). Always stops it."""
-    port = free_port()
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
-               "--port", str(port), "--load_fast", load_fast, "--reload_interval", "0", *extra_args]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    log = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                               start_new_session=True)
-    base = "http://127.0.0.1:%d" % port
+def tensorboard(logdir, load_fast="false", extra_args=(), wait_for_plugin=True):
+    """Runs TensorBoard on 127.0.0.1; yields (base URL, plugins listing). Always stops it.
+
+    With `wait_for_plugin`, waits until gradwatch is enabled (the data is loaded).
+    """
+    board = TensorBoardProcess(logdir, load_fast, extra_args)
     try:
-        yield base, _wait_for_plugin(base, process, time.monotonic() + STARTUP_TIMEOUT)
-    except Exception:
-        log.seek(0)
-        sys.stderr.write(log.read().decode("utf-8", "replace")[-4000:])
-        raise
+        board.start()
+        yield board.base, board.wait_ready(enabled=wait_for_plugin)
     finally:
-        _stop(process)
-        log.close()
+        board.stop()
 
 
 def _stop(process):
@@ -115,12 +146,13 @@ def chromium(width=1400, height=1000):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def open_dashboard(driver, base, timeout=30):
+def open_dashboard(driver, base, fragment="", timeout=30):
     """Loads the plugin page and waits until the heat map is drawn (or the empty state shows)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.get(base + PLUGIN_PAGE)
+    driver.get("about:blank")  # a fresh document even when only the #fragment changes
+    driver.get(base + PLUGIN_PAGE + fragment)
     WebDriverWait(driver, timeout).until(lambda d: d.execute_script(
         "const r = document.getElementById('gw-root');"
         "return r && (r.dataset.state === 'empty' || r.dataset.state === 'error' ||"

@@ -59,7 +59,8 @@ async function loadRuns() {
     return;
   }
   const names = runs.map((run) => run.name);
-  const run = names.includes(state.run) ? state.run : names.includes('train') ? 'train' : names[0];
+  const linked = new URLSearchParams(window.location.hash.slice(1)).get('run');  // e.g. #run=train
+  const run = linked || (names.includes(state.run) ? state.run : names.includes('train') ? 'train' : names[0]);
   ui.runSelect.value = run;
   await loadRun(run);
 }
@@ -87,10 +88,12 @@ async function loadRun(run) {
     }
     state.data = {heatmap, cells: decodeCells(heatmap.cells), global, alerts, ranking};
     setStatus('ready');
-    drawAll();
+    renderTables();
+    drawCharts();
   } catch (error) {
     if (token !== state.token) return;
-    setStatus('error', error.status === 404 ? 'no gradwatch data in this run' : `Could not load run: ${error.message}`);
+    if (error.status === 404) setStatus('empty', 'no gradwatch data in this run');
+    else setStatus('error', `Could not load run: ${error.message}`);
   }
 }
 
@@ -102,8 +105,9 @@ function describeSampling(heatmap) {
     `${fmtStep(total)} steps (start it with --samples_per_plugin=scalars=0 to keep all).${bins}`;
 }
 
-function drawAll() {
-  const {heatmap, cells, global, alerts, ranking} = state.data;
+/** Redraws both canvases (after loading, a selection or a resize). */
+function drawCharts() {
+  const {heatmap, cells, global} = state.data;
   const layout = makeLayout(heatmap.layers);
   ui.sampling.textContent = describeSampling(heatmap);
   ui.sampling.classList.toggle('gw-warn', heatmap.sampled);
@@ -112,13 +116,20 @@ function drawAll() {
   state.hitHeatmap = drawHeatmap(ui.heatmap, heatmap, cells, layout, state.selected);
   drawLegend(ui.heatmapLegend, heatmap, layout.width);
   ui.heatmapLegend.style.marginLeft = `${layout.left - 10}px`;
-  renderAlerts(ui.alerts, alerts, state.selected, select);
-  renderRanking(ui.ranking, ranking);
 }
 
+function renderTables() {
+  renderAlerts(ui.alerts, state.data.alerts, state.selected, select);
+  renderRanking(ui.ranking, state.data.ranking);
+}
+
+/** Marks `step` (or clears the mark when clicked again) in both charts and the table. */
 function select(step) {
   state.selected = state.selected === step ? null : step;
-  drawAll();
+  for (const row of ui.alerts.querySelectorAll('tbody tr')) {
+    row.classList.toggle('gw-selected', Number(row.dataset.step) === state.selected);
+  }
+  drawCharts();
 }
 
 function wireEvents() {
@@ -141,7 +152,7 @@ function wireEvents() {
     if (ui.root.clientWidth === lastWidth) return;
     lastWidth = ui.root.clientWidth;
     clearTimeout(pending);
-    pending = setTimeout(() => state.data && !ui.content.hidden && drawAll(), 100);
+    pending = setTimeout(() => state.data && !ui.content.hidden && drawCharts(), 100);
   }).observe(ui.root);
 }
 
