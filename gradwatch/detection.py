@@ -158,7 +158,11 @@ def update_adaptive_state(state, global_norm, exploded, config):
 def is_explosion(global_norm, threshold):
     """`not (global_norm < threshold)`: NaN and Inf always explode, and so does equality.
 
+    Spelled `norm >= threshold or isnan(norm) or isnan(threshold)`: in graph
+    mode Grappler rewrites `logical_not(a < b)` into `a >= b`, False for NaN.
+
     >>> [bool(is_explosion(norm, 10.0)) for norm in [9.9, 10.0, float("nan"), float("inf")]]
     [False, True, True, True]
     """
-    return tf.logical_not(_float32(global_norm) < _float32(threshold))
+    norm, threshold = _float32(global_norm), _float32(threshold)
+    return tf.logical_or(norm >= threshold, tf.logical_or(tf.math.is_nan(norm), tf.math.is_nan(threshold)))

@@ -101,6 +101,11 @@ def test_is_explosion_is_not_less_than(norm, threshold, expected):
     assert bool(is_explosion(norm, threshold)) is expected
     assert bool(is_explosion(np.float64(norm), np.float32(threshold))) is expected
     assert bool(is_explosion(tf.constant(norm), tf.constant(threshold))) is expected
+    for jit_compile in (False, True):  # graph mode: Grappler must not turn it into `norm >= threshold`
+        compiled = tf.function(is_explosion, jit_compile=jit_compile)
+        assert bool(compiled(tf.constant(norm), tf.constant(threshold))) is expected
+        assert bool(tf.function(lambda n: is_explosion(n, threshold), jit_compile=jit_compile)(
+            tf.constant(norm))) is expected
 
 
 def test_is_explosion_elementwise_and_overflowing_float64():
