@@ -95,9 +95,9 @@ export function drawHeatmap(canvas, data, cells, layout, highlightStep) {
 function drawHighlight(ctx, layout, step, top, height) {
   const x = layout.xOfStep(step + 0.5);
   if (x < layout.left || x > layout.left + layout.plotWidth) return;
-  ctx.strokeStyle = COLORS.highlight;
-  ctx.lineWidth = 1.5;
-  ctx.setLineDash([4, 3]);
+  ctx.strokeStyle = 'rgba(32, 33, 36, 0.55)';  // see-through: the marked cells stay visible
+  ctx.lineWidth = 1;
+  ctx.setLineDash([3, 3]);
   ctx.beginPath();
   ctx.moveTo(x, top - 4);
   ctx.lineTo(x, top + height + 2);
