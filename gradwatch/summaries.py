@@ -7,6 +7,7 @@ costs tens of microseconds, where one eager `tf.summary.scalar` call per value
 would cost milliseconds. Tests parse the output with TensorBoard's own protos.
 """
 
+import itertools
 import json
 import math
 import os
@@ -92,9 +93,13 @@ def json_safe(value):
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
+_files_opened = itertools.count()
+
+
 def event_file_name():
-    return "events.out.tfevents.%010d.%s.%d.gradwatch.v2" % (
-        int(time.time()), socket.gethostname(), os.getpid())
+    """Unique per process and call, ordered by time like TensorFlow's names."""
+    return "events.out.tfevents.%010d.%s.%d.%d.gradwatch.v2" % (
+        int(time.time()), socket.gethostname(), os.getpid(), next(_files_opened))
 
 
 class EventWriter:

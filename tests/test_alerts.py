@@ -1,0 +1,113 @@
+"""Explosions flagged at exactly their step, logged once per burst, in TensorBoard."""
+
+import logging
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import gradwatch
+from gradwatch import tags
+from helpers import layer_norm, read_tags, regression_data, tape_norms
+
+
+def mlp():
+    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="hidden"),
+                             keras.layers.Dense(1, name="out")])
+
+
+def spiked_data(steps, batch_size, spike_steps, scale=1e4, nan_steps=()):
+    x, y = regression_data(n=steps * batch_size)
+    for step in spike_steps:  # steps count from 1
+        y[(step - 1) * batch_size:step * batch_size] *= scale
+    for step in nan_steps:
+        x[(step - 1) * batch_size, 0] = np.nan
+    return x, y
+
+
+def fit(tmp_path, x, y, *, learning_rate=0.0, batch_size=16, epochs=1, **monitor_args):
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate), loss="mse",
+                  steps_per_execution=monitor_args.pop("steps_per_execution", 1))
+    monitor_args.setdefault("verbose", 0)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), **monitor_args)
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0, callbacks=[monitor])
+    return model, monitor
+
+
+def test_absolute_threshold_flags_the_spike_step(tmp_path, caplog):
+    x, y = spiked_data(steps=10, batch_size=16, spike_steps=[7])
+    caplog.set_level(logging.WARNING, logger="gradwatch")
+    model, monitor = fit(tmp_path, x, y, explosion_threshold=50.0, update_freq=4)
+    assert [e.step for e in monitor.explosions] == [7]
+    explosion = monitor.explosions[0]
+    variable_norms, expected_norm = tape_norms(model, x[96:112], y[96:112])
+    expected_layers = sorted(((name, layer_norm(variable_norms, model.get_layer(name)))
+                              for name in ("hidden", "out")), key=lambda pair: -pair[1])
+    assert explosion.epoch == 0 and explosion.threshold == 50.0 and explosion.action == "none"
+    assert explosion.global_norm == pytest.approx(expected_norm, rel=1e-5)
+    assert [name for name, _ in explosion.layers] == [name for name, _ in expected_layers]
+    np.testing.assert_allclose([n for _, n in explosion.layers], [n for _, n in expected_layers], rtol=1e-5)
+    lines = [r for r in caplog.records if r.name == "gradwatch"]
+    assert len(lines) == 1
+    assert lines[0].getMessage().startswith("gradient explosion at step 7 (epoch 1): global norm ")
+    assert f"> threshold 50; top layers: {expected_layers[0][0]} " in lines[0].getMessage()
+    assert lines[0].gradwatch_explosion == explosion  # the record travels in `extra`
+
+
+def test_nan_gradient_always_explodes_and_is_named(tmp_path, caplog):
+    x, y = spiked_data(steps=6, batch_size=16, spike_steps=[], nan_steps=[4])
+    caplog.set_level(logging.WARNING, logger="gradwatch")
+    _, monitor = fit(tmp_path, x, y, explosion_threshold=1e9, skip_nonfinite=True)
+    assert [e.step for e in monitor.explosions] == [4]  # skipped, so the weights stay finite
+    assert monitor.explosions[0].action == "skipped"
+    assert monitor.explosions[0].nonfinite and math.isnan(monitor.explosions[0].global_norm)
+    message = caplog.records[0].getMessage()
+    assert message.startswith("NaN/Inf gradient in hidden, out at step 4 (epoch 1)")
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_adaptive_threshold_catches_a_100x_spike_exactly(tmp_path, steps_per_execution):
+    x, y = spiked_data(steps=96, batch_size=8, spike_steps=[83], scale=100.0)
+    _, monitor = fit(tmp_path, x, y, learning_rate=0.01, batch_size=8, update_freq=10,
+                     steps_per_execution=steps_per_execution)
+    # The spike's update wrecks the weights, so later steps may explode too.
+    assert monitor.explosions[0].step == 83
+    logged = read_tags(str(tmp_path))
+    assert min(logged[tags.EXPLOSION]) == 83
+    assert math.isfinite(logged[tags.THRESHOLD][83])
+    assert logged[tags.GLOBAL][83] > logged[tags.THRESHOLD][83] > logged[tags.GLOBAL][82]
+    assert 1 not in logged[tags.THRESHOLD]  # warm-up: no threshold yet
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_healthy_training_raises_no_alarm(tmp_path, optimizer):
+    x, y = regression_data(n=2048)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dense(32, activation="relu"), keras.layers.Dense(1)])
+    opt = keras.optimizers.SGD(0.01, momentum=0.9) if optimizer == "sgd_momentum" else "adam"
+    model.compile(optimizer=opt, loss="mse")
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0)
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[monitor])
+    assert monitor.explosions == []
+
+
+def test_a_burst_is_kept_whole_but_logged_in_a_few_lines(tmp_path, caplog):
+    x, y = spiked_data(steps=40, batch_size=8, spike_steps=range(5, 35))
+    caplog.set_level(logging.WARNING, logger="gradwatch")
+    _, monitor = fit(tmp_path, x, y, batch_size=8, explosion_threshold=50.0, update_freq=7)
+    assert [e.step for e in monitor.explosions] == list(range(5, 35))
+    messages = [r.getMessage() for r in caplog.records if r.name == "gradwatch"]
+    assert len(messages) == 2
+    assert messages[0].startswith("gradient explosion at step 5 ")
+    assert messages[1].startswith("gradient explosion burst ended: 30 exploding steps in steps 5-34")
+    logged = read_tags(str(tmp_path))
+    assert sorted(logged[tags.EXPLOSION]) == list(range(5, 35))
+    assert "gradient explosion at step 5 " in logged[tags.ALERTS_TEXT][min(logged[tags.ALERTS_TEXT])]
+
+
+def test_verbose_prints_alerts_to_the_console(tmp_path, capsys):
+    x, y = spiked_data(steps=4, batch_size=16, spike_steps=[2])
+    fit(tmp_path, x, y, explosion_threshold=50.0, verbose=1)
+    assert "gradwatch: gradient explosion at step 2 (epoch 1)" in capsys.readouterr().out
