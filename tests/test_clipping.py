@@ -1,0 +1,173 @@
+"""Automatic clipping: the exploding step itself is clipped, measured on the weights."""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradwatch
+from gradwatch import clipping
+from helpers import WeightsBeforeEachStep, read_tags, regression_data
+
+LR = 0.1
+SPIKE_STEP = 6
+
+
+def mlp():
+    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="hidden"),
+                             keras.layers.Dense(1, name="out")])
+
+
+def spiked(steps=10, batch_size=16, scale=1e4, nan=False):
+    x, y = regression_data(n=steps * batch_size)
+    rows = slice((SPIKE_STEP - 1) * batch_size, SPIKE_STEP * batch_size)
+    if nan:
+        x[rows.start, 0] = np.nan
+    else:
+        y[rows] *= scale
+    return x, y
+
+
+def train(tmp_path, optimizer=None, strategy=None, jit_compile=False, scale=1e4, **monitor_args):
+    x, y = spiked(scale=scale)
+    scope = strategy.scope() if strategy else _null()
+    with scope:
+        model = mlp()
+        model.compile(optimizer=optimizer or keras.optimizers.SGD(LR), loss="mse", jit_compile=jit_compile)
+    snapshots = WeightsBeforeEachStep()
+    monitor_args.setdefault("explosion_threshold", 200.0)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, update_freq=4, **monitor_args)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
+    deltas = [[after - before for before, after in zip(w0, w1)] for w0, w1 in zip(weights, weights[1:])]
+    return model, monitor, deltas  # deltas[k - 1]: the update of step k
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def global_norm(arrays):
+    return float(np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in arrays)))
+
+
+@pytest.mark.parametrize("mode", clipping.MODES)
+def test_the_exploding_step_itself_is_clipped(mode, tmp_path):
+    threshold = 0.5
+    model, monitor, deltas = train(tmp_path, auto_clip=mode, clip_threshold=threshold)
+    assert [(e.step, e.action) for e in monitor.explosions][0] == (SPIKE_STEP, "clipping_on")
+    bound = LR * threshold * (1 + 1e-5)
+    for step in range(SPIKE_STEP, len(deltas) + 1):
+        delta = deltas[step - 1]
+        if mode == "clipnorm":
+            assert max(global_norm([d]) for d in delta) <= bound
+        elif mode == "global_clipnorm":
+            assert global_norm(delta) <= bound
+        else:
+            assert max(np.abs(d).max() for d in delta) <= bound
+    # Before the explosion nothing was clipped: some update exceeded the bound.
+    assert max(global_norm([d]) for d in deltas[0]) > bound or mode == "clipvalue"
+    assert getattr(model.optimizer, mode) == pytest.approx(threshold)
+    assert model.optimizer.get_config()[mode] == pytest.approx(threshold)
+    assert monitor.clipping_events[0]["step"] == SPIKE_STEP
+    logged = read_tags(str(tmp_path))
+    assert logged["grad_norm/clip_threshold"][SPIKE_STEP] == pytest.approx(threshold)
+    assert SPIKE_STEP - 1 not in logged["grad_norm/clip_threshold"]
+    assert logged["grad_norm/global_clipped"][SPIKE_STEP] < logged["grad_norm/global"][SPIKE_STEP]
+
+
+def test_switch_on_is_logged_once(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="gradwatch")
+    train(tmp_path, auto_clip="global_clipnorm", clip_threshold=0.5)
+    switches = [r for r in caplog.records if hasattr(r, "gradwatch_clipping")]
+    assert len(switches) == 1
+    assert switches[0].getMessage().startswith(
+        f"switched on global_clipnorm=0.5 at step {SPIKE_STEP}, from this step on, after: gradient explosion")
+
+
+def test_saved_model_carries_the_clipping(tmp_path):
+    model, _, _ = train(tmp_path / "logs", auto_clip="clipnorm", clip_threshold=0.25)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.optimizer.clipnorm == pytest.approx(0.25)
+
+
+def test_nan_batch_is_skipped_weights_and_slots_unchanged(tmp_path):
+    x, y = spiked(nan=True)
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    states = []
+
+    class Capture(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            states.append([v.numpy().copy() for v in model.trainable_variables + model.optimizer.variables
+                           if "iteration" not in v.path])
+
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip="clipnorm", verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Capture(), monitor])
+    for before, after in zip(states[SPIKE_STEP - 2], states[SPIKE_STEP - 1]):
+        np.testing.assert_array_equal(before, after)
+    assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+    assert [(e.step, e.action) for e in monitor.explosions] == [(SPIKE_STEP, "skipped")]
+    assert model.optimizer.clipnorm is None  # a NaN is not a reason to clip
+
+
+def test_auto_threshold_is_a_percentile_of_healthy_norms(tmp_path):
+    model, monitor, _ = train(tmp_path, auto_clip="global_clipnorm", clip_threshold="auto")
+    logged = read_tags(str(tmp_path))
+    healthy = [logged["grad_norm/global"][s] for s in range(1, SPIKE_STEP)]
+    expected = np.sort(healthy)[int(np.ceil(clipping.AUTO_PERCENTILE / 100 * len(healthy))) - 1]
+    assert monitor.clipping_events[0]["threshold"] == pytest.approx(expected, rel=1e-6)
+    assert model.optimizer.global_clipnorm == pytest.approx(expected, rel=1e-6)
+
+
+def test_clipping_under_xla(tmp_path):
+    _, monitor, deltas = train(tmp_path, auto_clip="global_clipnorm", clip_threshold=0.5, jit_compile=True)
+    assert monitor.explosions[0].action == "clipping_on"
+    assert global_norm(deltas[SPIKE_STEP - 1]) <= LR * 0.5 * (1 + 1e-5)
+
+
+def test_clipping_under_mirrored_strategy_clips_the_all_reduced_gradient(tmp_path):
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs two logical CPU devices")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    model, monitor, deltas = train(tmp_path, strategy=strategy, auto_clip="global_clipnorm",
+                                   clip_threshold=0.5)
+    assert monitor.explosions[0].step == SPIKE_STEP
+    # The bound holds for the whole update: the sum was clipped, not each replica's half.
+    assert global_norm(deltas[SPIKE_STEP - 1]) == pytest.approx(LR * 0.5, rel=1e-4)
+
+
+def test_clipping_under_mixed_precision_sets_the_inner_optimizer(tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR), initial_scale=8.0)
+    # A spike that float16 can hold (a larger one overflows: the loss-scale optimizer skips it).
+    model, monitor, deltas = train(tmp_path, optimizer=optimizer, auto_clip="clipnorm", clip_threshold=0.5,
+                                   scale=100.0, explosion_threshold=100.0)
+    assert monitor.explosions[0].step == SPIKE_STEP
+    assert model.optimizer.inner_optimizer.clipnorm == pytest.approx(0.5)
+    assert max(global_norm([d]) for d in deltas[SPIKE_STEP - 1]) <= LR * 0.5 * 1.01
+
+
+def test_optimizer_with_its_own_clipping_is_taken_over_and_reports_pre_clip_norms(tmp_path):
+    _, monitor, deltas = train(tmp_path, optimizer=keras.optimizers.SGD(LR, global_clipnorm=0.5))
+    logged = read_tags(str(tmp_path))
+    assert logged["grad_norm/global"][SPIKE_STEP] > 200  # pre-clip
+    assert logged["grad_norm/global_clipped"][SPIKE_STEP] == pytest.approx(0.5, rel=1e-5)
+    assert monitor.explosions[0].action == "clipped"
+    assert global_norm(deltas[SPIKE_STEP - 1]) <= LR * 0.5 * (1 + 1e-5)
+
+
+def test_conflicting_clipping_is_rejected_before_training(tmp_path):
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.SGD(LR, clipvalue=1.0), loss="mse")
+    x, y = regression_data(n=16)
+    with pytest.raises(ValueError, match="auto_clip='clipnorm'.*clipvalue=1.0"):
+        model.fit(x, y, verbose=0, callbacks=[gradwatch.GradientMonitor(str(tmp_path), auto_clip="clipnorm")])
+    assert int(model.optimizer.iterations) == 0
