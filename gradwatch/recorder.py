@@ -88,8 +88,8 @@ class Recorder:
             explosions = alerts.explosions_from_records(
                 steps, rows, self.layer_paths, epoch, self.monitor.top_layers)
             self.monitor.explosions.extend(explosions)
-            switches = self._clipping_switches(steps, rows, explosions, epoch)
             lines = self._alert_log.feed(steps, rows, {e.step: e for e in explosions})
+            switches = self._clipping_switches(steps, rows, explosions, epoch)
             self._guard("write", lambda: self._write(steps, rows, explosions, switches, lines))
         if flush:
             self._guard("write", self.writer.flush)
@@ -115,9 +115,10 @@ class Recorder:
             how = (f" (the {clipping.AUTO_PERCENTILE:g}th percentile of the last "
                    f"{clipping.AUTO_HISTORY} healthy global norms)")
         text = (f"switched on {event['mode']}={event['threshold']:.4g}{how} at step "
-                f"{event['step']}, from this step on")
+                f"{event['step']} (that step included)")
         if cause is not None:
-            text += f", after: {alerts.explosion_message(cause)}"
+            text += (f", after the gradient explosion at step {cause.step} "
+                     f"(global norm {cause.global_norm:.3g})")
         logger.warning(text, extra={"gradwatch_clipping": event})
         if self.print_fn is not None:
             self.print_fn("gradwatch: " + text)

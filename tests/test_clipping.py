@@ -88,7 +88,8 @@ def test_switch_on_is_logged_once(tmp_path, caplog):
     switches = [r for r in caplog.records if hasattr(r, "gradwatch_clipping")]
     assert len(switches) == 1
     assert switches[0].getMessage().startswith(
-        f"switched on global_clipnorm=0.5 at step {SPIKE_STEP}, from this step on, after: gradient explosion")
+        f"switched on global_clipnorm=0.5 at step {SPIKE_STEP} (that step included), "
+        f"after the gradient explosion at step {SPIKE_STEP} (global norm ")
 
 
 def test_saved_model_carries_the_clipping(tmp_path):
