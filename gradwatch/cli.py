@@ -1,4 +1,4 @@
-"""The `gradwatch` command: `gradwatch report LOGDIR`, and `gradwatch demo` (to come).
+"""The `gradwatch` command: `gradwatch demo` and `gradwatch report LOGDIR`.
 
 Exit status: 0 success; 1 `--fail-on-explosion` and some run exploded; 2 usage
 errors, a missing LOGDIR, no gradwatch run under it, or an unreadable event
@@ -63,7 +63,7 @@ def build_parser():
     """The argument parser of the `gradwatch` command."""
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Gradient monitoring for Keras: reports of gradwatch log folders.")
+        description="Gradient monitoring for Keras: a demo, and reports of gradwatch log folders.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {gradwatch.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -80,17 +80,35 @@ def build_parser():
                         help="exit with status 1 if any run had a gradient explosion (for CI)")
     report.set_defaults(handler=run_report)
 
-    # TODO(issue 6): placeholder, to be replaced by the real `demo` once the monitor exists.
-    demo = commands.add_parser("demo", help="train a small model that explodes (not yet available)",
-                               description="Not yet available.")
-    demo.set_defaults(handler=run_demo_stub)
+    demo = commands.add_parser(
+        "demo", help="train a recurrent net whose gradients explode, plainly then with gradwatch",
+        description="Trains a SimpleRNN on the adding problem (synthetic data made in code) with "
+                    "plain SGD, whose gradients explode, then the same with gradwatch's automatic "
+                    "clipping; prints the alerts, a comparison and the tensorboard command.")
+    demo.add_argument("--logdir", default=None,
+                      help="log folder (default: ./gradwatch_logs/demo-<date>-<time>, new each run)")
+    demo.add_argument("--epochs", type=_positive_int, default=None, help="epochs per run (default: 10)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default: 0)")
+    demo.set_defaults(handler=run_demo)
     return parser
 
 
-def run_demo_stub(args, out, err):
-    """Placeholder for `gradwatch demo`."""
-    err.write(f"{PROG}: error: `gradwatch demo` is not yet available.\n")
-    return EXIT_ERROR
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer. Received: {text!r}")
+    return value
+
+
+def run_demo(args, out, err):
+    """`gradwatch demo`: see `gradwatch.demo`."""
+    from gradwatch import demo
+
+    logdir = args.logdir or demo.default_logdir()
+    return demo.run_demo(logdir, args.epochs, args.seed, out)
 
 
 def _load_runs(logdir):

@@ -157,9 +157,18 @@ def test_usage_errors_exit_2(capsys):
     assert run_main(capsys, "report", "x", "--bogus")[0] == 2
 
 
-def test_demo_placeholder_exits_2(capsys):
-    status, _, err = run_main(capsys, "demo")
-    assert status == 2 and "not yet available" in err
+def test_demo_trains_leaves_event_files_and_says_how_to_look(capsys, tmp_path):
+    status, out, _ = run_main(capsys, "demo", "--logdir", str(tmp_path / "demo"), "--epochs", "1")
+    assert status == 0
+    assert f"tensorboard --logdir {tmp_path / 'demo'}" in out
+    for run in ("plain", "gradwatch_auto_clip"):
+        assert list((tmp_path / "demo" / run / "train").glob("events.out.tfevents.*"))
+    assert run_main(capsys, "report", str(tmp_path / "demo"))[0] == 0
+
+
+def test_demo_rejects_a_bad_epoch_count(capsys):
+    status, _, err = run_main(capsys, "demo", "--epochs", "0")
+    assert status == 2 and "--epochs" in err
 
 
 def test_console_script(exploded_logdir):
