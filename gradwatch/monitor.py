@@ -5,8 +5,7 @@ import os
 
 import keras
 
-from gradwatch import clipping, summaries, tags, validation
-from gradwatch.capture import KerasCapture
+from gradwatch import capture_tf_keras, clipping, multiworker, summaries, tags, validation
 from gradwatch.policy import StepPolicy
 from gradwatch.recorder import Recorder
 
@@ -16,7 +15,7 @@ logger = logging.getLogger("gradwatch")
 _EPOCH_DRAIN_STEPS = 1024
 
 
-class GradientMonitor(keras.callbacks.Callback):
+class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Callback):
     """Records per-layer and global gradient norms of every training step.
 
     The norms are those of the gradient the optimizer really applies: after
@@ -83,11 +82,16 @@ class GradientMonitor(keras.callbacks.Callback):
         self.explosions, self.clipping_events = [], []
         if self._recorder is not None:  # an earlier fit() ended abnormally
             self._recorder.close()
+            self._role.end()
         policy = self._policy()
-        writer = _open_writer(os.path.join(self.log_dir, tags.TRAIN_RUN))
-        capture = KerasCapture(self.model, policy, self._capacity())
-        print_fn = _print_msg if self.verbose else None
+        # Multi-worker: only the chief writes and logs alerts (`multiworker`).
+        self._role = multiworker.WorkerRole(self.model.distribute_strategy)
+        writer = _open_writer(self._role.run_dir(os.path.join(self.log_dir, tags.TRAIN_RUN)))
+        # Keras 3 or tf_keras, from the model's class.
+        capture = capture_tf_keras.capture_class(self.model)(self.model, policy, self._capacity())
+        print_fn = _print_msg if self.verbose and self._role.chief else None
         self._recorder = Recorder(self, capture, writer, print_fn)
+        self._role.begin()
         self._recorder.start()
         self._epoch, self._batches_before_epoch, self._batches_at_drain = 0, 0, 0
 
@@ -114,6 +118,7 @@ class GradientMonitor(keras.callbacks.Callback):
             self._layer_paths = list(self._recorder.layer_paths)
             self._recorder.close()
             self._recorder = None
+            self._role.end()
 
     def _policy(self):
         optimizer = getattr(self.model, "optimizer", None)
@@ -134,7 +139,10 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _capacity(self):
         interval = _EPOCH_DRAIN_STEPS if self.update_freq == "epoch" else self.update_freq
-        steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        steps_per_execution = getattr(self.model, "steps_per_execution", 1)
+        if hasattr(steps_per_execution, "numpy"):  # tf_keras keeps it in a variable
+            steps_per_execution = steps_per_execution.numpy()
+        steps_per_execution = int(steps_per_execution or 1)
         return 2 * (interval + steps_per_execution) + 16
 
     def get_config(self):

@@ -51,9 +51,12 @@ def layer_paths(model):
 
 
 def _is_model(layer):
+    import sys
+
     import keras
 
-    return isinstance(layer, keras.Model)
+    tf_keras = sys.modules.get("tf_keras")  # tf_keras models too, never importing it
+    return isinstance(layer, keras.Model) or (tf_keras is not None and isinstance(layer, tf_keras.Model))
 
 
 def _direct_sublayers(container):

@@ -1,0 +1,157 @@
+"""The hook on a tf_keras (Keras 2) optimizer, and the callback shim tf_keras needs.
+
+Where the gradient is taken (tf_keras 2.16+, `tf_keras/src/optimizers/optimizer.py`):
+`Optimizer.apply_gradients` all-reduces first (`aggregate_gradients`, a
+cross-replica sum, also across workers under `MultiWorkerMirroredStrategy`),
+then `_BaseOptimizer.apply_gradients` drops `None` gradients and calls
+`_clip_gradients(grads)`, `_deduplicate_sparse_grad`, `_apply_weight_decay`
+and `_internal_apply_gradients` (per-variable `_update_step`, then
+`iterations += 1`). So the input of `_clip_gradients` is the aggregated,
+pre-clip gradient. gradwatch wraps, on the optimizer *instance* only:
+
+- `apply_gradients`: notes the variables of the step (trace time);
+- `_clip_gradients`: replaced by gradwatch's statistics, detection and
+  clipping (`KerasCapture._process`), which return the clipped gradient; a
+  `clipnorm`/`clipvalue`/`global_clipnorm` of the optimizer is applied by
+  gradwatch at the same point, as tf_keras would;
+- `_update_step`: skipped (`tf.cond`) on a non-finite gradient when skipping
+  is on; weight decay is then applied per variable inside the same branch
+  (same arithmetic as tf_keras' `_apply_weight_decay`), so a skipped step
+  leaves weights and slots unchanged. `iterations` still counts the step.
+
+Legacy optimizers (`tf_keras.optimizers.legacy`): `_transform_gradients`
+(after `_aggregate_gradients`; it holds the clipping) is replaced, and
+`_resource_apply_dense` / `_resource_apply_sparse_duplicate_indices` are
+skipped on a non-finite gradient.
+
+Under a tf_keras `LossScaleOptimizer` the inner optimizer is hooked (it sees
+unscaled, finite gradients); the steps the loss scaler skips are not recorded.
+
+Nothing here imports tf_keras unless the model is a tf_keras model.
+"""
+
+import sys
+
+import tensorflow as tf
+
+from gradwatch.capture import KerasCapture
+
+
+def is_tf_keras_model(model):
+    """True for a `tf_keras.Model`; never imports tf_keras."""
+    tf_keras = sys.modules.get("tf_keras")
+    return tf_keras is not None and isinstance(model, tf_keras.Model)
+
+
+def capture_class(model):
+    """The capture adapter for `model`: tf_keras or Keras 3."""
+    return TfKerasCapture if is_tf_keras_model(model) else KerasCapture
+
+
+class TfKerasCallbackCompat:
+    """What tf_keras' `CallbackList` asks of a callback beyond Keras 3's API.
+
+    Mixed into `GradientMonitor` (a Keras 3 callback), so the same object works
+    in `fit()` of both Keras versions.
+    """
+
+    _supports_tf_logs = False  # tf_keras converts batch logs to numbers
+    _chief_worker_only = None  # runs on every worker; it decides what it writes
+
+    def _implements_train_batch_hooks(self):
+        return True
+
+    def _implements_test_batch_hooks(self):
+        return False
+
+    def _implements_predict_batch_hooks(self):
+        return False
+
+
+class TfKerasCapture(KerasCapture):
+    """Installs the in-graph capture on a tf_keras model's optimizer.
+
+    Same interface and record format as `KerasCapture`, whose `prepare()`,
+    `_process()` and `uninstall()` it reuses.
+    """
+
+    def install(self):
+        import tf_keras
+
+        if getattr(self.optimizer, "_gradwatch_capture", None) is not None:
+            raise RuntimeError("gradwatch is already attached to this optimizer.")
+        if self.model.built and self.model.trainable_variables:
+            self.prepare()
+        self.loss_scaled = False  # no overflow records for tf_keras
+        optimizer = self.optimizer
+        skip = self.policy.skip_nonfinite
+        if isinstance(optimizer, tf_keras.optimizers.legacy.Optimizer):
+            self._wrap(optimizer, "_transform_gradients", self._on_transform_gradients)
+            if skip:
+                self._wrap(optimizer, "_resource_apply_dense", self._on_update)
+                self._wrap(optimizer, "_resource_apply_sparse_duplicate_indices", self._on_update)
+        elif hasattr(optimizer, "_clip_gradients") and hasattr(optimizer, "_update_step"):
+            self._wrap(optimizer, "apply_gradients", self._on_apply_gradients)
+            self._wrap(optimizer, "_clip_gradients", self._on_clip_gradients)
+            if skip:
+                self._decay = getattr(optimizer, "weight_decay", None) is not None
+                if self._decay:
+                    self._wrap(optimizer, "_apply_weight_decay", lambda original: (lambda variables: None))
+                self._wrap(optimizer, "_update_step", self._on_update)
+        else:
+            raise ValueError(f"GradientMonitor does not support the optimizer {type(optimizer).__name__}: "
+                             "use one of `tf_keras.optimizers` or `tf_keras.optimizers.legacy`.")
+        optimizer._gradwatch_capture = self
+
+    # -- wrappers (run at trace time) ---------------------------------------
+    def _on_apply_gradients(self, original):
+        def apply_gradients(grads_and_vars, *args, **kwargs):
+            grads_and_vars = list(grads_and_vars)
+            self._begin_step([v for g, v in grads_and_vars if g is not None])
+            return original(grads_and_vars, *args, **kwargs)
+        return apply_gradients
+
+    def _on_clip_gradients(self, original):
+        def clip_gradients(grads):
+            return self._process(list(grads))
+        return clip_gradients
+
+    def _on_transform_gradients(self, original):
+        def transform_gradients(grads_and_vars):
+            grads_and_vars = list(grads_and_vars)
+            self._begin_step([v for _, v in grads_and_vars])
+            new_grads = self._process([g for g, _ in grads_and_vars])
+            grads_and_vars = [(g, v) for g, (_, v) in zip(new_grads, grads_and_vars)]
+            for transform in self.optimizer.gradient_transformers:  # the user's own
+                grads_and_vars = transform(grads_and_vars)
+            return grads_and_vars
+        return transform_gradients
+
+    def _begin_step(self, variables):
+        self.prepare()
+        self.traced = True
+        self._current_variables = variables
+
+    def _on_update(self, original):
+        def update(gradient, variable, *args, **kwargs):
+            skip = self._skip_pred
+            if skip is None:
+                return original(gradient, variable, *args, **kwargs)
+
+            def apply():
+                if getattr(self, "_decay", False):
+                    self._decay_weight(variable)
+                original(gradient, variable, *args, **kwargs)
+                return tf.constant(True)
+
+            return tf.cond(skip, lambda: tf.constant(False), apply)
+        return update
+
+    def _decay_weight(self, variable):
+        """tf_keras' `_apply_weight_decay` for one variable (deferred here so a
+        skipped step does not decay the weights either)."""
+        optimizer = self.optimizer
+        if optimizer._use_weight_decay(variable):
+            lr = tf.cast(optimizer.learning_rate, variable.dtype)
+            wd = tf.cast(optimizer.weight_decay, variable.dtype)
+            variable.assign_sub(variable * wd * lr)

@@ -1,0 +1,290 @@
+"""GradientMonitor on tf_keras (Keras 2) models: fidelity, alerts, auto-clip, skip.
+
+Same checks as `test_norms.py` / `test_alerts.py`, in the same process as
+Keras 3 (`import tf_keras` lives alongside it).
+"""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradwatch
+from gradwatch import tags
+from gradwatch.capture import KerasCapture
+from gradwatch.capture_tf_keras import TfKerasCapture, capture_class
+from helpers import expected_norms_per_step, layer_norm, read_tags, regression_data, tape_norms
+
+tf_keras = pytest.importorskip("tf_keras", reason="tf_keras is not installed")
+layers = tf_keras.layers
+
+RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tf_keras_state():
+    tf_keras.backend.clear_session()
+    tf_keras.utils.set_random_seed(0)
+    yield
+
+
+class WeightsBeforeEachStep(tf_keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.snapshots = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.snapshots.append([v.numpy().copy() for v in self.model.trainable_variables])
+
+
+def mse():
+    return tf_keras.losses.MeanSquaredError()
+
+
+# -- models -------------------------------------------------------------------
+def sequential():
+    return tf_keras.Sequential([tf_keras.Input((8,)), layers.Dense(16, activation="tanh", name="hidden"),
+                                layers.Dense(1, name="out")], name="seq")
+
+
+def functional():
+    inputs = tf_keras.Input((8,))
+    a = layers.Dense(16, activation="relu", name="branch_a")(inputs)
+    b = layers.Dense(16, activation="tanh", name="branch_b")(inputs)
+    merged = layers.Concatenate()([a, b])
+    return tf_keras.Model(inputs, layers.Dense(1, name="head")(merged))
+
+
+class Subclassed(tf_keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.first = layers.Dense(12, activation="relu", name="first")
+        self.second = layers.Dense(1, name="second")
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+def nested():
+    encoder = tf_keras.Sequential([layers.Dense(8, activation="relu", name="inner_a"),
+                                   layers.Dense(4, name="inner_b")], name="encoder")
+    inputs = tf_keras.Input((8,))
+    return tf_keras.Model(inputs, layers.Dense(1, name="head")(encoder(inputs)))
+
+
+def layer_objects(model, paths):
+    found = {}
+    for path in paths:
+        layer = model
+        for name in path.split("/"):
+            layer = layer.get_layer(name)
+        found[path] = layer
+    return found
+
+
+def fit_and_compare(model, tmp_path, *, optimizer=None, jit_compile=False, expected_paths=None, steps=4):
+    x, y = regression_data(n=16 * steps)
+    model(x[:1])
+    optimizer = optimizer or tf_keras.optimizers.SGD(0.05, momentum=0.9)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), update_freq=3, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    if expected_paths is not None:
+        assert monitor.layer_paths == expected_paths
+    expected = expected_norms_per_step(model, snapshots.snapshots, x, y, 16, mse())
+    logged = read_tags(str(tmp_path))
+    assert sorted(logged[tags.GLOBAL]) == list(range(1, steps + 1))
+    objects = layer_objects(model, monitor.layer_paths)
+    for step, (variable_norms, global_norm) in enumerate(expected, start=1):
+        np.testing.assert_allclose(logged[tags.GLOBAL][step], global_norm, rtol=RTOL)
+        for path, layer in objects.items():
+            np.testing.assert_allclose(logged[tags.layer_tag(path)][step],
+                                       layer_norm(variable_norms, layer), rtol=RTOL)
+    return monitor, logged
+
+
+# -- adapter choice -----------------------------------------------------------
+def test_adapter_is_chosen_from_the_model_class():
+    import keras
+
+    assert capture_class(sequential()) is TfKerasCapture
+    assert capture_class(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])) is KerasCapture
+
+
+# -- norm fidelity --------------------------------------------------------------
+@pytest.mark.parametrize("build, paths", [
+    (sequential, ["hidden", "out"]),
+    (functional, ["branch_a", "branch_b", "head"]),
+    (Subclassed, ["first", "second"]),
+    (nested, ["encoder/inner_a", "encoder/inner_b", "head"]),
+])
+def test_norms_equal_tape_norms(build, paths, tmp_path):
+    fit_and_compare(build(), tmp_path, expected_paths=paths)
+
+
+def test_norms_under_xla(tmp_path):
+    fit_and_compare(sequential(), tmp_path, jit_compile=True)
+
+
+@pytest.mark.parametrize("optimizer", ["legacy_sgd", "adam", "legacy_adam"])
+def test_norms_with_other_optimizers(optimizer, tmp_path):
+    opt = {"legacy_sgd": lambda: tf_keras.optimizers.legacy.SGD(0.05, momentum=0.9),
+           "adam": lambda: tf_keras.optimizers.Adam(0.01),
+           "legacy_adam": lambda: tf_keras.optimizers.legacy.Adam(0.01)}[optimizer]()
+    fit_and_compare(functional(), tmp_path, optimizer=opt)
+
+
+def test_frozen_layers_not_reported(tmp_path):
+    model = sequential()
+    model.get_layer("hidden").trainable = False
+    _, logged = fit_and_compare(model, tmp_path, expected_paths=["out"])
+    assert "grad_norm/hidden" not in logged
+
+
+def test_unbuilt_model_is_captured_from_its_first_step(tmp_path):
+    model = tf_keras.Sequential([layers.Dense(4, name="a"), layers.Dense(1, name="b")])
+    x, y = regression_data(n=48)
+    model.compile(optimizer="sgd", loss="mse")
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.layer_paths == ["a", "b"]
+    assert sorted(read_tags(str(tmp_path))["grad_norm/a"]) == [1, 2, 3]
+
+
+def test_mirrored_strategy_norms_are_those_of_the_global_batch(tmp_path):
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(devices) < 2:
+        pytest.skip("needs 2 logical CPU devices (set up in conftest)")
+    x, y = regression_data(n=64 * 3)
+    strategy = tf.distribute.MirroredStrategy(devices[:2])
+    with strategy.scope():
+        model = functional()
+        model.compile(optimizer=tf_keras.optimizers.SGD(0.0), loss="mse")
+    monitor = gradwatch.GradientMonitor(str(tmp_path), update_freq=2, verbose=0)
+    model.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    logged = read_tags(str(tmp_path))
+    for step in (1, 2, 3):
+        xb, yb = x[(step - 1) * 64:step * 64], y[(step - 1) * 64:step * 64]
+        variable_norms, global_norm = tape_norms(model, xb, yb, mse())
+        np.testing.assert_allclose(logged[tags.GLOBAL][step], global_norm, rtol=RTOL)
+        np.testing.assert_allclose(logged["grad_norm/head"][step],
+                                   layer_norm(variable_norms, model.get_layer("head")), rtol=RTOL)
+
+
+def test_monitoring_changes_no_weight_bit_for_bit(tmp_path):
+    x, y = regression_data(n=64)
+    results = []
+    for callbacks in ([], [gradwatch.GradientMonitor(str(tmp_path), update_freq=1, verbose=0)]):
+        tf_keras.utils.set_random_seed(3)
+        model = functional()
+        model.compile(optimizer=tf_keras.optimizers.Adam(0.01), loss="mse")
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+        results.append([v.numpy() for v in model.weights + model.optimizer.variables()])
+    for plain, monitored in zip(*results):
+        np.testing.assert_array_equal(plain, monitored)
+
+
+# -- alerts -------------------------------------------------------------------
+def spiked_data(steps, batch_size, spike_steps, scale=1e4, nan_steps=()):
+    x, y = regression_data(n=steps * batch_size)
+    for step in spike_steps:  # steps count from 1
+        y[(step - 1) * batch_size:step * batch_size] *= scale
+    for step in nan_steps:
+        x[(step - 1) * batch_size, 0] = np.nan
+    return x, y
+
+
+def fit(tmp_path, x, y, *, optimizer=None, batch_size=16, callbacks=(), **monitor_args):
+    model = sequential()
+    model.compile(optimizer=optimizer or tf_keras.optimizers.SGD(0.0), loss="mse")
+    monitor_args.setdefault("verbose", 0)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), **monitor_args)
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+              callbacks=[*callbacks, monitor])
+    return model, monitor
+
+
+def test_absolute_threshold_flags_the_spike_step(tmp_path, caplog):
+    x, y = spiked_data(steps=10, batch_size=16, spike_steps=[7])
+    caplog.set_level(logging.WARNING, logger="gradwatch")
+    model, monitor = fit(tmp_path, x, y, explosion_threshold=50.0, update_freq=4)
+    assert [e.step for e in monitor.explosions] == [7]
+    _, expected_norm = tape_norms(model, x[96:112], y[96:112], mse())
+    assert monitor.explosions[0].global_norm == pytest.approx(expected_norm, rel=1e-5)
+    messages = [r.getMessage() for r in caplog.records if r.name == "gradwatch"]
+    assert len(messages) == 1 and messages[0].startswith("gradient explosion at step 7 (epoch 1)")
+    assert sorted(read_tags(str(tmp_path))[tags.EXPLOSION]) == [7]
+
+
+def test_adaptive_threshold_catches_a_100x_spike_exactly(tmp_path):
+    x, y = spiked_data(steps=96, batch_size=8, spike_steps=[83], scale=100.0)
+    _, monitor = fit(tmp_path, x, y, optimizer=tf_keras.optimizers.SGD(0.01), batch_size=8,
+                     update_freq=10)
+    assert monitor.explosions[0].step == 83
+    logged = read_tags(str(tmp_path))
+    assert logged[tags.GLOBAL][83] > logged[tags.THRESHOLD][83] > logged[tags.GLOBAL][82]
+
+
+# -- auto-clip and skipping ------------------------------------------------------
+@pytest.mark.parametrize("legacy", [False, True])
+def test_auto_clip_bounds_the_update_of_the_exploding_step(tmp_path, legacy):
+    lr, threshold, spike = 0.01, 1.0, 6
+    x, y = spiked_data(steps=10, batch_size=16, spike_steps=[spike], scale=1e3)
+    sgd = tf_keras.optimizers.legacy.SGD(lr) if legacy else tf_keras.optimizers.SGD(lr)
+    snapshots = WeightsBeforeEachStep()
+    model, monitor = fit(tmp_path, x, y, optimizer=sgd, callbacks=[snapshots], update_freq=3,
+                         explosion_threshold=50.0, auto_clip="clipnorm", clip_threshold=threshold)
+    assert [e["step"] for e in monitor.clipping_events] == [spike]
+    assert monitor.explosions[0].step == spike and monitor.explosions[0].action == "clipping_on"
+    final = [v.numpy() for v in model.trainable_variables]
+    after = snapshots.snapshots[1:] + [final]
+    expected = expected_norms_per_step(model, snapshots.snapshots, x, y, 16, mse())
+    for step, (before, after_step) in enumerate(zip(snapshots.snapshots, after), start=1):
+        variable_norms, _ = expected[step - 1]
+        for variable, w0, w1 in zip(model.trainable_variables, before, after_step):
+            change = float(np.linalg.norm(w1 - w0))
+            raw = variable_norms[id(variable)]
+            if step < spike:  # not clipped yet: the plain SGD update
+                np.testing.assert_allclose(change, lr * raw, rtol=1e-4)
+            else:  # clipped from the exploding step itself, per variable
+                assert change <= lr * threshold * (1 + 1e-5)
+                np.testing.assert_allclose(change, lr * min(raw, threshold), rtol=1e-4)
+    assert expected[spike - 1][1] > 50.0
+    assert getattr(model.optimizer, "clipnorm") == threshold  # reported on the optimizer
+    logged = read_tags(str(tmp_path))
+    assert logged[tags.CLIP_THRESHOLD][spike] == threshold and spike - 1 not in logged[tags.CLIP_THRESHOLD]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "legacy_adam"])
+def test_nonfinite_step_is_skipped_leaving_weights_and_slots(tmp_path, optimizer, caplog):
+    opt = {"adam": lambda: tf_keras.optimizers.Adam(0.01),
+           "adamw": lambda: tf_keras.optimizers.AdamW(0.01, weight_decay=0.1),
+           "legacy_adam": lambda: tf_keras.optimizers.legacy.Adam(0.01)}[optimizer]()
+    x, y = spiked_data(steps=6, batch_size=16, spike_steps=[], nan_steps=[4])
+
+    class SlotsBeforeEachStep(tf_keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.snapshots = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            variables = self.model.trainable_variables + _slots(self.model.optimizer)
+            self.snapshots.append([v.numpy().copy() for v in variables])
+
+    slots = SlotsBeforeEachStep()
+    model, monitor = fit(tmp_path, x, y, optimizer=opt, callbacks=[slots],
+                         explosion_threshold=1e9, skip_nonfinite=True)
+    assert [e.step for e in monitor.explosions] == [4]
+    assert monitor.explosions[0].action == "skipped" and math.isnan(monitor.explosions[0].global_norm)
+    before_4, before_5 = slots.snapshots[3], slots.snapshots[4]
+    assert any(np.any(a != b) for a, b in zip(slots.snapshots[2], before_4))  # step 3 did update
+    for a, b in zip(before_4, before_5):
+        np.testing.assert_array_equal(a, b)  # step 4: nothing moved, not even the decay
+    assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
+    assert int(model.optimizer.iterations.numpy()) == 6  # the skipped step still counts
+
+
+def _slots(optimizer):
+    variables = optimizer.variables() if callable(optimizer.variables) else optimizer.variables
+    return [v for v in variables if "iter" not in v.name]
