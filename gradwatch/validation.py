@@ -1,67 +1,122 @@
-"""Argument checks with Keras-style messages, shared by the public classes."""
+"""Argument checks with Keras-style messages, shared by the public classes.
+
+Every check raises `ValueError` naming the argument and the value received
+(`... Received: name=value`): wrong types (a bool is not an integer), negative,
+zero, NaN and infinite numbers, unknown mode names (the message lists the valid
+ones). numpy scalars are accepted where Python numbers are and returned as
+Python numbers.
+"""
 
 import math
+import numbers
 import os
+
+import numpy as np
 
 from gradwatch import clipping
 
+UPDATE_FREQ_NAMES = ("epoch",)
+# Thresholds are used in float32 inside the train step: they must stay positive
+# and finite there (an infinite or zero clipping threshold would turn the
+# gradient into NaN).
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e+38
+
+
+def _received(name, value):
+    try:
+        shown = repr(value)
+    except Exception:  # a broken __repr__ must not hide the real error
+        shown = f"<{type(value).__name__} object>"
+    if len(shown) > 200:
+        shown = shown[:200] + "..."
+    return f"Received: {name}={shown}"
+
 
 def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numpy integers are `numbers.Integral`; bool (and numpy.bool_) are not accepted.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_positive_number(value):
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        number = float(value)  # a huge int overflows: not a usable threshold
+    except (OverflowError, TypeError, ValueError):
+        return False
+    return math.isfinite(number) and FLOAT32_TINY <= number <= FLOAT32_MAX
+
+
+def _as_number(value):
+    return value if type(value) in (int, float) else (int(value) if _is_int(value) else float(value))
 
 
 def check_log_dir(log_dir):
-    if not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir):
-        raise ValueError(f"`log_dir` must be a non-empty path. Received: log_dir={log_dir!r}")
-    return os.fspath(log_dir)
+    """A non-empty `str` or `os.PathLike` path, without NUL, not an existing file."""
+    path = None
+    if isinstance(log_dir, (str, os.PathLike)):
+        try:
+            path = os.fspath(log_dir)
+        except TypeError:
+            path = None
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ValueError("`log_dir` must be a non-empty path (a str or os.PathLike, without NUL "
+                         f"characters). {_received('log_dir', log_dir)}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"`log_dir` must be a folder, but a file is in its place. "
+                         f"{_received('log_dir', log_dir)}")
+    return path
 
 
 def check_update_freq(update_freq):
-    if update_freq == "epoch" or (_is_int(update_freq) and update_freq > 0):
+    if isinstance(update_freq, str) and update_freq in UPDATE_FREQ_NAMES:
         return update_freq
+    if _is_int(update_freq) and update_freq > 0:
+        return int(update_freq)
     raise ValueError("`update_freq` must be a positive integer or 'epoch'. "
-                     f"Received: update_freq={update_freq!r}")
+                     f"{_received('update_freq', update_freq)}")
 
 
 def check_explosion_threshold(value):
-    if value is None or _is_positive_number(value):
-        return value
-    raise ValueError("`explosion_threshold` must be None (adaptive) or a positive number. "
-                     f"Received: explosion_threshold={value!r}")
+    if value is None:
+        return None
+    if _is_positive_number(value):
+        return _as_number(value)
+    raise ValueError("`explosion_threshold` must be None (adaptive) or a positive finite number (float32 range, 1.2e-38 to 3.4e38). "
+                     f"{_received('explosion_threshold', value)}")
 
 
 def check_auto_clip(value):
     if value is None or (isinstance(value, str) and value in clipping.MODES):
         return value
     raise ValueError(f"`auto_clip` must be None or one of {', '.join(map(repr, clipping.MODES))}. "
-                     f"Received: auto_clip={value!r}")
+                     f"{_received('auto_clip', value)}")
 
 
 def check_clip_threshold(value):
-    if value == "auto" or _is_positive_number(value):
+    if isinstance(value, str) and value == "auto":
         return value
-    raise ValueError("`clip_threshold` must be a positive number or 'auto'. "
-                     f"Received: clip_threshold={value!r}")
+    if _is_positive_number(value):
+        return _as_number(value)
+    raise ValueError("`clip_threshold` must be a positive finite number (float32 range, 1.2e-38 to 3.4e38) or 'auto'. "
+                     f"{_received('clip_threshold', value)}")
 
 
 def check_optional_bool(name, value):
     if value is None or isinstance(value, bool):
         return value
-    raise ValueError(f"`{name}` must be True, False or None. Received: {name}={value!r}")
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise ValueError(f"`{name}` must be True, False or None. {_received(name, value)}")
 
 
 def check_positive_int(name, value):
     if _is_int(value) and value > 0:
-        return value
-    raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+        return int(value)
+    raise ValueError(f"`{name}` must be a positive integer. {_received(name, value)}")
 
 
 def check_verbose(value):
-    if value in (0, 1, 2) and not isinstance(value, float):
+    if _is_int(value) and value in (0, 1, 2):
         return int(value)
-    raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={value!r}")
+    raise ValueError(f"`verbose` must be 0, 1 or 2. {_received('verbose', value)}")
