@@ -1,5 +1,6 @@
 """`GradientMonitor`: the Keras callback users add to `model.fit`."""
 
+import functools
 import logging
 import os
 
@@ -13,6 +14,21 @@ logger = logging.getLogger("gradwatch")
 
 # "epoch" still drains the device buffer at least this often (bounded memory).
 _EPOCH_DRAIN_STEPS = 1024
+
+
+def _never_raises(hook):
+    """Wraps a training-time hook: an exception is logged once per hook, never raised."""
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as error:  # monitoring must never stop training
+            failed = self.__dict__.setdefault("_failed_hooks", set())
+            if hook.__name__ not in failed:
+                failed.add(hook.__name__)
+                logger.warning("gradwatch: %s failed (%s: %s); training goes on.",
+                               hook.__name__, type(error).__name__, error)
+    return guarded
 
 
 class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Callback):
@@ -79,10 +95,11 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
         return list(self._layer_paths)
 
     def on_train_begin(self, logs=None):
-        self.explosions, self.clipping_events = [], []
-        if self._recorder is not None:  # an earlier fit() ended abnormally
-            self._recorder.close()
+        if self._recorder is not None:  # an earlier fit() ended abnormally (KeyboardInterrupt)
+            self._recorder.finish(self._epoch)  # writes what it recorded, removes its hook
+            self._recorder = None
             self._role.end()
+        self.explosions, self.clipping_events = [], []
         policy = self._policy()
         # Multi-worker: only the chief writes and logs alerts (`multiworker`).
         self._role = multiworker.WorkerRole(self.model.distribute_strategy)
@@ -90,35 +107,55 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
         # Keras 3 or tf_keras, from the model's class.
         capture = capture_tf_keras.capture_class(self.model)(self.model, policy, self._capacity())
         print_fn = _print_msg if self.verbose and self._role.chief else None
-        self._recorder = Recorder(self, capture, writer, print_fn)
+        recorder = Recorder(self, capture, writer, print_fn)
         self._role.begin()
-        self._recorder.start()
+        try:
+            recorder.start()
+        except BaseException:  # before the first step: undo, then report
+            recorder.abandon()
+            self._role.end()
+            raise
+        self._recorder = recorder
         self._epoch, self._batches_before_epoch, self._batches_at_drain = 0, 0, 0
 
+    # The hooks below never raise (a failure is logged once): see `_never_raises`.
+    @_never_raises
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
+    @_never_raises
     def on_train_batch_end(self, batch, logs=None):
+        if self._recorder is None:
+            return
         done = self._batches_before_epoch + batch + 1
-        interval = _EPOCH_DRAIN_STEPS if self.update_freq == "epoch" else self.update_freq
+        interval = self._drain_interval()
         if done - self._batches_at_drain >= interval:
             self._batches_at_drain = done
             self._recorder.drain(self._epoch)
         self._batches_in_epoch = batch + 1
 
+    @_never_raises
     def on_epoch_end(self, epoch, logs=None):
+        if self._recorder is None:
+            return
         self._batches_before_epoch += getattr(self, "_batches_in_epoch", 0)
         self._batches_in_epoch = 0
         self._batches_at_drain = self._batches_before_epoch
         self._recorder.drain(epoch, flush=True)
 
+    @_never_raises
     def on_train_end(self, logs=None):
         if self._recorder is not None:
-            self._recorder.drain(self._epoch, flush=True)
-            self._layer_paths = list(self._recorder.layer_paths)
-            self._recorder.close()
-            self._recorder = None
+            recorder, self._recorder = self._recorder, None
+            recorder.finish(self._epoch)
+            self._layer_paths = list(recorder.layer_paths)
             self._role.end()
+
+    def _drain_interval(self):
+        """Steps between drains: `update_freq`, at most `_EPOCH_DRAIN_STEPS` (bounded memory)."""
+        if self.update_freq == "epoch":
+            return _EPOCH_DRAIN_STEPS
+        return min(self.update_freq, _EPOCH_DRAIN_STEPS)
 
     def _policy(self):
         optimizer = getattr(self.model, "optimizer", None)
@@ -138,7 +175,7 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             skip_nonfinite=self.skip_nonfinite and not hasattr(optimizer, "inner_optimizer"))
 
     def _capacity(self):
-        interval = _EPOCH_DRAIN_STEPS if self.update_freq == "epoch" else self.update_freq
+        interval = self._drain_interval()
         steps_per_execution = getattr(self.model, "steps_per_execution", 1)
         if hasattr(steps_per_execution, "numpy"):  # tf_keras keeps it in a variable
             steps_per_execution = steps_per_execution.numpy()
