@@ -38,7 +38,9 @@ def main(argv=None):
     x = rng.normal(size=(4096, 8)).astype("float32")
     y = (x @ rng.normal(size=(8, 1))).astype("float32")
     y[64 * 40:64 * 41] *= 1e4  # a corrupted global batch at step 41
-    strategy = tf.distribute.MirroredStrategy(devices)
+    # Reduction to one device: TensorFlow's default collective all-reduce on
+    # logical CPU devices is fragile; on GPUs keep the default.
+    strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
     print("replicas:", strategy.num_replicas_in_sync)
     with strategy.scope():
         keras.utils.set_random_seed(0)

@@ -76,3 +76,19 @@ def regression_data(n=64, features=8, seed=0):
     x = rng.normal(size=(n, features)).astype("float32")
     y = (x @ rng.normal(size=(features, 1)) + 0.1 * rng.normal(size=(n, 1))).astype("float32")
     return x, y
+
+
+def two_cpu_strategy():
+    """MirroredStrategy over the two logical CPUs set up in conftest.
+
+    Reduction to one device rather than TensorFlow's default collective
+    all-reduce: collective instances of successive strategies in one process
+    clash on CPU ("Shape mismatch in the collective instance"), with or
+    without gradwatch. The all-reduced value is the same either way.
+    """
+    import pytest
+
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs two logical CPU devices (set in conftest)")
+    return tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())

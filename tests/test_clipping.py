@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import gradwatch
 from gradwatch import clipping
-from helpers import WeightsBeforeEachStep, read_tags, regression_data
+from helpers import WeightsBeforeEachStep, read_tags, regression_data, two_cpu_strategy
 
 LR = 0.1
 SPIKE_STEP = 6
@@ -135,9 +135,7 @@ def test_clipping_under_xla(tmp_path):
 
 
 def test_clipping_under_mirrored_strategy_clips_the_all_reduced_gradient(tmp_path):
-    if len(tf.config.list_logical_devices("CPU")) < 2:
-        pytest.skip("needs two logical CPU devices")
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_cpu_strategy()
     model, monitor, deltas = train(tmp_path, strategy=strategy, auto_clip="global_clipnorm",
                                    clip_threshold=0.5)
     assert monitor.explosions[0].step == SPIKE_STEP

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import gradwatch
 from gradwatch import tags
-from helpers import read_tags, regression_data, tape_norms
+from helpers import read_tags, regression_data, tape_norms, two_cpu_strategy
 
 
 def mlp(name="mlp"):
@@ -23,10 +23,8 @@ def frozen_weights_norms(model, x, y, batch_size):
 
 
 def test_mirrored_strategy_logs_the_all_reduced_norm(tmp_path):
-    if len(tf.config.list_logical_devices("CPU")) < 2:
-        pytest.skip("needs two logical CPU devices (set in conftest)")
     x, y = regression_data(n=128)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_cpu_strategy()
     with strategy.scope():
         model = mlp()
         model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
