@@ -48,6 +48,7 @@ import argparse
 import json
 import os
 import sys
+import unicodedata
 
 import gradwatch
 
@@ -129,6 +130,24 @@ def _load_runs(logdir):
     return sorted(runs, key=lambda run: run.name)
 
 
+def _escape(text):
+    """`text` with control and other invisible characters as escapes (run and
+    layer names come from folder names and event files: no terminal escapes)."""
+    if not isinstance(text, str):
+        return text
+    return "".join(char if unicodedata.category(char)[0] != "C"
+                   else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
+def _printable(value):
+    """A copy of a report document with every string escaped by `_escape`."""
+    if isinstance(value, dict):
+        return {key: _printable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(item) for item in value]
+    return _escape(value)
+
+
 def run_report(args, out, err):
     """`gradwatch report`: prints the report; returns the exit status."""
     from gradwatch import report
@@ -137,7 +156,7 @@ def run_report(args, out, err):
     if args.json:
         out.write(json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
     else:
-        out.write(report.format_text(document))
+        out.write(report.format_text(_printable(document)))
     exploded = [run for run in document["runs"] if run["explosions"]["count"]]
     if args.fail_on_explosion and exploded:
         for run in exploded:

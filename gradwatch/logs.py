@@ -90,6 +90,7 @@ _HEADER = struct.Struct("<QI")  # record length, masked CRC32C of the length
 def iter_records(path):
     """Yields `(byte offset, payload)` of each TFRecord in the file at `path`."""
     with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
         offset = 0
         while header := stream.read(_HEADER.size):
             if len(header) < _HEADER.size:
@@ -99,6 +100,10 @@ def iter_records(path):
                 raise LogReadError(
                     path, f"corrupt record at byte {offset} (bad length checksum; "
                     "is it a TensorBoard event file?)")
+            if length + 4 > size - stream.tell():  # never allocate more than the file holds
+                size = os.fstat(stream.fileno()).st_size  # it may be growing
+                if length + 4 > size - stream.tell():
+                    raise LogReadError(path, f"truncated record at byte {offset}")
             payload = stream.read(length + 4)  # data, then its masked CRC32C
             if len(payload) < length + 4:
                 raise LogReadError(path, f"truncated record at byte {offset}")
@@ -438,7 +443,9 @@ def _scalar_of(value):
     if tensor.double_val:
         return tensor.double_val[0]
     if tensor.tensor_content and tensor.dtype in _CONTENT_FORMATS:
-        return struct.unpack_from(_CONTENT_FORMATS[tensor.dtype], tensor.tensor_content)[0]
+        content_format = _CONTENT_FORMATS[tensor.dtype]
+        if len(tensor.tensor_content) >= struct.calcsize(content_format):
+            return struct.unpack_from(content_format, tensor.tensor_content)[0]
     return None
 
 
@@ -451,7 +458,7 @@ def _parse_json(path, tag, step, value):
         raise LogReadError(path, f"tag {tag!r} at step {step} holds no JSON string")
     try:
         return json.loads(strings[0].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # deep nesting too
         raise LogReadError(path, f"malformed JSON in tag {tag!r} at step {step} ({error})")
 
 
@@ -514,14 +521,15 @@ def _clipping_event(event_step, doc):
 def _records(path, tag, docs, make):
     try:
         return _last_per_step(make(step, doc) for step, batch in docs for doc in batch)
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError, OverflowError, TypeError, ValueError) as error:
         raise LogReadError(path, f"unexpected record format in tag {tag!r} ({error!r})")
 
 
 def _layer_order(written, seen):
     """Layer paths: the last `gradwatch/layers` order first, then as first seen."""
     seen = [layer for layer in seen if layer is not None]
-    listed = [str(layer) for layer in written[-1][1]] if written else []
+    lists = [doc for _, doc in written if isinstance(doc, list)]  # anything else is ignored
+    listed = [str(layer) for layer in lists[-1]] if lists else []
     return [layer for layer in listed if layer in seen] + [
         layer for layer in seen if layer not in listed]
 

@@ -146,7 +146,7 @@ def _json_of(datum):
     try:
         raw = datum.numpy.item()
         return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):  # deep nesting too
         return None
 
 

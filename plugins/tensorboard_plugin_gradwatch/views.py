@@ -180,8 +180,17 @@ def _value_at(run_data, tag, step):
     return None
 
 
+def _layer_pairs(record):
+    """The record's `[layer, norm]` pairs; anything else in a hand-made file is skipped."""
+    layers = record.get("layers")
+    if not isinstance(layers, list):
+        return []
+    return [pair for pair in layers if isinstance(pair, list) and len(pair) == 2
+            and isinstance(pair[0], str)]
+
+
 def _alert_row(record):
-    layers = [pair for pair in record.get("layers", []) if isinstance(pair, list) and len(pair) == 2]
+    layers = _layer_pairs(record)
     return {
         "step": record["step"],
         "epoch": record.get("epoch"),
@@ -189,7 +198,8 @@ def _alert_row(record):
         "threshold": record.get("threshold"),
         "top_layers": layers[:TOP_LAYERS_PER_ALERT],
         "layer_count": len(layers),
-        "action": record.get("action") if record.get("action") in tags.ACTIONS else None,
+        "action": record.get("action") if isinstance(record.get("action"), str)
+        and record.get("action") in tags.ACTIONS else None,
     }
 
 
@@ -226,8 +236,8 @@ def ranking_view(run_data, limit):
     """Layers ranked by alerts led (largest norm at an explosion), then non-finite count, then peak."""
     times_top = {}
     for record in run_data.explosions:
-        layers = record.get("layers") or []
-        if layers and isinstance(layers[0], list) and layers[0]:
+        layers = _layer_pairs(record)
+        if layers:
             times_top[layers[0][0]] = times_top.get(layers[0][0], 0) + 1
     rows = [
         _layer_stats(path, run_data.series[tags.layer_tag(path)], times_top.get(path, 0))
