@@ -25,7 +25,8 @@ Legacy optimizers (`tf_keras.optimizers.legacy`): `_transform_gradients`
 skipped on a non-finite gradient.
 
 Under a tf_keras `LossScaleOptimizer` the inner optimizer is hooked (it sees
-unscaled, finite gradients); the steps the loss scaler skips are not recorded.
+unscaled, finite gradients); the outer optimizer's loss-scale state `update`
+is wrapped to record the steps it skips (an overflow row, as for Keras 3).
 
 Nothing here imports tf_keras unless the model is a tf_keras model.
 """
@@ -34,6 +35,7 @@ import sys
 
 import tensorflow as tf
 
+from gradwatch import state
 from gradwatch.capture import KerasCapture
 
 
@@ -82,7 +84,6 @@ class TfKerasCapture(KerasCapture):
             raise RuntimeError("gradwatch is already attached to this optimizer.")
         if self.model.built and self.model.trainable_variables:
             self.prepare()
-        self.loss_scaled = False  # no overflow records for tf_keras
         optimizer = self.optimizer
         skip = self.policy.skip_nonfinite
         if isinstance(optimizer, tf_keras.optimizers.legacy.Optimizer):
@@ -101,6 +102,9 @@ class TfKerasCapture(KerasCapture):
         else:
             raise ValueError(f"GradientMonitor does not support the optimizer {type(optimizer).__name__}: "
                              "use one of `tf_keras.optimizers` or `tf_keras.optimizers.legacy`.")
+        loss_scale = getattr(self.outer, "_loss_scale", None)
+        if self.loss_scaled and callable(getattr(loss_scale, "update", None)):
+            self._wrap(loss_scale, "update", self._on_loss_scale_update)
         optimizer._gradwatch_capture = self
 
     # -- wrappers (run at trace time) ---------------------------------------
@@ -131,6 +135,21 @@ class TfKerasCapture(KerasCapture):
         self.prepare()
         self.traced = True
         self._current_variables = variables
+
+    def _on_loss_scale_update(self, original):
+        def update(grads):
+            update_op, should_apply = original(grads)
+            self.prepare()  # an unbuilt model has its variables by now
+
+            def record_overflow():
+                width = state.LAYERS_START + self.state.num_layers
+                row = tf.tensor_scatter_nd_update(
+                    tf.fill([width], float("nan")), [[state.FLAGS]], [float(state.OVERFLOW)])
+                self.state.append(self.optimizer.iterations + 1, row)
+                return tf.constant(True)
+            tf.cond(should_apply, lambda: tf.constant(False), record_overflow)
+            return update_op, should_apply
+        return update
 
     def _on_update(self, original):
         def update(gradient, variable, *args, **kwargs):

@@ -136,6 +136,59 @@ def test_norms_with_other_optimizers(optimizer, tmp_path):
     fit_and_compare(functional(), tmp_path, optimizer=opt)
 
 
+def test_embedding_norms_sum_repeated_rows(tmp_path):
+    # tf_keras' Embedding gradient is IndexedSlices with repeated indices (deduplicated by
+    # tf_keras only after gradwatch's hook): the logged norm is that of the summed rows.
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(48, 6)).astype("int32")
+    y = rng.normal(size=(48, 1)).astype("float32")
+    model = tf_keras.Sequential([tf_keras.Input((6,), dtype="int32"), layers.Embedding(5, 3, name="embed"),
+                                 layers.Flatten(), layers.Dense(1, name="head")])
+    model.compile(optimizer=tf_keras.optimizers.SGD(0.1), loss="mse")
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    expected = expected_norms_per_step(model, snapshots.snapshots, x, y, 16, mse())
+    logged = read_tags(str(tmp_path))
+    for step, (variable_norms, global_norm) in enumerate(expected, start=1):
+        np.testing.assert_allclose(logged[tags.GLOBAL][step], global_norm, rtol=RTOL)
+        np.testing.assert_allclose(logged["grad_norm/embed"][step],
+                                   layer_norm(variable_norms, model.get_layer("embed")), rtol=RTOL)
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_mixed_precision_hooks_the_inner_optimizer(tmp_path, mirrored):
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    if mirrored and len(devices) < 2:
+        pytest.skip("needs 2 logical CPU devices (set up in conftest)")
+    strategy = tf.distribute.MirroredStrategy(devices) if mirrored else tf.distribute.get_strategy()
+    steps = 8
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            model = sequential()
+            # A loss scale far too large: the first steps overflow in float16 and are skipped.
+            optimizer = tf_keras.mixed_precision.LossScaleOptimizer(
+                tf_keras.optimizers.SGD(0.01), initial_scale=2.0 ** 18)
+            model.compile(optimizer=optimizer, loss="mse")
+        x, y = regression_data(n=16 * steps)
+        snapshots = WeightsBeforeEachStep()
+        monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0)
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+        expected = expected_norms_per_step(model, snapshots.snapshots, x, y, 16, mse())
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    logged = read_tags(str(tmp_path))
+    assert int(model.optimizer.iterations.numpy()) == steps
+    updated = sorted(logged[tags.GLOBAL])
+    overflows = int(sum(logged[tags.OVERFLOW].values()))
+    # Skipped steps are counted (written with the next update), updates logged with their norms.
+    assert overflows >= 1 and updated == list(range(overflows + 1, steps + 1))
+    assert min(logged[tags.OVERFLOW]) == overflows + 1
+    for step in updated:  # unscaled norms (float16 forward pass)
+        np.testing.assert_allclose(logged[tags.GLOBAL][step], expected[step - 1][1], rtol=1e-2)
+
+
 def test_frozen_layers_not_reported(tmp_path):
     model = sequential()
     model.get_layer("hidden").trainable = False
@@ -173,13 +226,20 @@ def test_mirrored_strategy_norms_are_those_of_the_global_batch(tmp_path):
                                    layer_norm(variable_norms, model.get_layer("head")), rtol=RTOL)
 
 
-def test_monitoring_changes_no_weight_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("optimizer, skip", [("adam", False), ("adamw", True), ("legacy_adam", True)])
+def test_monitoring_changes_no_weight_bit_for_bit(tmp_path, optimizer, skip):
+    # With skipping on (a tf.cond around each update, weight decay moved inside it), a healthy
+    # run still gives tf_keras' own weights and slots, bit for bit.
     x, y = regression_data(n=64)
     results = []
-    for callbacks in ([], [gradwatch.GradientMonitor(str(tmp_path), update_freq=1, verbose=0)]):
+    for callbacks in ([], [gradwatch.GradientMonitor(str(tmp_path), update_freq=1, verbose=0,
+                                                     skip_nonfinite=skip)]):
         tf_keras.utils.set_random_seed(3)
         model = functional()
-        model.compile(optimizer=tf_keras.optimizers.Adam(0.01), loss="mse")
+        opt = {"adam": lambda: tf_keras.optimizers.Adam(0.01),
+               "adamw": lambda: tf_keras.optimizers.AdamW(0.01, weight_decay=0.1),
+               "legacy_adam": lambda: tf_keras.optimizers.legacy.Adam(0.01)}[optimizer]()
+        model.compile(optimizer=opt, loss="mse")
         model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
         results.append([v.numpy() for v in model.weights + model.optimizer.variables()])
     for plain, monitored in zip(*results):
@@ -196,9 +256,11 @@ def spiked_data(steps, batch_size, spike_steps, scale=1e4, nan_steps=()):
     return x, y
 
 
-def fit(tmp_path, x, y, *, optimizer=None, batch_size=16, callbacks=(), **monitor_args):
+def fit(tmp_path, x, y, *, optimizer=None, batch_size=16, callbacks=(), steps_per_execution=1,
+        **monitor_args):
     model = sequential()
-    model.compile(optimizer=optimizer or tf_keras.optimizers.SGD(0.0), loss="mse")
+    model.compile(optimizer=optimizer or tf_keras.optimizers.SGD(0.0), loss="mse",
+                  steps_per_execution=steps_per_execution)
     monitor_args.setdefault("verbose", 0)
     monitor = gradwatch.GradientMonitor(str(tmp_path), **monitor_args)
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
@@ -218,10 +280,11 @@ def test_absolute_threshold_flags_the_spike_step(tmp_path, caplog):
     assert sorted(read_tags(str(tmp_path))[tags.EXPLOSION]) == [7]
 
 
-def test_adaptive_threshold_catches_a_100x_spike_exactly(tmp_path):
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_adaptive_threshold_catches_a_100x_spike_exactly(tmp_path, steps_per_execution):
     x, y = spiked_data(steps=96, batch_size=8, spike_steps=[83], scale=100.0)
     _, monitor = fit(tmp_path, x, y, optimizer=tf_keras.optimizers.SGD(0.01), batch_size=8,
-                     update_freq=10)
+                     update_freq=10, steps_per_execution=steps_per_execution)
     assert monitor.explosions[0].step == 83
     logged = read_tags(str(tmp_path))
     assert logged[tags.GLOBAL][83] > logged[tags.THRESHOLD][83] > logged[tags.GLOBAL][82]
