@@ -117,6 +117,8 @@ def check_positive_int(name, value):
 
 
 def check_verbose(value):
+    if isinstance(value, bool):  # Keras callbacks accept verbose=True/False too
+        return int(value)
     if _is_int(value) and value in (0, 1, 2):
         return int(value)
-    raise ValueError(f"`verbose` must be 0, 1 or 2. {_received('verbose', value)}")
+    raise ValueError(f"`verbose` must be 0, 1, 2 or a bool. {_received('verbose', value)}")

@@ -42,7 +42,7 @@ VALID = {
     "clip_threshold": lambda v: (isinstance(v, str) and v == "auto") or is_threshold(v),
     "skip_nonfinite": lambda v: v is None or isinstance(v, (bool, np.bool_)),
     "top_layers": lambda v: is_int(v) and v > 0,
-    "verbose": lambda v: is_int(v) and v in (0, 1, 2),
+    "verbose": lambda v: isinstance(v, bool) or (is_int(v) and v in (0, 1, 2)),
 }
 
 # -- value generators: valid values, near misses and junk of every type -----------
@@ -117,7 +117,6 @@ def test_each_argument_alone(name_and_value):
     ("clip_threshold", True, "clip_threshold=True"),
     ("top_layers", True, "top_layers=True"),
     ("top_layers", 2.5, "top_layers=2.5"),
-    ("verbose", True, "verbose=True"),
     ("verbose", 3, "verbose=3"),
     ("skip_nonfinite", 1, "skip_nonfinite=1"),
     ("log_dir", "", "log_dir=''"),
