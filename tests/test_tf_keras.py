@@ -15,7 +15,8 @@ import gradwatch
 from gradwatch import tags
 from gradwatch.capture import KerasCapture
 from gradwatch.capture_tf_keras import TfKerasCapture, capture_class
-from helpers import expected_norms_per_step, layer_norm, read_tags, regression_data, tape_norms
+from helpers import (expected_norms_per_step, layer_norm, read_tags, regression_data, tape_norms,
+                     two_cpu_strategy)
 
 tf_keras = pytest.importorskip("tf_keras", reason="tf_keras is not installed")
 layers = tf_keras.layers
@@ -158,10 +159,7 @@ def test_embedding_norms_sum_repeated_rows(tmp_path):
 
 @pytest.mark.parametrize("mirrored", [False, True])
 def test_mixed_precision_hooks_the_inner_optimizer(tmp_path, mirrored):
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-    if mirrored and len(devices) < 2:
-        pytest.skip("needs 2 logical CPU devices (set up in conftest)")
-    strategy = tf.distribute.MirroredStrategy(devices) if mirrored else tf.distribute.get_strategy()
+    strategy = two_cpu_strategy() if mirrored else tf.distribute.get_strategy()
     steps = 8
     tf_keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -207,11 +205,8 @@ def test_unbuilt_model_is_captured_from_its_first_step(tmp_path):
 
 
 def test_mirrored_strategy_norms_are_those_of_the_global_batch(tmp_path):
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    if len(devices) < 2:
-        pytest.skip("needs 2 logical CPU devices (set up in conftest)")
     x, y = regression_data(n=64 * 3)
-    strategy = tf.distribute.MirroredStrategy(devices[:2])
+    strategy = two_cpu_strategy()
     with strategy.scope():
         model = functional()
         model.compile(optimizer=tf_keras.optimizers.SGD(0.0), loss="mse")
