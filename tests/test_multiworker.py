@@ -125,7 +125,8 @@ def test_only_the_chief_writes_and_alerts(run):
     tmp_path, settings, reports, _ = run
     assert [r["chief"] for r in reports] == [True, False]
     event_files = glob.glob(os.path.join(settings["log_dir"], "**", "*tfevents*"), recursive=True)
-    assert len(event_files) == 1 and os.path.dirname(event_files[0]) == os.path.join(settings["log_dir"], "train")
+    assert len(event_files) == 1
+    assert os.path.dirname(event_files[0]) == os.path.join(settings["log_dir"], "train")
     assert os.listdir(settings["log_dir"]) == ["train"]
     assert reports[0]["scratch"] is None
     assert reports[1]["scratch"] and not os.path.exists(reports[1]["scratch"])  # removed at the end
