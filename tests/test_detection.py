@@ -24,7 +24,7 @@ class NumpyDetector:
     def threshold(self):
         c = self.config
         if self.count < c.warmup_steps:
-            return math.inf
+            return math.inf if self.count < 3 else math.exp(self.mean) * c.warmup_ratio
         return math.exp(self.mean + self._margin())
 
     def _margin(self):
@@ -145,13 +145,26 @@ def test_state_is_exact_running_mean_and_variance_before_the_ema_takes_over():
     assert float(state.log_norm_var) == pytest.approx(np.var(np.log(norms)), rel=1e-5)
 
 
-def test_warmup_gives_inf_then_a_finite_threshold():
+def test_warmup_gives_inf_then_warmup_ratio_then_the_z_threshold():
     config = AdaptiveConfig(warmup_steps=5)
     state = initial_adaptive_state()
-    for _ in range(5):
+    for _ in range(3):
         assert float(adaptive_threshold(state, config)) == math.inf
-        state = update_adaptive_state(state, 1e30, False, config)  # huge but finite: no alarm in warm-up
+        state = update_adaptive_state(state, 1e30, False, config)  # huge but finite: no alarm yet
+    for _ in range(2):
+        assert float(adaptive_threshold(state, config)) == pytest.approx(20e30, rel=1e-5)
+        state = update_adaptive_state(state, 1e30, False, config)
     assert float(adaptive_threshold(state, config)) == pytest.approx(4e30, rel=1e-5)  # min_ratio * norm
+
+
+def test_a_run_diverging_in_its_first_steps_is_caught_during_warmup():
+    norms = 0.5 * 2.0 ** np.arange(30)  # doubling every step from the start
+    alarms = [NumpyDetector(DEFAULTS)]
+    detector = alarms[0]
+    flagged = [step for step, norm in enumerate(norms) if detector.step(norm)]
+    _, tf_alarms, _ = run_eagerly(norms, DEFAULTS)
+    assert flagged and flagged[0] < 10
+    assert list(np.flatnonzero(tf_alarms)) == flagged
 
 
 def test_one_tiny_norm_after_warmup_cannot_drag_the_threshold_down():
