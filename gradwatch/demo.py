@@ -34,10 +34,10 @@ def run_demo(logdir, epochs, seed, out):
 
     settings = scenarios.SCENARIO
     epochs = epochs or settings["epochs"]
-    x, y = scenarios.adding_problem(settings["train_size"], settings["seq_len"], seed)
-    x_val, y_val = scenarios.adding_problem(settings["val_size"], settings["seq_len"], seed + 1000)
-    out.write(f"gradwatch demo: SimpleRNN on the adding problem (sequence length {settings['seq_len']}, "
-              f"{len(x)} training sequences), SGD lr={settings['learning_rate']}, {epochs} epochs.\n"
+    x, y, x_val, y_val = scenarios.scenario_data(seed)
+    out.write(f"gradwatch demo: a ReLU SimpleRNN on the adding problem (sequence length "
+              f"{settings['seq_len']}, {len(x)} training sequences), SGD lr={settings['learning_rate']} "
+              f"momentum={settings['momentum']}, {epochs} epochs, seed {seed}.\n"
               f"Logs: {os.path.abspath(logdir)}\n")
     runs = [("plain", {}), ("gradwatch_auto_clip", {"auto_clip": "global_clipnorm", "clip_threshold": 1.0})]
     results = []

@@ -3,6 +3,7 @@
 import functools
 import logging
 import os
+import sys
 
 import keras
 
@@ -209,4 +210,6 @@ def _open_writer(run_dir):
 def _print_msg(message):
     from keras.src.utils import io_utils  # Keras' console printer (respects absl logging mode)
 
+    if io_utils.is_interactive_logging_enabled() and sys.stdout.isatty():
+        message = "\n" + message  # off the line of Keras' live progress bar
     io_utils.print_msg(message)
