@@ -14,6 +14,13 @@ import tensorflow as tf
 from gradwatch import clipping, detection, state
 
 
+# With `auto_clip` and a fixed clipping threshold t, a global norm >= 100 t
+# switches clipping on even before the adaptive detector has a baseline: a
+# run whose first steps are already far outside the range the user chose to
+# clip at is exploding by the user's own measure.
+CLIP_EXPLOSION_FACTOR = 100.0
+
+
 class StepResult(NamedTuple):
     threshold: tf.Tensor  # explosion threshold in force (inf in warm-up)
     exploded: tf.Tensor
@@ -72,7 +79,14 @@ class StepPolicy:
         if self.explosion_threshold is not None:
             return tf.constant(float(self.explosion_threshold), tf.float32)
         current = detection.AdaptiveState(*(v.read_value() for v in device_state.adaptive))
-        return detection.adaptive_threshold(current, self.adaptive)
+        threshold = detection.adaptive_threshold(current, self.adaptive)
+        if not self.auto_switch or self.clip_threshold == "auto":
+            return threshold
+        # Until clipping is on, a norm CLIP_EXPLOSION_FACTOR times the chosen
+        # clipping threshold explodes too, from the first step (when the
+        # adaptive detector has no baseline yet).
+        bound = tf.minimum(threshold, CLIP_EXPLOSION_FACTOR * float(self.clip_threshold))
+        return tf.where(device_state.clip_active.read_value(), threshold, bound)
 
     def _clip_threshold(self, device_state, switching, explosion_threshold):
         if self.clip_threshold != "auto":

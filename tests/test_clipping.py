@@ -170,3 +170,25 @@ def test_conflicting_clipping_is_rejected_before_training(tmp_path):
     with pytest.raises(ValueError, match="auto_clip='clipnorm'.*clipvalue=1.0"):
         model.fit(x, y, verbose=0, callbacks=[gradwatch.GradientMonitor(str(tmp_path), auto_clip="clipnorm")])
     assert int(model.optimizer.iterations) == 0
+
+
+def _textbook(optimizer, callbacks, epochs=3):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(640, 20)).astype("float32")
+    y = (x @ rng.uniform(10, 100, size=(20, 1))).astype("float32")  # targets in the hundreds
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(25, activation="relu", name="hidden"),
+                              keras.layers.Dense(1, name="output")])
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x[:512], y[:512], batch_size=32, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
+    return float(model.evaluate(x[512:], y[512:], verbose=0))
+
+
+def test_a_run_exploding_from_its_first_step_is_rescued_like_clipping_from_the_start(tmp_path):
+    plain = _textbook(keras.optimizers.SGD(0.01, momentum=0.9), [])
+    from_start = _textbook(keras.optimizers.SGD(0.01, momentum=0.9, clipnorm=1.0), [])
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip="clipnorm", clip_threshold=1.0, verbose=0)
+    rescued = _textbook(keras.optimizers.SGD(0.01, momentum=0.9), [monitor])
+    assert not np.isfinite(plain) or plain > 1e6  # plain SGD diverges
+    assert monitor.clipping_events[0]["step"] == 1  # norm >= 100 x clip threshold at step 1
+    assert rescued <= 1.5 * from_start
