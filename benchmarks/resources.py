@@ -173,7 +173,8 @@ def synthetic_part(args, log_root):
     # 1. the headline run, without tracemalloc (timing, file, RSS)
     main = run_synthetic(steps, 200, 1, args.sample, False, os.path.join(log_root, "s_main"))
     # 2. the same with tracemalloc (Python allocations)
-    traced = run_synthetic(steps, 200, 1, args.sample, True, os.path.join(log_root, "s_traced"))
+    traced_steps = args.traced_steps or steps
+    traced = run_synthetic(traced_steps, 200, 1, args.sample, True, os.path.join(log_root, "s_traced"))
     # 3. variations, shorter: what the size and memory depend on
     short = max(steps // 10, 2000)
     variations = [run_synthetic(short, layers, freq, max(short // 20, 100), True,
@@ -193,7 +194,8 @@ def synthetic_part(args, log_root):
                                             f"{common.mb(max(rss)):.1f} MB"],
          ["RSS slope (after 10%)", f"{s_main['rss']:.3f} bytes/step "
                                    f"({common.mb(s_main['rss'] * steps):.2f} MB per {steps} steps)"],
-         ["Python allocations, peak above start (tracemalloc)", f"{traced['py_peak'] / 1e3:.0f} kB"],
+         [f"Python allocations, peak above start (tracemalloc, {traced_steps} steps)",
+          f"{traced['py_peak'] / 1e3:.0f} kB"],
          ["Python allocations slope (after 10%)", f"{s_traced['py']:.4f} bytes/step"],
          ["host time with tracemalloc", f"{traced['seconds']:.1f} s"],
          ["explosions flagged (healthy data)", str(main["explosions"])]]))
@@ -335,6 +337,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("all", "synthetic", "real"), default="all")
     parser.add_argument("--steps", type=int, default=None, help="synthetic steps (default 100000)")
+    parser.add_argument("--traced-steps", type=int, default=None,
+                        help="steps of the tracemalloc pass (default: --steps)")
     parser.add_argument("--sample", type=int, default=1000, help="synthetic sampling interval")
     parser.add_argument("--real-steps", type=int, default=None, help="real fit steps (default 2000)")
     parser.add_argument("--real-epochs", type=int, default=4)
