@@ -183,10 +183,14 @@ class Recorder:
             explosions = alerts.explosions_from_records(
                 steps, rows, self.layer_paths, epoch, self.monitor.top_layers)
             self.monitor.explosions.extend(explosions)
-            lines = self._guard("alerts", lambda: self._alert_log.feed(
-                steps, rows, {e.step: e for e in explosions}), [])
+            by_step = {e.step: e for e in explosions}
+            # Log in step order: the alerts up to the switch, the switch, the rest.
+            switched = np.flatnonzero(state.has_flag(rows[:, state.FLAGS], state.CLIP_SWITCHED_ON))
+            cut = int(switched[0]) + 1 if len(switched) else len(steps)
+            lines = self._guard("alerts", lambda: self._alert_log.feed(steps[:cut], rows[:cut], by_step), [])
             switches = self._guard("clipping", lambda: self._clipping_switches(
                 steps, rows, explosions, epoch), [])
+            lines += self._guard("alerts", lambda: self._alert_log.feed(steps[cut:], rows[cut:], by_step), [])
             events += self._events(steps, rows, explosions, switches, lines)
         if events or flush:
             self._write_events(events)

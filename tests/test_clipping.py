@@ -87,6 +87,9 @@ def test_switch_on_is_logged_once(tmp_path, caplog):
     train(tmp_path, auto_clip="global_clipnorm", clip_threshold=0.5)
     switches = [r for r in caplog.records if hasattr(r, "gradwatch_clipping")]
     assert len(switches) == 1
+    ours = [r for r in caplog.records if r.name == "gradwatch"]
+    assert ours.index(switches[0]) == 1  # right after the alert of the step that caused it
+    assert ours[0].gradwatch_explosion.step == SPIKE_STEP
     assert switches[0].getMessage().startswith(
         f"switched on global_clipnorm=0.5 at step {SPIKE_STEP} (that step included), "
         f"after the gradient explosion at step {SPIKE_STEP} (global norm ")
