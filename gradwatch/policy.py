@@ -59,27 +59,35 @@ class StepPolicy:
         exploded = detection.is_explosion(global_norm, threshold)
         if self.explosion_threshold is None:
             _update_adaptive(device_state, self.adaptive, global_norm, exploded)
-        healthy = tf.logical_not(tf.logical_or(exploded, nonfinite))
-        was_active = device_state.clip_active.read_value()
-        switching = tf.logical_and(
-            tf.constant(self.auto_switch),
-            tf.logical_and(tf.logical_not(was_active), tf.logical_and(exploded, tf.logical_not(nonfinite))))
-        clip_active = tf.logical_or(was_active, switching)
-        clip_threshold = self._clip_threshold(device_state, switching, threshold)
-        if self.clip_mode is not None:
-            device_state.clip_active.assign(clip_active)
-            device_state.clip_threshold.assign(clip_threshold)
-            if self.clip_threshold == "auto":
-                device_state.remember_healthy(global_norm, healthy)
+        if self.clip_mode is None:  # monitor only: no clipping state to read or keep
+            false = tf.constant(False)
+            clip_active, switching, clip_threshold = false, false, tf.constant(0.0)
+        else:
+            clip_active, switching, clip_threshold = self._update_clipping(
+                device_state, global_norm, threshold, exploded, nonfinite)
         skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
         flags = _flags(exploded, nonfinite, skip, switching, clip_active)
         return StepResult(threshold, exploded, clip_active, clip_threshold, skip, flags)
 
+    def _update_clipping(self, device_state, global_norm, threshold, exploded, nonfinite):
+        """In-graph: `(clip_active, switching, clip_threshold)` of this step."""
+        was_active = device_state.clip_active.read_value()
+        finite_explosion = tf.logical_and(exploded, tf.logical_not(nonfinite))
+        switching = tf.logical_and(tf.constant(self.auto_switch),
+                                   tf.logical_and(tf.logical_not(was_active), finite_explosion))
+        clip_active = tf.logical_or(was_active, switching)
+        clip_threshold = self._clip_threshold(device_state, switching, threshold)
+        device_state.clip_active.assign(clip_active)
+        device_state.clip_threshold.assign(clip_threshold)
+        if self.clip_threshold == "auto":
+            healthy = tf.logical_not(tf.logical_or(exploded, nonfinite))
+            device_state.remember_healthy(global_norm, healthy)
+        return clip_active, switching, clip_threshold
+
     def _threshold(self, device_state):
         if self.explosion_threshold is not None:
             return tf.constant(float(self.explosion_threshold), tf.float32)
-        current = detection.AdaptiveState(*(v.read_value() for v in device_state.adaptive))
-        threshold = detection.adaptive_threshold(current, self.adaptive)
+        threshold = detection.adaptive_threshold(_adaptive_state(device_state), self.adaptive)
         if not self.auto_switch or self.clip_threshold == "auto":
             return threshold
         # Until clipping is on, a norm CLIP_EXPLOSION_FACTOR times the chosen
@@ -100,16 +108,22 @@ class StepPolicy:
 
 
 def _update_adaptive(device_state, config, global_norm, exploded):
-    current = detection.AdaptiveState(*(v.read_value() for v in device_state.adaptive))
-    new = detection.update_adaptive_state(current, global_norm, exploded, config)
-    for variable, value in zip(device_state.adaptive, new):
-        variable.assign(value)
+    new = detection.update_adaptive_state(_adaptive_state(device_state), global_norm, exploded, config)
+    device_state.adaptive.assign(tf.stack(list(new)))
+
+
+def _adaptive_state(device_state):
+    packed = device_state.adaptive.read_value()
+    return detection.AdaptiveState(packed[0], packed[1], packed[2])
+
+
+_FLAG_BITS = (state.EXPLODED, state.NONFINITE, state.SKIPPED, state.CLIP_SWITCHED_ON, state.CLIP_ACTIVE)
 
 
 def _flags(exploded, nonfinite, skip, switching, clip_active):
-    bits = [(exploded, state.EXPLODED), (nonfinite, state.NONFINITE), (skip, state.SKIPPED),
-            (switching, state.CLIP_SWITCHED_ON), (clip_active, state.CLIP_ACTIVE)]
-    return tf.add_n([tf.where(flag, float(bit), 0.0) for flag, bit in bits])
+    """The FLAGS column: a float32 bit set (one stack, cast and dot product)."""
+    bits = tf.cast(tf.stack([exploded, nonfinite, skip, switching, clip_active]), tf.float32)
+    return tf.reduce_sum(bits * tf.constant(_FLAG_BITS, tf.float32))
 
 
 def is_number(value):

@@ -25,18 +25,27 @@ def has_flag(flags, bit):
     return (np.asarray(flags).astype(np.int64) & bit) != 0
 
 
+# Leading columns of the stored rows (float64, exact for integers below 2**53):
+# the record's sequence number (-1: never written) and its step.
+_SEQ, _STEP, _STORED_START = 0, 1, 2
+
+
 class DeviceState:
-    """The variables; created under `strategy`'s scope."""
+    """The variables; created under `strategy`'s scope.
+
+    A record is stored as one float64 row `[sequence, step, *row]`, so that a
+    step costs one scatter and the host one read.
+    """
 
     def __init__(self, strategy, num_layers, capacity, history_size, adaptive_state):
         self.num_layers = num_layers
         self.capacity = capacity
         with strategy.scope():
             make = _variable_factory(strategy)
-            self.records = make(tf.zeros([capacity, LAYERS_START + num_layers], tf.float32))
-            self.record_steps = make(tf.zeros([capacity], tf.int64))
+            width = _STORED_START + LAYERS_START + num_layers
+            self.records = make(tf.fill([capacity, width], tf.constant(-1.0, tf.float64)))
             self.record_count = make(tf.zeros([], tf.int64))
-            self.adaptive = [make(tf.convert_to_tensor(t, tf.float32)) for t in adaptive_state]
+            self.adaptive = make(tf.stack([tf.cast(t, tf.float32) for t in adaptive_state]))
             self.clip_active = make(tf.constant(False))
             self.clip_threshold = make(tf.zeros([], tf.float32))
             self.healthy_norms = make(tf.zeros([history_size], tf.float32))
@@ -46,8 +55,9 @@ class DeviceState:
         """In-graph: writes one record at the next ring-buffer slot."""
         count = self.record_count.read_value()
         slot = tf.reshape(tf.cast(count % self.capacity, tf.int32), [1, 1])
-        _local(self.records).scatter_nd_update(slot, tf.reshape(row, [1, -1]))
-        _local(self.record_steps).scatter_nd_update(slot, tf.reshape(tf.cast(step, tf.int64), [1]))
+        stored = tf.concat([tf.cast(tf.stack([count, tf.cast(step, tf.int64)]), tf.float64),
+                            tf.cast(row, tf.float64)], axis=0)
+        _local(self.records).scatter_nd_update(slot, tf.reshape(stored, [1, -1]))
         self.record_count.assign(count + 1)
 
     def remember_healthy(self, global_norm, healthy):
@@ -62,16 +72,17 @@ class DeviceState:
 
     def read_since(self, already_read):
         """Host: `(steps, rows, total, lost)` of the records after the first
-        `already_read`; `lost` counts records overwritten before being read."""
-        total = int(_host_value(self.record_count))
-        fresh = total - already_read
-        if fresh <= 0:
-            return np.zeros([0], np.int64), np.zeros([0, LAYERS_START + self.num_layers]), total, 0
-        lost = max(0, fresh - self.capacity)
-        first = total - min(fresh, self.capacity)
-        slots = np.arange(first, total) % self.capacity
-        rows = _host_value(self.records)[slots]
-        steps = _host_value(self.record_steps)[slots]
+        `already_read`; `lost` counts records overwritten before being read.
+        One read of the device buffer."""
+        stored = _host_value(self.records)
+        sequence = stored[:, _SEQ]
+        fresh = np.flatnonzero(sequence >= already_read)
+        fresh = fresh[np.argsort(sequence[fresh], kind="stable")]
+        total = int(sequence.max()) + 1 if len(sequence) else 0
+        total = max(total, already_read)
+        lost = (total - already_read) - len(fresh)
+        steps = stored[fresh, _STEP].astype(np.int64)
+        rows = stored[fresh, _STORED_START:]
         return steps, rows, total, lost
 
     def set_clip_state(self, active, threshold):
