@@ -3,10 +3,8 @@ switches the optimizer's reported clipping on, and writes the summaries.
 
 Nothing here may stop training: a failure is logged once (per kind: write,
 drain, alerts, ...) as a warning on the `"gradwatch"` logger and the run goes
-on. A failed write closes the event file; the events not yet written go to a
-new event file in the same run folder (recreated if it was removed), at once if
-possible, else at the next drain: steps are lost only while the folder cannot
-be written. An event file deleted under the writer is noticed at the next drain.
+on. Events are built and written by `gradwatch.writing`: a failed write goes on
+in a new event file in the same run folder, at once or at the next drain.
 
 A recorder left open by a `fit()` that ended without `on_train_end` (e.g. a
 `KeyboardInterrupt`) is finished -- drained, flushed, closed, its hook removed
@@ -16,13 +14,12 @@ interpreter exit.
 
 import atexit
 import logging
-import math
 import os
 import weakref
 
 import numpy as np
 
-from gradwatch import alerts, clipping, state, summaries, tags
+from gradwatch import alerts, clipping, state, tags, writing
 
 logger = logging.getLogger("gradwatch")
 
@@ -49,8 +46,7 @@ class Recorder:
     def __init__(self, monitor, capture, writer, print_fn):
         self.monitor = monitor
         self.capture = capture
-        self.writer = writer
-        self.run_dir = os.path.dirname(writer.path)
+        self._output = writing.ReopeningWriter(writer, on_new_file=self._name_layers)
         self.print_fn = print_fn
         self.closed = False
         self.last_epoch = 0
@@ -58,7 +54,6 @@ class Recorder:
         self._records_read = 0
         self._alert_log = alerts.AlertLog(print_fn)
         self._warned = set()
-        self._missing_steps = 0  # steps that could not be written
         self._layers_step = None  # step of the last `gradwatch/layers` written
         capture.recorder = self
 
@@ -66,6 +61,19 @@ class Recorder:
     @property
     def layer_paths(self):
         return self.capture.layer_paths or []
+
+    @property
+    def writer(self):
+        """The open `EventWriter`; None after a write failure until a new one opens."""
+        return self._output.writer
+
+    @writer.setter
+    def writer(self, writer):
+        self._output.writer = writer
+
+    @property
+    def run_dir(self):
+        return self._output.run_dir
 
     def start(self):
         model = self.capture.model
@@ -132,6 +140,11 @@ class Recorder:
                 self._layers_step = step
         return None, write
 
+    def _name_layers(self, writer):
+        """Writes the layer order to a new event file, once the step was traced."""
+        if self._layer_tags is not None:
+            self._layers_event()[1](writer)
+
     def finish(self, epoch):
         """Drains, flushes and closes: the end of a monitored `fit()`. Idempotent."""
         if not self.closed:
@@ -146,17 +159,11 @@ class Recorder:
         _open_recorders.discard(self)
         lines = self._guard("alerts", self._alert_log.close, [])
         if lines:
-            self._write_events(self._text_events(lines, None))
+            step = int(self.capture.optimizer.iterations.numpy())
+            self._output.write(writing.text_events(lines, step))
         self._guard("detach", self.capture.uninstall)
         self.capture.model.train_function = None  # the next fit() retraces without the hook
-        if self.writer is not None:
-            try:
-                self.writer.close()
-            except Exception as error:
-                self._writer_failed(error)
-        if self._missing_steps:
-            logger.info("gradwatch: %d steps could not be written to %s.",
-                        self._missing_steps, self.run_dir)
+        self._output.close()
 
     # -- per drain -----------------------------------------------------------
     def drain(self, epoch, flush=False):
@@ -191,9 +198,10 @@ class Recorder:
             switches = self._guard("clipping", lambda: self._clipping_switches(
                 steps, rows, explosions, epoch), [])
             lines += self._guard("alerts", lambda: self._alert_log.feed(steps[cut:], rows[cut:], by_step), [])
-            events += self._events(steps, rows, explosions, switches, lines)
+            events += writing.batch_events(steps, rows, self._layer_tags, self.capture.policy.clip_mode,
+                                           explosions, switches, lines)
         if events or flush:
-            self._write_events(events)
+            self._output.write(events)
 
     def _clipping_switches(self, steps, rows, explosions, epoch):
         switched = state.has_flag(rows[:, state.FLAGS], state.CLIP_SWITCHED_ON)
@@ -224,105 +232,6 @@ class Recorder:
         if self.print_fn is not None:
             self.print_fn("gradwatch: " + text)
 
-    # -- writing ---------------------------------------------------------------
-    def _events(self, steps, rows, explosions, switches, lines):
-        """`[(step or None, write(writer))]` of one drained batch, in order.
-
-        A scalar event carries its step, so the steps that could not be
-        written are counted."""
-        clip_mode = self.capture.policy.clip_mode
-        events, overflows = [], 0
-        for step, row in zip(steps, rows):
-            if int(row[state.FLAGS]) & state.OVERFLOW:
-                overflows += 1  # the loss-scale optimizer skipped it: no norms
-                continue
-            values = self._row_values(row, clip_mode)
-            if overflows:
-                values[tags.OVERFLOW], overflows = float(overflows), 0
-            events.append(_scalars_event(int(step), values))
-        if overflows:  # skipped steps not yet followed by an update
-            events.append(_scalars_event(int(steps[-1]), {tags.OVERFLOW: float(overflows)}))
-        last = int(steps[-1])
-        if explosions:
-            docs = [e.to_json() for e in explosions]
-            events.append((None, lambda writer: writer.write_json(last, tags.EXPLOSIONS, docs)))
-        if switches:
-            events.append((None, lambda writer: writer.write_json(last, tags.CLIPPING, switches)))
-        return events + self._text_events(lines, last)
-
-    def _text_events(self, lines, step):
-        if not lines:
-            return []
-        step = step if step is not None else int(self.capture.optimizer.iterations.numpy())
-        text = "\n\n".join(lines)
-        return [(None, lambda writer: writer.write_text(step, tags.ALERTS_TEXT, text))]
-
-    def _write_events(self, events):
-        """Writes `events` in order, then flushes; never raises.
-
-        On a failure the event file is closed and the rest goes to a new event
-        file (once per call); what still cannot be written is dropped, and
-        counted if it holds a step's norms."""
-        index, retried = 0, False
-        events = list(events) + [(None, lambda writer: writer.flush())]
-        while index < len(events):
-            writer = self._usable_writer()
-            if writer is None:
-                break
-            try:
-                while index < len(events):
-                    events[index][1](writer)
-                    index += 1
-            except Exception as error:
-                self._writer_failed(error)
-                if retried:
-                    break
-                retried = True
-        self._missing_steps += sum(1 for step, _ in events[index:] if step is not None)
-
-    def _usable_writer(self):
-        """The open writer; a new one if it failed or its file was deleted; None if none opens."""
-        if self.writer is not None and not _exists(self.writer.path):
-            self._writer_failed(FileNotFoundError(f"the event file {self.writer.path} was deleted"))
-        if self.writer is None:
-            try:
-                self.writer = summaries.EventWriter(self.run_dir)
-            except Exception:
-                return None
-            logger.info("gradwatch writes its logs again, to %s (%d steps could not be written "
-                        "so far).", self.writer.path, self._missing_steps)
-            if self._layer_tags is not None:  # each event file names its layers
-                try:
-                    self._layers_event()[1](self.writer)
-                except Exception as error:
-                    self._writer_failed(error)
-        return self.writer
-
-    def _writer_failed(self, error):
-        self._warn_once("write", f"gradwatch could not write its logs to {self.run_dir!r} "
-                                 f"({type(error).__name__}: {error}); training goes on, and "
-                                 "gradwatch writes to a new event file as soon as it can.")
-        writer, self.writer = self.writer, None
-        if writer is not None:
-            try:
-                writer.close()
-            except Exception:
-                pass
-
-    def _row_values(self, row, clip_mode):
-        flags = int(row[state.FLAGS])
-        values = {tags.GLOBAL: float(row[state.GLOBAL])}
-        values.update(zip(self._layer_tags, row[state.LAYERS_START:].tolist()))
-        if math.isfinite(row[state.THRESHOLD]):
-            values[tags.THRESHOLD] = float(row[state.THRESHOLD])
-        if clip_mode is not None:
-            values[tags.GLOBAL_CLIPPED] = float(row[state.GLOBAL_CLIPPED])
-            if flags & state.CLIP_ACTIVE:
-                values[tags.CLIP_THRESHOLD] = float(row[state.CLIP_THRESHOLD])
-        if flags & state.EXPLODED:
-            values[tags.EXPLOSION] = 1.0
-        return values
-
     # -- failure isolation -------------------------------------------------------
     def _guard(self, what, action, default=None):
         """`action()`, or `default` after logging its failure once."""
@@ -337,18 +246,3 @@ class Recorder:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(text)
-
-
-def _scalars_event(step, values):
-    return step, lambda writer: writer.write_scalars(step, values)
-
-
-def _exists(path):
-    try:
-        if "://" in path:
-            import tensorflow as tf
-
-            return tf.io.gfile.exists(path)
-        return os.path.exists(path)
-    except Exception:
-        return True  # unknown: keep writing, a failing write is noticed anyway

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from gradwatch import logs, tags
+from gradwatch import logs, runreader, tags
 from gradwatch.summaries import EventWriter
 
 LAYERS = ["embed", "lstm", "head/dense"]
@@ -103,7 +103,7 @@ def test_several_event_files_last_written_step_wins(tmp_path):
 def test_fast_path_matches_protobuf_parsing(tmp_path, monkeypatch):
     write_run(tmp_path / "r", steps=range(1, 61), explode={7}, nan_steps={9}, inf_steps={11})
     fast = logs.read_logdir(str(tmp_path))[0]
-    monkeypatch.setattr(logs._RunReader, "_MAX_LAYOUTS", 0)  # every event parsed by protobuf
+    monkeypatch.setattr(runreader.RunReader, "_MAX_LAYOUTS", 0)  # every event parsed by protobuf
     slow = logs.read_logdir(str(tmp_path))[0]
     for ours, theirs in [(fast.global_norm, slow.global_norm)] + [
             (fast.layer_norms[n], slow.layer_norms[n]) for n in LAYERS]:

@@ -1,0 +1,116 @@
+"""What `gradwatch.logs` reads back for a run: its series and records.
+
+Explosion records (`gradwatch/explosions`, JSON) are read with these keys, any
+other key is ignored and a missing one becomes None: `step`, `epoch`,
+`global_norm`, `threshold`, `layers` (`[[layer path, norm], ...]`, largest
+first), `action` (one of `gradwatch.tags.ACTIONS`), `nonfinite`. Clipping
+events (`gradwatch/clipping`) are read with `step`, `epoch`, `mode`,
+`threshold`, `cause_step`. Numbers written as the strings "nan", "inf", "-inf"
+come back as floats.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+    """One scalar series: sorted unique `steps` (int64) and their `values`."""
+
+    steps: np.ndarray
+    values: np.ndarray
+
+    def __len__(self):
+        return len(self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Explosion:
+    """One exploding step, as the monitor recorded it."""
+
+    step: int
+    global_norm: float
+    threshold: float = None
+    epoch: int = None
+    layers: tuple = ()  # ((layer path, norm), ...), largest first
+    action: str = None
+    nonfinite: bool = False  # the gradient held NaN or Inf
+
+    @property
+    def leading_layer(self):
+        """The layer with the largest norm at this step, or None."""
+        return self.layers[0][0] if self.layers else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClippingEvent:
+    """Clipping switched on at `step` with `mode` and `threshold`."""
+
+    step: int
+    mode: str = None
+    threshold: float = None
+    epoch: int = None
+    cause_step: int = None  # the explosion that switched clipping on
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """Everything gradwatch wrote for one run."""
+
+    name: str
+    path: str
+    global_norm: Series
+    layer_norms: dict  # layer path -> Series, in model order
+    explosions: tuple = ()
+    clipping: tuple = ()
+    other_series: dict = dataclasses.field(default_factory=dict)  # reserved tag -> Series
+
+    @property
+    def first_step(self):
+        return int(self.global_norm.steps[0]) if len(self.global_norm) else None
+
+    @property
+    def last_step(self):
+        return int(self.global_norm.steps[-1]) if len(self.global_norm) else None
+
+    @property
+    def step_count(self):
+        return len(self.global_norm)
+
+
+def to_float(value):
+    """A JSON number or "nan"/"inf"/"-inf" string as a float; None stays None."""
+    if value is None:
+        return None
+    return float(value)  # float("nan"), float("inf") and float("-inf") parse
+
+
+def _optional_int(value):
+    return None if value is None else int(value)
+
+
+def explosion_from_doc(event_step, doc):
+    """The `Explosion` of one `gradwatch/explosions` record written at `event_step`."""
+    norm = to_float(doc.get("global_norm", math.nan))
+    return Explosion(
+        step=int(doc.get("step", event_step)),
+        global_norm=norm,
+        threshold=to_float(doc.get("threshold")),
+        epoch=_optional_int(doc.get("epoch")),
+        layers=tuple((str(name), to_float(value)) for name, value in doc.get("layers") or ()),
+        action=doc.get("action"),
+        nonfinite=bool(doc.get("nonfinite", not math.isfinite(norm))),
+    )
+
+
+def clipping_event_from_doc(event_step, doc):
+    """The `ClippingEvent` of one `gradwatch/clipping` record written at `event_step`."""
+    return ClippingEvent(
+        step=int(doc.get("step", event_step)),
+        mode=doc.get("mode"),
+        threshold=to_float(doc.get("threshold")),
+        epoch=_optional_int(doc.get("epoch")),
+        cause_step=_optional_int(doc.get("cause_step")),
+    )

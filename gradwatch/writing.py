@@ -1,0 +1,170 @@
+"""The events of a drained batch, and writing them without stopping training.
+
+An event is `(step or None, write(writer))`, written by calling `write` with
+an `EventWriter`. A scalar event carries its step, so the steps that could not
+be written are counted.
+
+`ReopeningWriter` never raises: a failure is logged once as a warning on the
+`"gradwatch"` logger and the run goes on. A failed write closes the event file;
+the events not yet written go to a new event file in the same run folder
+(recreated if it was removed), at once if possible, else at the next write:
+steps are lost only while the folder cannot be written. An event file deleted
+under the writer is noticed at the next write.
+"""
+
+import logging
+import math
+import os
+
+from gradwatch import state, summaries, tags
+
+logger = logging.getLogger("gradwatch")
+
+
+# -- building events -------------------------------------------------------------
+
+
+def batch_events(steps, rows, layer_tags, clip_mode, explosions, switches, lines):
+    """`[(step or None, write(writer))]` of one drained batch, in order.
+
+    `switches` are the clipping events of the batch, `lines` its alert text."""
+    events, overflows = [], 0
+    for step, row in zip(steps, rows):
+        if int(row[state.FLAGS]) & state.OVERFLOW:
+            overflows += 1  # the loss-scale optimizer skipped it: no norms
+            continue
+        values = row_values(row, layer_tags, clip_mode)
+        if overflows:
+            values[tags.OVERFLOW], overflows = float(overflows), 0
+        events.append(scalars_event(int(step), values))
+    if overflows:  # skipped steps not yet followed by an update
+        events.append(scalars_event(int(steps[-1]), {tags.OVERFLOW: float(overflows)}))
+    last = int(steps[-1])
+    if explosions:
+        docs = [e.to_json() for e in explosions]
+        events.append((None, lambda writer: writer.write_json(last, tags.EXPLOSIONS, docs)))
+    if switches:
+        events.append((None, lambda writer: writer.write_json(last, tags.CLIPPING, switches)))
+    return events + text_events(lines, last)
+
+
+def text_events(lines, step):
+    """The event writing alert `lines` to TensorBoard's Text tab at `step`, if any."""
+    if not lines:
+        return []
+    text = "\n\n".join(lines)
+    return [(None, lambda writer: writer.write_text(step, tags.ALERTS_TEXT, text))]
+
+
+def scalars_event(step, values):
+    return step, lambda writer: writer.write_scalars(step, values)
+
+
+def row_values(row, layer_tags, clip_mode):
+    """Tag -> value of one device record (`gradwatch.state` row layout)."""
+    flags = int(row[state.FLAGS])
+    values = {tags.GLOBAL: float(row[state.GLOBAL])}
+    values.update(zip(layer_tags, row[state.LAYERS_START:].tolist()))
+    if math.isfinite(row[state.THRESHOLD]):
+        values[tags.THRESHOLD] = float(row[state.THRESHOLD])
+    if clip_mode is not None:
+        values[tags.GLOBAL_CLIPPED] = float(row[state.GLOBAL_CLIPPED])
+        if flags & state.CLIP_ACTIVE:
+            values[tags.CLIP_THRESHOLD] = float(row[state.CLIP_THRESHOLD])
+    if flags & state.EXPLODED:
+        values[tags.EXPLOSION] = 1.0
+    return values
+
+
+# -- writing them ----------------------------------------------------------------
+
+
+class ReopeningWriter:
+    """Writes events to `writer`'s run folder, in a new event file after a failure.
+
+    `on_new_file(writer)` writes the first events of each new event file (not
+    of `writer`'s); its failure counts as a write failure.
+    """
+
+    def __init__(self, writer, on_new_file):
+        self.writer = writer  # None after a failure, until a new file opens
+        self.run_dir = os.path.dirname(writer.path)
+        self.on_new_file = on_new_file
+        self.missing_steps = 0  # steps that could not be written
+        self._warned = False
+
+    def write(self, events):
+        """Writes `events` in order, then flushes; never raises.
+
+        On a failure the event file is closed and the rest goes to a new event
+        file (once per call); what still cannot be written is dropped, and
+        counted if it holds a step's norms."""
+        index, retried = 0, False
+        events = list(events) + [(None, lambda writer: writer.flush())]
+        while index < len(events):
+            writer = self._usable_writer()
+            if writer is None:
+                break
+            try:
+                while index < len(events):
+                    events[index][1](writer)
+                    index += 1
+            except Exception as error:
+                self.failed(error)
+                if retried:
+                    break
+                retried = True
+        self.missing_steps += sum(1 for step, _ in events[index:] if step is not None)
+
+    def close(self):
+        """Closes the event file; never raises."""
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception as error:
+                self.failed(error)
+        if self.missing_steps:
+            logger.info("gradwatch: %d steps could not be written to %s.",
+                        self.missing_steps, self.run_dir)
+
+    def failed(self, error):
+        """Logs a write failure (once) and closes the event file."""
+        if not self._warned:
+            self._warned = True
+            logger.warning(f"gradwatch could not write its logs to {self.run_dir!r} "
+                           f"({type(error).__name__}: {error}); training goes on, and "
+                           "gradwatch writes to a new event file as soon as it can.")
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    def _usable_writer(self):
+        """The open writer; a new one if it failed or its file was deleted; None if none opens."""
+        if self.writer is not None and not _exists(self.writer.path):
+            self.failed(FileNotFoundError(f"the event file {self.writer.path} was deleted"))
+        if self.writer is None:
+            try:
+                self.writer = summaries.EventWriter(self.run_dir)
+            except Exception:
+                return None
+            logger.info("gradwatch writes its logs again, to %s (%d steps could not be written "
+                        "so far).", self.writer.path, self.missing_steps)
+            try:
+                self.on_new_file(self.writer)
+            except Exception as error:
+                self.failed(error)
+        return self.writer
+
+
+def _exists(path):
+    try:
+        if "://" in path:
+            import tensorflow as tf
+
+            return tf.io.gfile.exists(path)
+        return os.path.exists(path)
+    except Exception:
+        return True  # unknown: keep writing, a failing write is noticed anyway
