@@ -112,4 +112,6 @@ def _local(variable):
 
 
 def _host_value(variable):
-    return np.asarray(tf.convert_to_tensor(variable))
+    if isinstance(variable, tf.distribute.DistributedValues):
+        return np.asarray(tf.convert_to_tensor(variable))  # the first replica's copy
+    return variable.value().numpy()

@@ -47,6 +47,7 @@ def _metadata(plugin_name, data_class):
 
 
 _SCALAR_METADATA = _metadata("scalars", _DATA_CLASS_SCALAR)
+_FLOAT = struct.Struct("<f")
 # TensorProto{dtype: DT_FLOAT, tensor_shape: {}, float_val: [packed 4 bytes]}
 _FLOAT_TENSOR_HEAD = _field(1, 0) + _varint(1) + _length_delimited(2, b"") + _field(5, 2) + _varint(4)
 
@@ -115,18 +116,24 @@ class EventWriter:
         tf.io.gfile.makedirs(run_dir)
         self.path = os.path.join(run_dir, event_file_name())
         self._records = tf.io.TFRecordWriter(self.path)
-        self._tags_with_metadata = set()
+        self._value_prefixes = {}  # tag -> `Summary.value` bytes up to the float
         self._records.write(encode_event(0, time.time(), file_version="brain.Event:2"))
         self._records.flush()
 
     def write_scalars(self, step, values_by_tag, wall_time=None):
-        """Writes one event at `step` holding a float32 scalar per tag."""
+        """Writes one event at `step` holding a float32 scalar per tag.
+
+        A tag's first value carries its metadata; later ones reuse the tag's
+        encoded prefix (every length is constant: the float is 4 bytes)."""
         encoded = []
+        prefixes = self._value_prefixes
         for tag, value in values_by_tag.items():
-            first = tag not in self._tags_with_metadata
-            if first:
-                self._tags_with_metadata.add(tag)
-            encoded.append(_length_delimited(1, encode_scalar_value(tag, value, first)))
+            prefix = prefixes.get(tag)
+            if prefix is None:
+                encoded.append(_length_delimited(1, encode_scalar_value(tag, value, True)))
+                prefixes[tag] = _length_delimited(1, encode_scalar_value(tag, 0.0, False))[:-4]
+            else:
+                encoded.append(prefix + _FLOAT.pack(value))
         self._write(step, b"".join(encoded), wall_time)
 
     def write_json(self, step, tag, obj):
