@@ -108,6 +108,21 @@ def explosion_message(record):
     return text + _ACTION_TEXT[record.action]
 
 
+def switch_message(event, cause, auto_threshold):
+    """The line logged when clipping switches on (`event` from the recorder)."""
+    from gradwatch import clipping
+
+    how = ""
+    if auto_threshold:
+        how = (f" (the {clipping.AUTO_PERCENTILE:g}th percentile of the last "
+               f"{clipping.AUTO_HISTORY} healthy global norms)")
+    text = (f"switched on {event['mode']}={event['threshold']:.4g}{how} at step "
+            f"{event['step']} (that step included)")
+    if cause is not None:
+        text += f", after the gradient explosion at step {cause.step} (global norm {cause.global_norm:.3g})"
+    return text
+
+
 @dataclasses.dataclass
 class Burst:
     """Consecutive exploding steps."""

@@ -105,13 +105,14 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
         # Multi-worker: only the chief writes and logs alerts (`multiworker`).
         self._role = multiworker.WorkerRole(self.model.distribute_strategy)
         writer = _open_writer(self._role.run_dir(os.path.join(self.log_dir, tags.TRAIN_RUN)))
-        # Keras 3 or tf_keras, from the model's class.
-        capture = capture_tf_keras.capture_class(self.model)(self.model, policy, self._capacity())
+        capture, hooked_function = self._reusable_capture(policy)
+        if capture is None:  # Keras 3 or tf_keras, from the model's class
+            capture = capture_tf_keras.capture_class(self.model)(self.model, policy, self._capacity())
         print_fn = _print_msg if self.verbose and self._role.chief else None
         recorder = Recorder(self, capture, writer, print_fn)
         self._role.begin()
         try:
-            recorder.start()
+            recorder.start(hooked_function)
         except BaseException:  # before the first step: undo, then report
             recorder.abandon()
             self._role.end()
@@ -151,6 +152,21 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             recorder.finish(self._epoch)
             self._layer_paths = list(recorder.layer_paths)
             self._role.end()
+            self._last_run = (recorder.capture, recorder.hooked_function, self.model.train_function)
+
+    def _reusable_capture(self, policy):
+        """`(capture, traced train function)` of this monitor's previous `fit()`
+        when nothing changed since (same model, optimizer, settings), so the
+        next `fit()` does not retrace; else `(None, None)`."""
+        last, self._last_run = getattr(self, "_last_run", None), None
+        if last is None:
+            return None, None
+        capture, hooked_function, plain_function = last
+        same = (capture.model is self.model and capture.outer is self.model.optimizer
+                and capture.policy == policy and capture.capacity == self._capacity()
+                and capture.ready and hooked_function is not None
+                and self.model.train_function is plain_function)
+        return (capture, hooked_function) if same else (None, None)
 
     def _drain_interval(self):
         """Steps between drains: `update_freq`, at most `_EPOCH_DRAIN_STEPS` (bounded memory)."""

@@ -19,7 +19,7 @@ import weakref
 
 import numpy as np
 
-from gradwatch import alerts, clipping, state, tags, writing
+from gradwatch import alerts, state, tags, writing
 
 logger = logging.getLogger("gradwatch")
 
@@ -49,6 +49,7 @@ class Recorder:
         self._output = writing.ReopeningWriter(writer, on_new_file=self._name_layers)
         self.print_fn = print_fn
         self.closed = False
+        self.hooked_function = None
         self.last_epoch = 0
         self._layer_tags = None
         self._records_read = 0
@@ -75,7 +76,8 @@ class Recorder:
     def run_dir(self):
         return self._output.run_dir
 
-    def start(self):
+    def start(self, hooked_function=None):
+        """Hooks the optimizer; runs `hooked_function` if given, else retraces."""
         model = self.capture.model
         if model.built and not model.trainable_variables:
             raise ValueError("GradientMonitor found no trainable weights in the model: "
@@ -84,7 +86,12 @@ class Recorder:
         self.capture.install()
         if self.capture.ready:
             self._check_layer_names()
-        model.make_train_function(force=True)
+            self._records_read = self.capture.state.records_written()
+        self.plain_function = model.train_function  # what fit() would have run
+        if hooked_function is not None:  # traced by an earlier fit() of this monitor
+            model.train_function = hooked_function
+        else:
+            model.make_train_function(force=True)
         _open_recorders.add(self)
 
     def _take_over_stale_capture(self):
@@ -162,7 +169,9 @@ class Recorder:
             step = int(self.capture.optimizer.iterations.numpy())
             self._output.write(writing.text_events(lines, step))
         self._guard("detach", self.capture.uninstall)
-        self.capture.model.train_function = None  # the next fit() retraces without the hook
+        model = self.capture.model  # the next fit() runs without the hook; keep it for reuse
+        self.hooked_function = model.train_function
+        model.train_function = getattr(self, "plain_function", None)
         self._output.close()
 
     # -- per drain -----------------------------------------------------------
@@ -219,15 +228,7 @@ class Recorder:
         return events
 
     def _log_switch(self, event, cause):
-        how = ""
-        if self.capture.policy.clip_threshold == "auto":
-            how = (f" (the {clipping.AUTO_PERCENTILE:g}th percentile of the last "
-                   f"{clipping.AUTO_HISTORY} healthy global norms)")
-        text = (f"switched on {event['mode']}={event['threshold']:.4g}{how} at step "
-                f"{event['step']} (that step included)")
-        if cause is not None:
-            text += (f", after the gradient explosion at step {cause.step} "
-                     f"(global norm {cause.global_norm:.3g})")
+        text = alerts.switch_message(event, cause, self.capture.policy.clip_threshold == "auto")
         logger.warning(text, extra={"gradwatch_clipping": event})
         if self.print_fn is not None:
             self.print_fn("gradwatch: " + text)

@@ -85,6 +85,10 @@ class DeviceState:
         rows = stored[fresh, _STORED_START:]
         return steps, rows, total, lost
 
+    def records_written(self):
+        """Host: how many records the step has written so far."""
+        return int(_host_value(self.record_count))
+
     def set_clip_state(self, active, threshold):
         self.clip_active.assign(bool(active))
         self.clip_threshold.assign(float(threshold))

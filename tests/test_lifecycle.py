@@ -77,3 +77,25 @@ def test_weights_keep_training_without_gradwatch_after_fit(tmp_path):
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # retraced without the hook
     assert sorted(read_tags(str(tmp_path))[tags.GLOBAL]) == [1, 2]
+
+
+def test_a_reused_monitor_does_not_retrace_and_keeps_its_detector(tmp_path):
+    x, y = regression_data(n=16 * 60)
+    model = mlp()
+    model.compile(optimizer="sgd", loss="mse")
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0)
+    functions = []
+
+    class SeeTrainFunction(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0:
+                functions.append(self.model.train_function)
+
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor, SeeTrainFunction()])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor, SeeTrainFunction()])
+    assert functions[0] is functions[1]  # traced once, reused
+    thresholds = read_tags(str(tmp_path))[tags.THRESHOLD]
+    assert 61 in thresholds  # first step of the second fit: the detector's baseline carried over
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[SeeTrainFunction()])
+    assert functions[2] is not functions[1]  # without gradwatch: the plain function
+    assert sorted(read_tags(str(tmp_path))[tags.GLOBAL]) == list(range(1, 121))
