@@ -127,7 +127,7 @@ class _NoWrite(gradwatch.GradientMonitor):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        self._recorder._write = lambda *args, **kwargs: None
+        self._recorder._output.write = lambda *args, **kwargs: None
 
 
 class _Timed(gradwatch.GradientMonitor):

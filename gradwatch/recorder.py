@@ -210,7 +210,7 @@ class Recorder:
             events += writing.batch_events(steps, rows, self._layer_tags, self.capture.policy.clip_mode,
                                            explosions, switches, lines)
         if events or flush:
-            self._output.write(events)
+            self._output.write(events, flush=flush)
 
     def _clipping_switches(self, steps, rows, explosions, epoch):
         switched = state.has_flag(rows[:, state.FLAGS], state.CLIP_SWITCHED_ON)

@@ -15,10 +15,15 @@ under the writer is noticed at the next write.
 import logging
 import math
 import os
+import time
 
 from gradwatch import state, summaries, tags
 
 logger = logging.getLogger("gradwatch")
+
+# Between drains that do not ask for it, events are flushed to disk at most
+# this often (epoch ends and the end of training always flush).
+FLUSH_SECONDS = 2.0
 
 
 # -- building events -------------------------------------------------------------
@@ -92,15 +97,24 @@ class ReopeningWriter:
         self.on_new_file = on_new_file
         self.missing_steps = 0  # steps that could not be written
         self._warned = False
+        self._flushed_at = time.monotonic()
 
-    def write(self, events):
-        """Writes `events` in order, then flushes; never raises.
+    def _flush(self, writer):
+        writer.flush()
+        self._flushed_at = time.monotonic()
+
+    def write(self, events, flush=True):
+        """Writes `events` in order, then flushes if `flush` or if the last
+        flush is `FLUSH_SECONDS` old; never raises.
 
         On a failure the event file is closed and the rest goes to a new event
         file (once per call); what still cannot be written is dropped, and
         counted if it holds a step's norms."""
         index, retried = 0, False
-        events = list(events) + [(None, lambda writer: writer.flush())]
+        flush = flush or time.monotonic() - self._flushed_at >= FLUSH_SECONDS
+        events = list(events)
+        if flush:
+            events.append((None, self._flush))
         while index < len(events):
             writer = self._usable_writer()
             if writer is None:

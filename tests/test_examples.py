@@ -19,6 +19,7 @@ def run_example(name, tmp_path, *args):
     ("transformer", ["--epochs", "1"], "layers: tokens, attention, norm_1, ffn_in, ffn_out, norm_2, head"),
     ("mixed_precision", ["--epochs", "1"], "optimizer: LossScaleOptimizer"),
     ("mirrored_strategy", ["--epochs", "1"], "explosions: [(41, 'clipping_on')]"),
+    ("adding_problem", ["--epochs", "1", "--seeds", "2"], "gradwatch auto_clip=auto"),
 ])
 def test_example_runs(name, args, expected, tmp_path, capsys):
     event_files = run_example(name, tmp_path, *args)
