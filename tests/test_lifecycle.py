@@ -99,3 +99,14 @@ def test_a_reused_monitor_does_not_retrace_and_keeps_its_detector(tmp_path):
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[SeeTrainFunction()])
     assert functions[2] is not functions[1]  # without gradwatch: the plain function
     assert sorted(read_tags(str(tmp_path))[tags.GLOBAL]) == list(range(1, 121))
+
+
+def test_same_run_and_steps_as_keras_tensorboard_callback(tmp_path):
+    x, y = regression_data(n=64)
+    model = mlp()
+    model.compile(optimizer="sgd", loss="mse")
+    callbacks = [keras.callbacks.TensorBoard(str(tmp_path), update_freq=1),
+                 gradwatch.GradientMonitor(str(tmp_path), update_freq=1, verbose=0)]
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=callbacks)
+    logged = read_tags(str(tmp_path), run="train")  # one run holds both
+    assert sorted(logged["batch_loss"]) == sorted(logged[tags.GLOBAL]) == list(range(1, 9))
