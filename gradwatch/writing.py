@@ -24,6 +24,9 @@ logger = logging.getLogger("gradwatch")
 # Between drains that do not ask for it, events are flushed to disk at most
 # this often (epoch ends and the end of training always flush).
 FLUSH_SECONDS = 2.0
+# New event files one `write` may open after failures (bounds file creation
+# while a disk stays full).
+_OPENS_PER_CALL = 4
 
 
 # -- building events -------------------------------------------------------------
@@ -107,28 +110,28 @@ class ReopeningWriter:
         """Writes `events` in order, then flushes if `flush` or if the last
         flush is `FLUSH_SECONDS` old; never raises.
 
-        On a failure the event file is closed and the rest goes to a new event
-        file (once per call); what still cannot be written is dropped, and
-        counted if it holds a step's norms."""
-        index, retried = 0, False
+        An event whose write fails closes the event file and is retried once
+        in a new one; if that fails too it is dropped (counted if it holds a
+        step's norms) and the next events go on. At most `_OPENS_PER_CALL`
+        new files are opened per call; past that the rest is dropped."""
         flush = flush or time.monotonic() - self._flushed_at >= FLUSH_SECONDS
-        events = list(events)
-        if flush:
-            events.append((None, self._flush))
-        while index < len(events):
-            writer = self._usable_writer()
-            if writer is None:
-                break
-            try:
-                while index < len(events):
-                    events[index][1](writer)
-                    index += 1
-            except Exception as error:
-                self.failed(error)
-                if retried:
+        events = list(events) + ([(None, self._flush)] if flush else [])
+        opens = 0
+        for index, (step, write) in enumerate(events):
+            for attempt in range(2):
+                had_writer = self.writer is not None
+                writer = self._usable_writer()
+                opens += not had_writer
+                if writer is None or opens > _OPENS_PER_CALL:
+                    self.missing_steps += sum(1 for s, _ in events[index:] if s is not None)
+                    return
+                try:
+                    write(writer)
                     break
-                retried = True
-        self.missing_steps += sum(1 for step, _ in events[index:] if step is not None)
+                except Exception as error:
+                    self.failed(error)
+            else:
+                self.missing_steps += step is not None
 
     def close(self):
         """Closes the event file; never raises."""
