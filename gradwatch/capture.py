@@ -20,7 +20,7 @@ and updates. gradwatch wraps, on the optimizer *instance* only:
 
 import tensorflow as tf
 
-from gradwatch import clipping, detection, state, stats
+from gradwatch import clipping, state, stats
 
 
 class KerasCapture:
@@ -67,10 +67,7 @@ class KerasCapture:
 
     # -- installation ------------------------------------------------------
     def install(self):
-        if getattr(self.optimizer, "_gradwatch_capture", None) is not None:
-            raise RuntimeError("gradwatch is already attached to this optimizer.")
-        if self.model.built and self.model.trainable_variables:
-            self.prepare()
+        self._check_unhooked_and_prepare()
         self._wrap(self.optimizer, "_all_reduce_sum_gradients", self._on_all_reduced)
         self._wrap(self.optimizer, "_backend_update_step", self._on_update_step)
         self._wrap(self.optimizer, "_clip_gradients", lambda original: (lambda grads: grads))
@@ -79,6 +76,12 @@ class KerasCapture:
         if self.loss_scaled:
             self._wrap(self.outer, "_stateful_handle_non_finite_grads", self._on_overflow)
         self.optimizer._gradwatch_capture = self
+
+    def _check_unhooked_and_prepare(self):
+        if getattr(self.optimizer, "_gradwatch_capture", None) is not None:
+            raise RuntimeError("gradwatch is already attached to this optimizer.")
+        if self.model.built and self.model.trainable_variables:
+            self.prepare()
 
     def uninstall(self):
         for (target, name) in list(self._installed):
@@ -94,11 +97,15 @@ class KerasCapture:
     # -- wrappers (run at trace time) ---------------------------------------
     def _on_update_step(self, original):
         def update_step(grads, trainable_variables, learning_rate):
-            self.prepare()
-            self.traced = True
-            self._current_variables = list(trainable_variables)
+            self._begin_step(list(trainable_variables))
             return original(grads, trainable_variables, learning_rate)
         return update_step
+
+    def _begin_step(self, variables):
+        """Trace time: the variables of this step, in gradient order."""
+        self.prepare()
+        self.traced = True
+        self._current_variables = variables
 
     def _on_all_reduced(self, original):
         def all_reduce(grads_and_vars):
@@ -124,11 +131,15 @@ class KerasCapture:
     def _on_overflow(self, original):
         def handle_non_finite():
             original()
-            width = state.LAYERS_START + self.state.num_layers
-            row = tf.tensor_scatter_nd_update(
-                tf.fill([width], float("nan")), [[state.FLAGS]], [float(state.OVERFLOW)])
-            self.state.append(self.optimizer.iterations + 1, row)
+            self._record_overflow()
         return handle_non_finite
+
+    def _record_overflow(self):
+        """In-graph: a row saying the loss-scale optimizer skipped this step."""
+        width = state.LAYERS_START + self.state.num_layers
+        row = tf.tensor_scatter_nd_update(
+            tf.fill([width], float("nan")), [[state.FLAGS]], [float(state.OVERFLOW)])
+        self.state.append(self.optimizer.iterations + 1, row)
 
     # -- the per-step computation -------------------------------------------
     def _layer_ids(self):

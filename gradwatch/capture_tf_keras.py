@@ -35,7 +35,6 @@ import sys
 
 import tensorflow as tf
 
-from gradwatch import state
 from gradwatch.capture import KerasCapture
 
 
@@ -80,10 +79,7 @@ class TfKerasCapture(KerasCapture):
     def install(self):
         import tf_keras
 
-        if getattr(self.optimizer, "_gradwatch_capture", None) is not None:
-            raise RuntimeError("gradwatch is already attached to this optimizer.")
-        if self.model.built and self.model.trainable_variables:
-            self.prepare()
+        self._check_unhooked_and_prepare()
         optimizer = self.optimizer
         skip = self.policy.skip_nonfinite
         if isinstance(optimizer, tf_keras.optimizers.legacy.Optimizer):
@@ -131,21 +127,13 @@ class TfKerasCapture(KerasCapture):
             return grads_and_vars
         return transform_gradients
 
-    def _begin_step(self, variables):
-        self.prepare()
-        self.traced = True
-        self._current_variables = variables
-
     def _on_loss_scale_update(self, original):
         def update(grads):
             update_op, should_apply = original(grads)
             self.prepare()  # an unbuilt model has its variables by now
 
             def record_overflow():
-                width = state.LAYERS_START + self.state.num_layers
-                row = tf.tensor_scatter_nd_update(
-                    tf.fill([width], float("nan")), [[state.FLAGS]], [float(state.OVERFLOW)])
-                self.state.append(self.optimizer.iterations + 1, row)
+                self._record_overflow()
                 return tf.constant(True)
             tf.cond(should_apply, lambda: tf.constant(False), record_overflow)
             return update_op, should_apply
