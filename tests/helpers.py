@@ -71,6 +71,42 @@ def layer_norm(variable_norms, layer):
     return float(np.sqrt(sum(variable_norms[id(v)] ** 2 for v in layer.trainable_variables)))
 
 
+def layer_objects(model, paths):
+    """The layer object of each reported path (walking nested models)."""
+    found = {}
+    for path in paths:
+        layer = model
+        for name in path.split("/"):
+            layer = layer.get_layer(name)
+        found[path] = layer
+    return found
+
+
+def assert_logged_norms_equal(logged, model, layer_paths, expected, rtol):
+    """Step `k` (from 1) of `logged` holds `expected[k - 1]`: the global and
+    every reported layer's norm, as `expected_norms_per_step` computed them."""
+    from gradwatch import tags
+
+    assert sorted(logged[tags.GLOBAL]) == list(range(1, len(expected) + 1))
+    layers = layer_objects(model, layer_paths)
+    for step, (variable_norms, global_norm) in enumerate(expected, start=1):
+        np.testing.assert_allclose(logged[tags.GLOBAL][step], global_norm, rtol=rtol)
+        for path, layer in layers.items():
+            np.testing.assert_allclose(logged[tags.layer_tag(path)][step],
+                                       layer_norm(variable_norms, layer), rtol=rtol)
+
+
+def spiked_data(steps, batch_size, spike_steps, scale=1e4, nan_steps=()):
+    """Regression data whose batches at `spike_steps` (from 1) have targets
+    times `scale`, and whose batches at `nan_steps` hold a NaN input."""
+    x, y = regression_data(n=steps * batch_size)
+    for step in spike_steps:
+        y[(step - 1) * batch_size:step * batch_size] *= scale
+    for step in nan_steps:
+        x[(step - 1) * batch_size, 0] = np.nan
+    return x, y
+
+
 def regression_data(n=64, features=8, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, features)).astype("float32")

@@ -9,21 +9,12 @@ import pytest
 
 import gradwatch
 from gradwatch import tags
-from helpers import layer_norm, read_tags, regression_data, tape_norms
+from helpers import layer_norm, read_tags, regression_data, spiked_data, tape_norms
 
 
 def mlp():
     return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="hidden"),
                              keras.layers.Dense(1, name="out")])
-
-
-def spiked_data(steps, batch_size, spike_steps, scale=1e4, nan_steps=()):
-    x, y = regression_data(n=steps * batch_size)
-    for step in spike_steps:  # steps count from 1
-        y[(step - 1) * batch_size:step * batch_size] *= scale
-    for step in nan_steps:
-        x[(step - 1) * batch_size, 0] = np.nan
-    return x, y
 
 
 def fit(tmp_path, x, y, *, learning_rate=0.0, batch_size=16, epochs=1, **monitor_args):

@@ -5,7 +5,6 @@ import logging
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import gradwatch
 from gradwatch import clipping

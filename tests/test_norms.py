@@ -3,12 +3,11 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import gradwatch
 from gradwatch import tags
-from helpers import (WeightsBeforeEachStep, expected_norms_per_step, layer_norm, read_tags,
-                     regression_data)
+from helpers import (WeightsBeforeEachStep, assert_logged_norms_equal, expected_norms_per_step,
+                     layer_norm, read_tags, regression_data)
 
 RTOL = 1e-5
 
@@ -43,17 +42,6 @@ def nested():
     return keras.Model(inputs, keras.layers.Dense(1, name="head")(encoder(inputs)))
 
 
-def layer_objects(model, paths):
-    """The layer object of each reported path (walking nested models)."""
-    found = {}
-    for path in paths:
-        layer = model
-        for name in path.split("/"):
-            layer = layer.get_layer(name)
-        found[path] = layer
-    return found
-
-
 def fit_and_compare(model, tmp_path, *, jit_compile=False, expected_paths=None, steps=4):
     x, y = regression_data(n=16 * steps)
     model(x[:1])  # weights exist before the first step, so they can be snapshot
@@ -65,14 +53,9 @@ def fit_and_compare(model, tmp_path, *, jit_compile=False, expected_paths=None, 
     if expected_paths is not None:
         assert monitor.layer_paths == expected_paths
     expected = expected_norms_per_step(model, snapshots.snapshots, x, y, 16)
+    assert len(expected) == steps
     logged = read_tags(str(tmp_path))
-    assert sorted(logged[tags.GLOBAL]) == list(range(1, steps + 1))
-    layers = layer_objects(model, monitor.layer_paths)
-    for step, (variable_norms, global_norm) in enumerate(expected, start=1):
-        np.testing.assert_allclose(logged[tags.GLOBAL][step], global_norm, rtol=RTOL)
-        for path, layer in layers.items():
-            np.testing.assert_allclose(logged[tags.layer_tag(path)][step],
-                                       layer_norm(variable_norms, layer), rtol=RTOL)
+    assert_logged_norms_equal(logged, model, monitor.layer_paths, expected, RTOL)
     return monitor, logged
 
 

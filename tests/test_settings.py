@@ -3,7 +3,6 @@ mixed precision, gradient accumulation, sparse and missing gradients."""
 
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import gradwatch

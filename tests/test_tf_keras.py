@@ -15,8 +15,8 @@ import gradwatch
 from gradwatch import tags
 from gradwatch.capture import KerasCapture
 from gradwatch.capture_tf_keras import TfKerasCapture, capture_class
-from helpers import (expected_norms_per_step, layer_norm, read_tags, regression_data, tape_norms,
-                     two_cpu_strategy)
+from helpers import (assert_logged_norms_equal, expected_norms_per_step, layer_norm, read_tags,
+                     regression_data, spiked_data, tape_norms, two_cpu_strategy)
 
 tf_keras = pytest.importorskip("tf_keras", reason="tf_keras is not installed")
 layers = tf_keras.layers
@@ -74,16 +74,6 @@ def nested():
     return tf_keras.Model(inputs, layers.Dense(1, name="head")(encoder(inputs)))
 
 
-def layer_objects(model, paths):
-    found = {}
-    for path in paths:
-        layer = model
-        for name in path.split("/"):
-            layer = layer.get_layer(name)
-        found[path] = layer
-    return found
-
-
 def fit_and_compare(model, tmp_path, *, optimizer=None, jit_compile=False, expected_paths=None, steps=4):
     x, y = regression_data(n=16 * steps)
     model(x[:1])
@@ -95,14 +85,9 @@ def fit_and_compare(model, tmp_path, *, optimizer=None, jit_compile=False, expec
     if expected_paths is not None:
         assert monitor.layer_paths == expected_paths
     expected = expected_norms_per_step(model, snapshots.snapshots, x, y, 16, mse())
+    assert len(expected) == steps
     logged = read_tags(str(tmp_path))
-    assert sorted(logged[tags.GLOBAL]) == list(range(1, steps + 1))
-    objects = layer_objects(model, monitor.layer_paths)
-    for step, (variable_norms, global_norm) in enumerate(expected, start=1):
-        np.testing.assert_allclose(logged[tags.GLOBAL][step], global_norm, rtol=RTOL)
-        for path, layer in objects.items():
-            np.testing.assert_allclose(logged[tags.layer_tag(path)][step],
-                                       layer_norm(variable_norms, layer), rtol=RTOL)
+    assert_logged_norms_equal(logged, model, monitor.layer_paths, expected, RTOL)
     return monitor, logged
 
 
@@ -242,15 +227,6 @@ def test_monitoring_changes_no_weight_bit_for_bit(tmp_path, optimizer, skip):
 
 
 # -- alerts -------------------------------------------------------------------
-def spiked_data(steps, batch_size, spike_steps, scale=1e4, nan_steps=()):
-    x, y = regression_data(n=steps * batch_size)
-    for step in spike_steps:  # steps count from 1
-        y[(step - 1) * batch_size:step * batch_size] *= scale
-    for step in nan_steps:
-        x[(step - 1) * batch_size, 0] = np.nan
-    return x, y
-
-
 def fit(tmp_path, x, y, *, optimizer=None, batch_size=16, callbacks=(), steps_per_execution=1,
         **monitor_args):
     model = sequential()
