@@ -76,6 +76,10 @@ class TfKerasCapture(KerasCapture):
     `_process()` and `uninstall()` it reuses.
     """
 
+    def make_train_function(self):
+        """Has tf_keras rebuild `model.train_function` (the host reads the device buffer)."""
+        self.model.make_train_function(force=True)
+
     def install(self):
         import tf_keras
 

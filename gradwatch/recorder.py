@@ -91,7 +91,7 @@ class Recorder:
         if hooked_function is not None:  # traced by an earlier fit() of this monitor
             model.train_function = hooked_function
         else:
-            model.make_train_function(force=True)
+            self.capture.make_train_function()
         _open_recorders.add(self)
 
     def _take_over_stale_capture(self):
@@ -190,7 +190,8 @@ class Recorder:
         events = []
         if self._layer_tags is None:
             events += self._begin_writing()
-        steps, rows, total, lost = self.capture.state.read_since(self._records_read)
+        steps, rows, total, lost = self.capture.state.read_since(
+            self._records_read, self.capture.take_latest_record())
         self._records_read = total
         if lost:
             self._warn_once("lost", f"{lost} steps were overwritten on the device before being read; "

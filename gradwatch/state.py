@@ -60,6 +60,11 @@ class DeviceState:
         _local(self.records).scatter_nd_update(slot, tf.reshape(stored, [1, -1]))
         self.record_count.assign(count + 1)
 
+    def latest_record(self):
+        """In-graph: the last record written, as stored (`[sequence, step, *row]`)."""
+        slot = tf.cast((self.record_count.read_value() - 1) % self.capacity, tf.int32)
+        return self.records.sparse_read(slot)
+
     def remember_healthy(self, global_norm, healthy):
         """In-graph: appends `global_norm` to the history when `healthy`."""
         count = self.healthy_count.read_value()
@@ -70,10 +75,19 @@ class DeviceState:
         _local(self.healthy_norms).scatter_nd_update(slot, new)
         self.healthy_count.assign(count + tf.cast(healthy, tf.int64))
 
-    def read_since(self, already_read):
+    def read_since(self, already_read, latest=None):
         """Host: `(steps, rows, total, lost)` of the records after the first
         `already_read`; `lost` counts records overwritten before being read.
-        One read of the device buffer."""
+
+        `latest`: the stored row that `latest_record()` returned at the end of
+        the last train step, or None. When it is the only new record, it is
+        used as is; else the device buffer is read (one read).
+        """
+        if latest is not None:
+            latest = np.asarray(latest)
+            if latest[_SEQ] == already_read:
+                return (latest[None, _STEP].astype(np.int64), latest[None, _STORED_START:],
+                        already_read + 1, 0)
         stored = _host_value(self.records)
         sequence = stored[:, _SEQ]
         fresh = np.flatnonzero(sequence >= already_read)

@@ -110,3 +110,20 @@ def test_same_run_and_steps_as_keras_tensorboard_callback(tmp_path):
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=callbacks)
     logged = read_tags(str(tmp_path), run="train")  # one run holds both
     assert sorted(logged["batch_loss"]) == sorted(logged[tags.GLOBAL]) == list(range(1, 9))
+
+
+def test_callbacks_and_history_never_see_the_step_record(tmp_path):
+    x, y = regression_data(n=64)
+    model = mlp()
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    seen = []
+
+    class SeeLogs(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(sorted(logs))
+
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[
+        SeeLogs(), gradwatch.GradientMonitor(str(tmp_path), update_freq=1, verbose=0), SeeLogs()])
+    assert seen == [["loss", "mae"]] * 16
+    assert sorted(history.history) == ["loss", "mae"]
+    assert sorted(read_tags(str(tmp_path))[tags.GLOBAL]) == list(range(1, 9))
