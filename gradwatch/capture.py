@@ -21,6 +21,7 @@ and updates. gradwatch wraps, on the optimizer *instance* only:
 import tensorflow as tf
 
 from gradwatch import clipping, state, stats
+from gradwatch.policy import HostDetector
 
 
 _RECORD_KEY = "_gradwatch_record"
@@ -39,6 +40,7 @@ class KerasCapture:
     def __init__(self, model, policy, capacity):
         self.model = model
         self.policy = policy
+        self.host_detector = None if policy.decides_in_graph else HostDetector(policy)
         self.outer = model.optimizer
         self.optimizer = getattr(self.outer, "inner_optimizer", self.outer)
         self.loss_scaled = self.optimizer is not self.outer
@@ -48,6 +50,7 @@ class KerasCapture:
         self._skip_pred = None
         self._installed = {}
         self.latest_record = None  # the train function's last record output, if any
+        self.last_stored = None  # trace time: the record tensor `_process` appended
 
     @property
     def ready(self):
@@ -85,9 +88,10 @@ class KerasCapture:
         train_step = model.train_step
 
         def train_step_with_record(data):
+            self.last_stored = None
             logs = train_step(data)
             if isinstance(logs, dict) and self.ready:
-                logs = {**logs, _RECORD_KEY: self.state.latest_record()}
+                logs = {**logs, _RECORD_KEY: self._stored_record()}
             return logs
 
         model.__dict__["train_step"] = train_step_with_record  # read once, by the next line
@@ -104,6 +108,15 @@ class KerasCapture:
             return logs
 
         model.train_function = train_function
+
+    def _stored_record(self):
+        """In-graph, at the end of the step: the last stored record; the
+        appended tensor itself when it is in this graph (not in a `tf.cond`
+        branch, as under a loss-scale optimizer), else read back."""
+        stored = self.last_stored
+        if stored is not None and stored.graph is tf.compat.v1.get_default_graph():
+            return stored
+        return self.state.latest_record()
 
     def take_latest_record(self):
         """The last step's record output (then forgotten), or None."""
@@ -201,6 +214,17 @@ class KerasCapture:
         layer_sq = stats.sum_by_layer(variable_sq, layer_ids, num_layers + 1)
         global_norm = stats.global_norm(layer_sq)
         nonfinite = stats.is_nonfinite(layer_sq)
+        if self.policy.decides_in_graph:
+            grads, head = self._decide(grads, variable_sq, global_norm, nonfinite)
+        else:  # nothing in the step depends on detection: the host detects (`HostDetector`)
+            head = [global_norm, global_norm, tf.constant(float("nan")), tf.constant(0.0),
+                    tf.cast(nonfinite, tf.float32) * float(state.NONFINITE)]
+        row = tf.concat([tf.stack(head), tf.sqrt(layer_sq[:num_layers])], axis=0)
+        self.last_stored = self.state.append(self.optimizer.iterations + 1, row)
+        return grads
+
+    def _decide(self, grads, variable_sq, global_norm, nonfinite):
+        """In-graph: detection, clipping and skipping; `(new grads, record head)`."""
         step_result = self.policy.decide(self.state, global_norm, nonfinite)
         new_grads, clipped_norm = grads, global_norm
         if self.policy.clip_mode is not None:
@@ -210,13 +234,9 @@ class KerasCapture:
             clipped_norm = _clipped_global_norm(
                 self.policy.clip_mode, new_grads, variable_sq, step_result)
         self._skip_pred = step_result.skip if self.policy.skip_nonfinite else None
-        row = tf.concat([
-            tf.stack([global_norm, clipped_norm, step_result.threshold,
-                      tf.where(step_result.clip_active, step_result.clip_threshold, 0.0),
-                      step_result.flags]),
-            tf.sqrt(layer_sq[:num_layers])], axis=0)
-        self.state.append(self.optimizer.iterations + 1, row)
-        return new_grads
+        return new_grads, [global_norm, clipped_norm, step_result.threshold,
+                           tf.where(step_result.clip_active, step_result.clip_threshold, 0.0),
+                           step_result.flags]
 
 
 def _clipped_global_norm(mode, clipped_grads, variable_sq, step_result):

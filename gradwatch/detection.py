@@ -1,9 +1,12 @@
 """Pure gradient-explosion detectors, usable inside a compiled train step.
 
-State in, new state out (the caller keeps it in `tf.Variable`s). All math is
-float32 and branch-free, so the functions run eagerly, in `tf.function` and
-under XLA (`jit_compile=True`) without retracing per step; they accept Python
-and NumPy numbers and work elementwise on same-shaped tensors.
+State in, new state out (the caller keeps it). The maths is written once over
+an `ops` namespace: `TENSOR_OPS` (the default) is float32 and branch-free, so
+the functions run eagerly, in `tf.function` and under XLA (`jit_compile=True`)
+without retracing per step; they accept Python and NumPy numbers and work
+elementwise on same-shaped tensors. `FLOAT_OPS` runs the same maths on Python
+floats (float64), for detection on the host: a few microseconds a step where
+the in-graph version would add ~40 ops to every train step.
 
 The adaptive detector (ZClip-like) keeps an exponential moving mean and
 variance of log(global_norm); its threshold is
@@ -90,21 +93,44 @@ class AdaptiveConfig:
 WARMUP_MIN_STEPS = 3
 
 
-def _float32(value):
-    return tf.cast(value, tf.float32)
+class TENSOR_OPS:  # noqa: N801 -- a namespace, like `math`
+    """The maths on float32 tensors, branch-free (in-graph, XLA)."""
+
+    float32 = staticmethod(lambda value: tf.cast(value, tf.float32))
+    exp, sqrt, log, maximum, where = tf.exp, tf.sqrt, tf.math.log, tf.maximum, tf.where
+    clip, is_finite, is_nan = tf.clip_by_value, tf.math.is_finite, tf.math.is_nan
+    logical_and, logical_or, logical_not = tf.logical_and, tf.logical_or, tf.logical_not
+    as_bool = staticmethod(lambda value: tf.cast(value, tf.bool))
 
 
-def initial_adaptive_state():
+def _exp(value):
+    return math.exp(value) if value < 709.0 else math.inf
+
+
+class FLOAT_OPS:  # noqa: N801
+    """The same maths on Python floats (host side, float64)."""
+
+    float32, as_bool = float, bool
+    exp, sqrt, log, is_finite, is_nan = staticmethod(_exp), math.sqrt, math.log, math.isfinite, math.isnan
+    maximum = staticmethod(lambda a, b: a if a >= b else b)
+    where = staticmethod(lambda condition, a, b: a if condition else b)
+    clip = staticmethod(lambda value, low, high: min(max(value, low), high))
+    logical_and = staticmethod(lambda a, b: a and b)
+    logical_or = staticmethod(lambda a, b: a or b)
+    logical_not = staticmethod(lambda a: not a)
+
+
+def initial_adaptive_state(ops=TENSOR_OPS):
     """The state before the first step: no steps seen, zero mean and variance.
 
     >>> [float(value) for value in initial_adaptive_state()]
     [0.0, 0.0, 0.0]
     """
-    zero = tf.zeros([], tf.float32)
+    zero = ops.float32(0.0)
     return AdaptiveState(zero, zero, zero)
 
 
-def adaptive_threshold(state, config):
+def adaptive_threshold(state, config, ops=TENSOR_OPS):
     """The explosion threshold in norm units.
 
     `+inf` for the first `WARMUP_MIN_STEPS` steps, then `warmup_ratio` times
@@ -122,25 +148,23 @@ def adaptive_threshold(state, config):
     ...     state = update_adaptive_state(state, norm, False, config)
     >>> round(float(adaptive_threshold(state, config)), 4)  # no spread: min_ratio * 1.0
     4.0
+    >>> adaptive_threshold(initial_adaptive_state(FLOAT_OPS), config, FLOAT_OPS)  # on the host
+    inf
     """
-    count, log_norm_mean, log_norm_var = (_float32(value) for value in state)
-    threshold = tf.exp(log_norm_mean + _log_margin(log_norm_var, config))
-    warmup_threshold = tf.where(count < WARMUP_MIN_STEPS, tf.constant(math.inf, tf.float32),
-                                tf.exp(log_norm_mean) * _float32(config.warmup_ratio))
-    return tf.where(_warming_up(count, config), warmup_threshold, threshold)
+    count, log_norm_mean, log_norm_var = (ops.float32(value) for value in state)
+    threshold = ops.exp(log_norm_mean + _log_margin(log_norm_var, config, ops))
+    warmup_threshold = ops.where(count < WARMUP_MIN_STEPS, ops.float32(math.inf),
+                                 ops.exp(log_norm_mean) * config.warmup_ratio)
+    return ops.where(count < config.warmup_steps, warmup_threshold, threshold)
 
 
-def _log_margin(log_norm_var, config):
+def _log_margin(log_norm_var, config, ops):
     """log(threshold / typical norm): z * std, clipped to [log(min_ratio), log(max_ratio)]."""
-    return tf.clip_by_value(_float32(config.z_threshold) * tf.sqrt(log_norm_var),
-                            tf.math.log(_float32(config.min_ratio)), tf.math.log(_float32(config.max_ratio)))
+    return ops.clip(config.z_threshold * ops.sqrt(log_norm_var),
+                    math.log(config.min_ratio), math.log(config.max_ratio))
 
 
-def _warming_up(count, config):
-    return count < _float32(config.warmup_steps)
-
-
-def update_adaptive_state(state, global_norm, exploded, config):
+def update_adaptive_state(state, global_norm, exploded, config, ops=TENSOR_OPS):
     """The state after one step; unchanged if `exploded` or the norm is not finite and positive.
 
     After warm-up, a norm below `typical / margin` (the threshold mirrored
@@ -154,28 +178,28 @@ def update_adaptive_state(state, global_norm, exploded, config):
     >>> float(same.count)
     1.0
     """
-    count, log_norm_mean, log_norm_var = (_float32(value) for value in state)
-    norm = _float32(global_norm)
-    healthy = tf.logical_and(tf.logical_not(tf.cast(exploded, tf.bool)),
-                             tf.logical_and(tf.math.is_finite(norm), norm > 0))
-    log_norm = tf.math.log(tf.where(healthy, norm, tf.ones_like(norm)))
+    count, log_norm_mean, log_norm_var = (ops.float32(value) for value in state)
+    norm = ops.float32(global_norm)
+    healthy = ops.logical_and(ops.logical_not(ops.as_bool(exploded)),
+                              ops.logical_and(ops.is_finite(norm), norm > 0))
+    log_norm = ops.log(ops.where(healthy, norm, 1.0))
     # After warm-up, unusually small norms enter as if at the mirror image of
     # the threshold, so one near-zero step cannot drag the threshold down.
-    log_floor = log_norm_mean - _log_margin(log_norm_var, config)
-    log_norm = tf.where(_warming_up(count, config), log_norm, tf.maximum(log_norm, log_floor))
-    weight = tf.maximum(1.0 / (count + 1.0), 1.0 - _float32(config.decay))
+    log_floor = log_norm_mean - _log_margin(log_norm_var, config, ops)
+    log_norm = ops.where(count < config.warmup_steps, log_norm, ops.maximum(log_norm, log_floor))
+    weight = ops.maximum(1.0 / (count + 1.0), ops.float32(1.0 - config.decay))
     deviation = log_norm - log_norm_mean
     # Welford-style update: exact running mean/variance while weight = 1/n.
     new_mean = log_norm_mean + weight * deviation
     new_var = (1.0 - weight) * (log_norm_var + weight * deviation * deviation)
     return AdaptiveState(
-        tf.where(healthy, count + 1.0, count),
-        tf.where(healthy, new_mean, log_norm_mean),
-        tf.where(healthy, new_var, log_norm_var),
+        ops.where(healthy, count + 1.0, count),
+        ops.where(healthy, new_mean, log_norm_mean),
+        ops.where(healthy, new_var, log_norm_var),
     )
 
 
-def is_explosion(global_norm, threshold):
+def is_explosion(global_norm, threshold, ops=TENSOR_OPS):
     """`not (global_norm < threshold)`: NaN and Inf always explode, and so does equality.
 
     Spelled `norm >= threshold or isnan(norm) or isnan(threshold)`: in graph
@@ -184,5 +208,5 @@ def is_explosion(global_norm, threshold):
     >>> [bool(is_explosion(norm, 10.0)) for norm in [9.9, 10.0, float("nan"), float("inf")]]
     [False, True, True, True]
     """
-    norm, threshold = _float32(global_norm), _float32(threshold)
-    return tf.logical_or(norm >= threshold, tf.logical_or(tf.math.is_nan(norm), tf.math.is_nan(threshold)))
+    norm, threshold = ops.float32(global_norm), ops.float32(threshold)
+    return ops.logical_or(norm >= threshold, ops.logical_or(ops.is_nan(norm), ops.is_nan(threshold)))

@@ -193,6 +193,8 @@ class Recorder:
         steps, rows, total, lost = self.capture.state.read_since(
             self._records_read, self.capture.take_latest_record())
         self._records_read = total
+        if self.capture.host_detector is not None:
+            self.capture.host_detector.detect(rows)
         if lost:
             self._warn_once("lost", f"{lost} steps were overwritten on the device before being read; "
                                     "use a smaller `update_freq`.")

@@ -52,13 +52,15 @@ class DeviceState:
             self.healthy_count = make(tf.zeros([], tf.int64))
 
     def append(self, step, row):
-        """In-graph: writes one record at the next ring-buffer slot."""
+        """In-graph: writes one record at the next ring-buffer slot; returns
+        the stored row (`[sequence, step, *row]`)."""
         count = self.record_count.read_value()
         slot = tf.reshape(tf.cast(count % self.capacity, tf.int32), [1, 1])
         stored = tf.concat([tf.cast(tf.stack([count, tf.cast(step, tf.int64)]), tf.float64),
                             tf.cast(row, tf.float64)], axis=0)
         _local(self.records).scatter_nd_update(slot, tf.reshape(stored, [1, -1]))
         self.record_count.assign(count + 1)
+        return stored
 
     def latest_record(self):
         """In-graph: the last record written, as stored (`[sequence, step, *row]`)."""
@@ -84,7 +86,7 @@ class DeviceState:
         used as is; else the device buffer is read (one read).
         """
         if latest is not None:
-            latest = np.asarray(latest)
+            latest = np.array(latest, dtype=np.float64)  # a copy: the caller may write to it
             if latest[_SEQ] == already_read:
                 return (latest[None, _STEP].astype(np.int64), latest[None, _STORED_START:],
                         already_read + 1, 0)

@@ -95,11 +95,21 @@ def combine_duplicate_rows(slices):
 
 
 def variable_squared_norms(grads):
-    """Squared norm of each gradient (`[len(grads)]` float32); `None` gives 0."""
+    """Squared norm of each gradient (`[len(grads)]` float32); `None` gives 0.
+
+    Dense gradients take one op each (`tf.nn.l2_loss`, half the squared norm).
+    """
     if not grads:
         return tf.zeros([0], tf.float32)
-    return tf.stack([tf.zeros([], tf.float32) if g is None else squared_norm(g)
-                     for g in grads])
+    return 2.0 * tf.stack([_half_squared_norm(g) for g in grads])
+
+
+def _half_squared_norm(grad):
+    if grad is None:
+        return tf.zeros([], tf.float32)
+    if isinstance(grad, tf.IndexedSlices):
+        return 0.5 * squared_norm(grad)
+    return tf.nn.l2_loss(tf.cast(grad, tf.float32))
 
 
 def layer_squared_norms(grads, layer_ids, num_layers):

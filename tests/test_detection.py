@@ -136,6 +136,40 @@ def test_matches_numpy_reference(config):
         np.testing.assert_allclose(eager_thresholds, thresholds[:80], rtol=1e-6)
 
 
+def run_on_host(norms, config):
+    """The detector on Python floats (`FLOAT_OPS`), as the host runs it."""
+    ops, state, thresholds, alarms = detection.FLOAT_OPS, initial_adaptive_state(detection.FLOAT_OPS), [], []
+    for norm in norms:
+        threshold = adaptive_threshold(state, config, ops)
+        exploded = is_explosion(float(norm), threshold, ops)
+        state = update_adaptive_state(state, float(norm), exploded, config, ops)
+        thresholds.append(threshold)
+        alarms.append(exploded)
+    return np.array(thresholds), np.array(alarms), state
+
+
+@pytest.mark.parametrize("config", [DEFAULTS, AdaptiveConfig(10, 0.9, 3.0, 1.5, 50.0), AdaptiveConfig(0, 0.0, 1.0, 1.0, 1.0)])
+def test_host_float_maths_matches_the_in_graph_maths_and_the_reference(config):
+    norms = healthy_sequence(3, 200, 0.4, 100, 0.01)
+    norms[[60, 61, 120]] *= 1000.0
+    norms[[80, 100, 110, 130]] = [np.nan, np.inf, 0.0, 1e-30]
+    thresholds, alarms, state = run_on_host(norms, config)
+    graph_thresholds, graph_alarms, graph_state = compiled_replay(config, False)(norms)
+    reference = NumpyDetector(config)
+    reference_alarms = [reference.step(float(norm)) for norm in norms]
+    np.testing.assert_array_equal(alarms, graph_alarms)
+    np.testing.assert_array_equal(alarms, reference_alarms)
+    np.testing.assert_allclose(thresholds, graph_thresholds, rtol=2e-5)
+    np.testing.assert_allclose(list(state), [float(v) for v in graph_state], rtol=2e-5, atol=1e-6)
+    assert all(type(value) is float for value in state) and type(alarms[0]) is np.bool_
+
+
+def test_host_maths_survives_huge_norms():
+    state = detection.AdaptiveState(60.0, 709.0, 0.0)  # typical norm e^709: the threshold overflows float64
+    assert adaptive_threshold(state, DEFAULTS, detection.FLOAT_OPS) == math.inf
+    assert is_explosion(math.inf, math.inf, detection.FLOAT_OPS) is True
+
+
 def test_state_is_exact_running_mean_and_variance_before_the_ema_takes_over():
     config = AdaptiveConfig(decay=0.9)  # weight 1/n for the first 10 steps
     norms = [1.0, 2.0, 4.0, 0.5, 3.0]
