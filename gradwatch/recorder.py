@@ -199,21 +199,28 @@ class Recorder:
             self._warn_once("lost", f"{lost} steps were overwritten on the device before being read; "
                                     "use a smaller `update_freq`.")
         if len(steps):
-            explosions = alerts.explosions_from_records(
-                steps, rows, self.layer_paths, epoch, self.monitor.top_layers)
-            self.monitor.explosions.extend(explosions)
-            by_step = {e.step: e for e in explosions}
-            # Log in step order: the alerts up to the switch, the switch, the rest.
-            switched = np.flatnonzero(state.has_flag(rows[:, state.FLAGS], state.CLIP_SWITCHED_ON))
-            cut = int(switched[0]) + 1 if len(switched) else len(steps)
-            lines = self._guard("alerts", lambda: self._alert_log.feed(steps[:cut], rows[:cut], by_step), [])
-            switches = self._guard("clipping", lambda: self._clipping_switches(
-                steps, rows, explosions, epoch), [])
-            lines += self._guard("alerts", lambda: self._alert_log.feed(steps[cut:], rows[cut:], by_step), [])
+            explosions, switches, lines = self._react(steps, rows, epoch)
             events += writing.batch_events(steps, rows, self._layer_tags, self.capture.policy.clip_mode,
                                            explosions, switches, lines)
         if events or flush:
             self._output.write(events, flush=flush)
+
+    def _react(self, steps, rows, epoch):
+        """`(explosions, clipping switches, alert lines)` of drained records."""
+        if self._alert_log.burst is None and not state.has_flag(
+                rows[:, state.FLAGS], state.EXPLODED | state.CLIP_SWITCHED_ON).any():
+            return [], [], []  # a quiet batch: nothing to log
+        explosions = alerts.explosions_from_records(
+            steps, rows, self.layer_paths, epoch, self.monitor.top_layers)
+        self.monitor.explosions.extend(explosions)
+        by_step = {e.step: e for e in explosions}
+        # Log in step order: the alerts up to the switch, the switch, the rest.
+        switched = np.flatnonzero(state.has_flag(rows[:, state.FLAGS], state.CLIP_SWITCHED_ON))
+        cut = int(switched[0]) + 1 if len(switched) else len(steps)
+        lines = self._guard("alerts", lambda: self._alert_log.feed(steps[:cut], rows[:cut], by_step), [])
+        switches = self._guard("clipping", lambda: self._clipping_switches(steps, rows, explosions, epoch), [])
+        lines += self._guard("alerts", lambda: self._alert_log.feed(steps[cut:], rows[cut:], by_step), [])
+        return explosions, switches, lines
 
     def _clipping_switches(self, steps, rows, explosions, epoch):
         switched = state.has_flag(rows[:, state.FLAGS], state.CLIP_SWITCHED_ON)

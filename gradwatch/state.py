@@ -86,7 +86,7 @@ class DeviceState:
         used as is; else the device buffer is read (one read).
         """
         if latest is not None:
-            latest = np.array(latest, dtype=np.float64)  # a copy: the caller may write to it
+            latest = np.array(latest.numpy() if hasattr(latest, "numpy") else latest, np.float64)  # a copy
             if latest[_SEQ] == already_read:
                 return (latest[None, _STEP].astype(np.int64), latest[None, _STORED_START:],
                         already_read + 1, 0)

@@ -116,6 +116,7 @@ class ReopeningWriter:
         new files are opened per call; past that the rest is dropped."""
         flush = flush or time.monotonic() - self._flushed_at >= FLUSH_SECONDS
         events = list(events) + ([(None, self._flush)] if flush else [])
+        self._drop_deleted_file()
         opens = 0
         for index, (step, write) in enumerate(events):
             for attempt in range(2):
@@ -158,10 +159,13 @@ class ReopeningWriter:
             except Exception:
                 pass
 
-    def _usable_writer(self):
-        """The open writer; a new one if it failed or its file was deleted; None if none opens."""
+    def _drop_deleted_file(self):
+        """Closes the writer if its event file was deleted (a new one opens)."""
         if self.writer is not None and not _exists(self.writer.path):
             self.failed(FileNotFoundError(f"the event file {self.writer.path} was deleted"))
+
+    def _usable_writer(self):
+        """The open writer; a new one if it failed; None if none opens."""
         if self.writer is None:
             try:
                 self.writer = summaries.EventWriter(self.run_dir)
