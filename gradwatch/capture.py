@@ -6,7 +6,8 @@ Where the gradient is taken: Keras' `apply()` unscales (loss scaling),
 and updates. gradwatch wraps, on the optimizer *instance* only:
 
 - `_all_reduce_sum_gradients`: after the cross-replica sum, computes the
-  statistics, detection and clipping in-graph and returns the clipped gradient;
+  statistics and records them in-graph; when the step may clip or skip, also
+  detection and clipping (else the host detects), and returns the gradient;
 - `_clip_gradients`: made a no-op, so Keras never clips the per-replica
   gradient; a `clipnorm`/`clipvalue`/`global_clipnorm` set on the optimizer is
   applied by gradwatch, after the sum (its norms are then pre-clip norms);
@@ -23,7 +24,6 @@ import tensorflow as tf
 from gradwatch import clipping, state, stats
 from gradwatch.policy import HostDetector
 
-
 _RECORD_KEY = "_gradwatch_record"
 
 
@@ -35,10 +35,13 @@ class KerasCapture:
         policy: a `gradwatch.policy.StepPolicy` with the detection and
             clipping settings.
         capacity: rows of the on-device ring buffer.
+        return_records: the host reads every step's record: on one device the
+            step then also returns it (see `make_train_function`).
     """
 
-    def __init__(self, model, policy, capacity):
+    def __init__(self, model, policy, capacity, return_records=False):
         self.model = model
+        self.return_records = return_records
         self.policy = policy
         self.host_detector = None if policy.decides_in_graph else HostDetector(policy)
         self.outer = model.optimizer
@@ -76,13 +79,15 @@ class KerasCapture:
     def make_train_function(self):
         """Has Keras rebuild `model.train_function` (traced with the hook).
 
-        On a single device, the step also returns its record (one gathered
-        row) as an extra output, taken off the logs before any callback sees
+        With `return_records`, on a single device, the step also returns its
+        record as an extra output, taken off the logs before any callback sees
         them: the host then reads a record that is already in memory instead
-        of running one more op on the device buffer (~70 us a step on CPU).
+        of running one more op on the device buffer (~75 us a step on a CPU,
+        where the extra output costs ~30 us: not worth it for fewer reads).
         """
         model = self.model
-        if type(model.distribute_strategy).__name__ != "_DefaultDistributionStrategy":
+        single_device = type(model.distribute_strategy).__name__ == "_DefaultDistributionStrategy"
+        if not (self.return_records and single_device):
             model.make_train_function(force=True)
             return
         train_step = model.train_step
@@ -110,9 +115,8 @@ class KerasCapture:
         model.train_function = train_function
 
     def _stored_record(self):
-        """In-graph, at the end of the step: the last stored record; the
-        appended tensor itself when it is in this graph (not in a `tf.cond`
-        branch, as under a loss-scale optimizer), else read back."""
+        """In-graph, at the end of the step: the appended record tensor if it is in
+        this graph (not in a `tf.cond` branch, as under loss scaling), else read back."""
         stored = self.last_stored
         if stored is not None and stored.graph is tf.compat.v1.get_default_graph():
             return stored
@@ -213,12 +217,10 @@ class KerasCapture:
         variable_sq = stats.variable_squared_norms(grads)
         layer_sq = stats.sum_by_layer(variable_sq, layer_ids, num_layers + 1)
         global_norm = stats.global_norm(layer_sq)
-        nonfinite = stats.is_nonfinite(layer_sq)
         if self.policy.decides_in_graph:
-            grads, head = self._decide(grads, variable_sq, global_norm, nonfinite)
-        else:  # nothing in the step depends on detection: the host detects (`HostDetector`)
-            head = [global_norm, global_norm, tf.constant(float("nan")), tf.constant(0.0),
-                    tf.cast(nonfinite, tf.float32) * float(state.NONFINITE)]
+            grads, head = self._decide(grads, variable_sq, global_norm, stats.is_nonfinite(layer_sq))
+        else:  # nothing in the step depends on detection: the host detects and flags (`HostDetector`)
+            head = [global_norm, global_norm, tf.constant(float("nan")), tf.constant(0.0), tf.constant(0.0)]
         row = tf.concat([tf.stack(head), tf.sqrt(layer_sq[:num_layers])], axis=0)
         self.last_stored = self.state.append(self.optimizer.iterations + 1, row)
         return grads

@@ -107,7 +107,8 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
         writer = _open_writer(self._role.run_dir(os.path.join(self.log_dir, tags.TRAIN_RUN)))
         capture, hooked_function = self._reusable_capture(policy)
         if capture is None:  # Keras 3 or tf_keras, from the model's class
-            capture = capture_tf_keras.capture_class(self.model)(self.model, policy, self._capacity())
+            capture = capture_tf_keras.capture_class(self.model)(
+                self.model, policy, self._capacity(), return_records=self._drains_every_step())
         print_fn = _print_msg if self.verbose and self._role.chief else None
         recorder = Recorder(self, capture, writer, print_fn)
         self._role.begin()
@@ -192,12 +193,16 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             skip_nonfinite=self.skip_nonfinite and not hasattr(optimizer, "inner_optimizer"))
 
     def _capacity(self):
-        interval = self._drain_interval()
+        return 2 * (self._drain_interval() + self._steps_per_execution()) + 16
+
+    def _drains_every_step(self):
+        return self._drain_interval() == 1 and self._steps_per_execution() == 1
+
+    def _steps_per_execution(self):
         steps_per_execution = getattr(self.model, "steps_per_execution", 1)
         if hasattr(steps_per_execution, "numpy"):  # tf_keras keeps it in a variable
             steps_per_execution = steps_per_execution.numpy()
-        steps_per_execution = int(steps_per_execution or 1)
-        return 2 * (interval + steps_per_execution) + 16
+        return int(steps_per_execution or 1)
 
     def get_config(self):
         return {"log_dir": self.log_dir, "update_freq": self.update_freq,

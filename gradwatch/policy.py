@@ -142,9 +142,9 @@ class HostDetector:
     Python floats (`detection.FLOAT_OPS`), a few microseconds a record instead
     of ~40 ops in every train step.
 
-    `detect(rows)` fills the THRESHOLD column and the EXPLODED flag of drained
-    records (`gradwatch.state` layout), in step order; the statistics carry over
-    from one call, and one `fit()`, to the next.
+    `detect(rows)` fills the THRESHOLD column and the EXPLODED and NONFINITE
+    flags of drained records (`gradwatch.state` layout), in step order; the
+    statistics carry over from one call, and one `fit()`, to the next.
 
     Example:
 
@@ -174,4 +174,5 @@ class HostDetector:
                 self.adaptive_state = detection.update_adaptive_state(
                     self.adaptive_state, norm, exploded, config, ops)
             row[state.THRESHOLD] = threshold
-            row[state.FLAGS] = flags | (state.EXPLODED if exploded else 0)
+            row[state.FLAGS] = (flags | (state.EXPLODED if exploded else 0)
+                                | (0 if math.isfinite(norm) else state.NONFINITE))

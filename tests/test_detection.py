@@ -331,3 +331,30 @@ def test_config_is_frozen_and_defaults_catch_100x():
 
 def test_docstring_examples():
     assert doctest.testmod(detection, raise_on_error=False).failed == 0
+
+
+def test_host_detector_flags_rows_like_the_in_graph_replay():
+    from gradwatch import policy, state
+
+    norms = healthy_sequence(4, 120, 0.3, 200, 3.0)
+    norms[[70, 100]] = [norms[70] * 500.0, np.nan]
+    rows = np.zeros([len(norms) + 1, state.LAYERS_START])
+    rows[:-1, state.GLOBAL] = norms
+    rows[-1, state.FLAGS] = state.OVERFLOW  # a step the loss-scale optimizer skipped: left alone
+    rows[-1, state.GLOBAL] = np.nan
+    detector = policy.HostDetector(policy.StepPolicy())
+    detector.detect(rows[:50])  # two drains: the statistics carry over
+    detector.detect(rows[50:])
+    thresholds, alarms, _ = REPLAY(norms)
+    np.testing.assert_allclose(rows[:-1, state.THRESHOLD], thresholds, rtol=2e-5)
+    flags = rows[:, state.FLAGS]
+    assert np.flatnonzero(state.has_flag(flags, state.EXPLODED)).tolist() == [70, 100] == np.flatnonzero(
+        alarms).tolist()
+    assert np.flatnonzero(state.has_flag(flags, state.NONFINITE)).tolist() == [100]
+    assert flags[-1] == state.OVERFLOW and rows[-1, state.THRESHOLD] == 0.0
+
+
+def test_policy_docstring_examples():
+    from gradwatch import policy
+
+    assert doctest.testmod(policy, raise_on_error=False).failed == 0
