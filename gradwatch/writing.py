@@ -21,9 +21,12 @@ from gradwatch import state, summaries, tags
 
 logger = logging.getLogger("gradwatch")
 
-# Between drains that do not ask for it, events are flushed to disk at most
-# this often (epoch ends and the end of training always flush).
+# Events are queued in memory and written and flushed together at most this
+# often, or when a drain asks (epoch ends, the end of training), or when
+# `_MAX_QUEUED` are waiting: encoding a batch at once costs a fraction of
+# encoding each step's event after its step (cold caches).
 FLUSH_SECONDS = 2.0
+_MAX_QUEUED = 4096
 # New event files one `write` may open after failures (bounds file creation
 # while a disk stays full).
 _OPENS_PER_CALL = 4
@@ -101,21 +104,26 @@ class ReopeningWriter:
         self.missing_steps = 0  # steps that could not be written
         self._warned = False
         self._flushed_at = time.monotonic()
+        self._queued = []
 
     def _flush(self, writer):
         writer.flush()
         self._flushed_at = time.monotonic()
 
     def write(self, events, flush=True):
-        """Writes `events` in order, then flushes if `flush` or if the last
-        flush is `FLUSH_SECONDS` old; never raises.
+        """Queues `events`; writes all queued events in order and flushes if
+        `flush`, if the last flush is `FLUSH_SECONDS` old or if `_MAX_QUEUED`
+        are waiting; never raises.
 
         An event whose write fails closes the event file and is retried once
         in a new one; if that fails too it is dropped (counted if it holds a
         step's norms) and the next events go on. At most `_OPENS_PER_CALL`
         new files are opened per call; past that the rest is dropped."""
-        flush = flush or time.monotonic() - self._flushed_at >= FLUSH_SECONDS
-        events = list(events) + ([(None, self._flush)] if flush else [])
+        self._queued.extend(events)
+        if not (flush or len(self._queued) >= _MAX_QUEUED
+                or time.monotonic() - self._flushed_at >= FLUSH_SECONDS):
+            return
+        events, self._queued = self._queued + [(None, self._flush)], []
         self._drop_deleted_file()
         opens = 0
         for index, (step, write) in enumerate(events):
@@ -135,7 +143,9 @@ class ReopeningWriter:
                 self.missing_steps += step is not None
 
     def close(self):
-        """Closes the event file; never raises."""
+        """Writes the queued events and closes the event file; never raises."""
+        if self._queued:
+            self.write([], flush=True)
         if self.writer is not None:
             try:
                 self.writer.close()

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import gradwatch
-from gradwatch import alerts, clipping, logs, recorder, tags
+from gradwatch import alerts, clipping, logs, recorder, tags, writing
 from gradwatch.summaries import EventWriter
 from helpers import read_tags, regression_data
 
@@ -224,7 +224,20 @@ def test_flush_errors_are_logged_once(tmp_path, caplog, monkeypatch, reference_w
     assert_same_weights(model, reference_weights)
 
 
-def test_log_folder_removed_mid_run(tmp_path, caplog, reference_weights):
+@pytest.fixture
+def write_every_drain(monkeypatch):
+    """Queued events are written at every drain (as when each drain comes 2 s after the last)."""
+    monkeypatch.setattr(writing, "FLUSH_SECONDS", 0.0)
+
+
+def test_queued_events_survive_a_log_folder_removed_before_they_are_written(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="gradwatch")
+    remove = At(lambda model: shutil.rmtree(tmp_path / "logs"), 3)
+    fit(make_model(), [monitor(tmp_path / "logs", update_freq=1), remove])  # well under 2 s
+    assert sorted(read_tags(str(tmp_path / "logs"))[tags.GLOBAL]) == list(range(1, TOTAL + 1))
+
+
+def test_log_folder_removed_mid_run(tmp_path, caplog, reference_weights, write_every_drain):
     caplog.set_level(logging.WARNING, logger="gradwatch")
     remove = At(lambda model: shutil.rmtree(tmp_path / "logs"), 3)
     model = fit(make_model(), [monitor(tmp_path / "logs", update_freq=1), remove])
@@ -235,7 +248,7 @@ def test_log_folder_removed_mid_run(tmp_path, caplog, reference_weights):
     assert_same_weights(model, reference_weights)
 
 
-def test_log_folder_unwritable_then_back(tmp_path, caplog, reference_weights):
+def test_log_folder_unwritable_then_back(tmp_path, caplog, reference_weights, write_every_drain):
     caplog.set_level(logging.INFO, logger="gradwatch")
     log_dir = tmp_path / "logs"
 
@@ -379,3 +392,23 @@ def test_a_long_burst_is_one_fixed_size_record_and_few_lines(caplog):
     lines = log.feed(steps, rows, records) + log.close()
     assert len(lines) == 1 + 10000 // log.summary_every + 1
     assert clipping.AUTO_HISTORY == 512
+
+
+def test_events_are_queued_until_a_flush_is_due(tmp_path, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(writing.time, "monotonic", lambda: now[0])
+    output = writing.ReopeningWriter(EventWriter(str(tmp_path / "train")), on_new_file=lambda writer: None)
+    written = lambda: sorted(read_tags(str(tmp_path)).get(tags.GLOBAL, {}))  # noqa: E731
+    for step in (1, 2):
+        output.write([writing.scalars_event(step, {tags.GLOBAL: 1.0})], flush=False)
+    assert written() == []  # queued
+    now[0] += writing.FLUSH_SECONDS
+    output.write([writing.scalars_event(3, {tags.GLOBAL: 1.0})], flush=False)
+    assert written() == [1, 2, 3]  # a flush was due: everything queued, in order
+    output.write([writing.scalars_event(4, {tags.GLOBAL: 1.0})], flush=False)
+    monkeypatch.setattr(writing, "_MAX_QUEUED", 2)
+    output.write([writing.scalars_event(5, {tags.GLOBAL: 1.0})], flush=False)
+    assert written() == [1, 2, 3, 4, 5]  # too many waiting
+    output.write([writing.scalars_event(6, {tags.GLOBAL: 1.0})], flush=False)
+    output.close()
+    assert written() == [1, 2, 3, 4, 5, 6]  # close writes the rest
