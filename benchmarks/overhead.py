@@ -4,19 +4,21 @@ Every configuration (plain, gradwatch settings, Keras' TensorBoard callback)
 trains its own instance of the same model (same initial weights, same
 synthetic data) in ONE process. Each configuration runs one long `fit()` in
 its own thread, but the threads take turns: a scheduler lets exactly one of
-them run one epoch at a time, in a fresh random order every round. So epochs
-are interleaved in time (drift of a shared machine hits every configuration
-alike), nothing runs concurrently, and no `fit()` is restarted (gradwatch
-retraces the train function at every `fit()`; that start-up cost is not a step
+them run one block of steps (a sixth of an epoch by default) at a time, in a
+fresh random order for every block. So the configurations are interleaved
+finely in time (a slow spell of a shared virtual machine, which lasts from
+milliseconds to seconds, hits every configuration alike), nothing runs
+concurrently, and no `fit()` is restarted (that start-up cost is not a step
 cost and is reported apart, as "trace").
 
-An epoch is timed from its `on_epoch_begin` (first callback) to its
-`on_epoch_end` (last callback), so it includes every callback's batch and
-epoch-end work (gradwatch's drains and flush, TensorBoard's histograms).
-Per round the ratio of a configuration is its step time over plain's step
-time of the same round; the table shows the median ratio over the measured
-rounds (the first `--warmup` rounds, which trace and warm up, are dropped)
-and the median ms/step.
+A block is timed from its first step's `on_train_batch_begin` (first
+callback) to its last step's `on_train_batch_end` (last callback); an epoch's
+last block ends after every callback's `on_epoch_end`. So an epoch's time, the
+sum of its blocks, includes every callback's batch and epoch-end work
+(gradwatch's drains and flush, TensorBoard's histograms). Per epoch (round)
+the ratio of a configuration is its epoch time over plain's; the table shows
+the median ratio over the measured epochs (the first `--warmup`, which trace
+and warm up, are dropped) and the median ms/step.
 
     python benchmarks/overhead.py                  # ~6-8 min on 2 shared cores
     python benchmarks/overhead.py --quick          # ~2 min, fewer/shorter rounds
@@ -146,9 +148,9 @@ class _Timed(gradwatch.GradientMonitor):
             timing["drain"] += time.perf_counter() - t
             timing["drains"] += 1
 
-        def timed_read(already):
+        def timed_read(already, latest=None):
             t = time.perf_counter()
-            out = read(already)
+            out = read(already, latest)
             timing["read"] += time.perf_counter() - t
             timing["records"] += len(out[0])
             return out
@@ -222,39 +224,57 @@ class Turns:
             self.cond.notify_all()
 
 
-class _EpochStart(keras.callbacks.Callback):
-    def __init__(self, turns, name, record):
+class _BlockStart(keras.callbacks.Callback):
+    """First callback: waits for this configuration's turn at each block's first step."""
+
+    def __init__(self, turns, name, record, block_steps):
         super().__init__()
-        self.turns, self.name, self.record = turns, name, record
+        self.turns, self.name, self.record, self.block_steps = turns, name, record, block_steps
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.turns.wait(self.name)
-        self.record["holding"] = True
-        self.record["t0"] = time.perf_counter()
-        self.record["c0"] = time.process_time()
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch % self.block_steps == 0:
+            self.turns.wait(self.name)
+            self.record["holding"] = True
+            self.record["t0"] = time.perf_counter()
+            self.record["c0"] = time.process_time()
 
 
-class _EpochEnd(keras.callbacks.Callback):
-    def __init__(self, turns, record):
+class _BlockEnd(keras.callbacks.Callback):
+    """Last callback: ends a block after its last step's callbacks; the epoch's
+    last block ends after every callback's `on_epoch_end` (drains, flushes)."""
+
+    def __init__(self, turns, record, block_steps, steps):
         super().__init__()
-        self.turns, self.record = turns, record
+        self.turns, self.record, self.block_steps, self.steps = turns, record, block_steps, steps
+        self.wall = self.cpu = 0.0
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.record["epochs"].append(time.perf_counter() - self.record["t0"])
-        self.record["cpu"].append(time.process_time() - self.record["c0"])
+    def _end_block(self):
+        self.wall += time.perf_counter() - self.record["t0"]
+        self.cpu += time.process_time() - self.record["c0"]
         self.record["holding"] = False
         self.turns.done()
 
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.block_steps == 0 and batch + 1 < self.steps:
+            self._end_block()
 
-def run_workload(key, rounds, warmup, steps, profile, seed, log_root):
+    def on_epoch_end(self, epoch, logs=None):
+        self._end_block()
+        self.record["epochs"].append(self.wall)
+        self.record["cpu"].append(self.cpu)
+        self.wall = self.cpu = 0.0
+
+
+def run_workload(key, rounds, warmup, steps, profile, seed, log_root, block_steps=None):
     spec = WORKLOADS[key]
     steps = steps or spec["steps"]
+    block_steps = block_steps or max(1, steps // 6)
     x, y = _data(spec, steps)
     keras.utils.set_random_seed(seed)
     reference = spec["build"]()
     weights = reference.get_weights()
     configs = configurations(os.path.join(log_root, key), profile)
-    turns = Turns(list(configs), rounds + warmup, seed)
+    turns = Turns(list(configs), (rounds + warmup) * -(-steps // block_steps), seed)
     records, threads = {}, []
     for name, make_callbacks in configs.items():
         model = spec["build"]()
@@ -262,8 +282,8 @@ def run_workload(key, rounds, warmup, steps, profile, seed, log_root):
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_loss(spec))
         record = {"epochs": [], "cpu": [], "holding": False, "error": None}
         safe_name = "".join(c if c.isalnum() else "_" for c in name)
-        callbacks = ([_EpochStart(turns, name, record)] + make_callbacks(safe_name)
-                     + [_EpochEnd(turns, record)])
+        callbacks = ([_BlockStart(turns, name, record, block_steps)] + make_callbacks(safe_name)
+                     + [_BlockEnd(turns, record, block_steps, steps)])
         record["callbacks"] = callbacks
 
         def run(name=name, model=model, callbacks=callbacks, record=record):
@@ -395,6 +415,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch (default per workload)")
     parser.add_argument("--quick", action="store_true", help="5 rounds, half-length epochs")
     parser.add_argument("--profile", action="store_true", help="add breakdown configurations")
+    parser.add_argument("--block-steps", type=int, default=None,
+                        help="steps per turn (default: a sixth of an epoch)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rounds = args.rounds or (5 if args.quick else 9)
@@ -404,7 +426,8 @@ def main(argv=None):
     try:
         for key in args.workloads.split(","):
             steps = args.steps or (WORKLOADS[key]["steps"] // 2 if args.quick else None)
-            res = run_workload(key, rounds, args.warmup, steps, args.profile, args.seed, log_root)
+            res = run_workload(key, rounds, args.warmup, steps, args.profile, args.seed, log_root,
+                               args.block_steps)
             print(f"{key}: {res['wall']:.0f} s", flush=True)
             results.append(res)
             if len(results) < len(args.workloads.split(",")):
