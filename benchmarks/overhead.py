@@ -174,6 +174,7 @@ def configurations(log_root, profile):
 
     configs = {
         "plain": lambda name: [],
+        "plain, a second instance (control: the noise floor)": lambda name: [],
         "gradwatch defaults (update_freq=100)": gw(),
         "gradwatch update_freq=1": gw(_Timed, update_freq=1) if profile else gw(update_freq=1),
         "gradwatch auto_clip='clipnorm'": gw(auto_clip="clipnorm"),
