@@ -55,7 +55,8 @@ def clip_gradients(grads, mode, threshold, active, variable_sq_norms):
         factors = norm_clip_factor(variable_sq_norms, threshold, active)
     else:
         raise ValueError(f"Unknown clipping mode: {mode!r}. Expected one of {MODES}.")
-    return [None if g is None else _scale(g, factors[i]) for i, g in enumerate(grads)]
+    factors = tf.unstack(factors, num=len(grads))  # one op, not one slice per gradient
+    return [None if g is None else _scale(g, factor) for g, factor in zip(grads, factors)]
 
 
 def _clip_value(grad, threshold, active):
