@@ -42,13 +42,13 @@ def nested():
     return keras.Model(inputs, keras.layers.Dense(1, name="head")(encoder(inputs)))
 
 
-def fit_and_compare(model, tmp_path, *, jit_compile=False, expected_paths=None, steps=4):
+def fit_and_compare(model, tmp_path, *, jit_compile=False, expected_paths=None, steps=4, update_freq=3):
     x, y = regression_data(n=16 * steps)
     model(x[:1])  # weights exist before the first step, so they can be snapshot
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse",
                   jit_compile=jit_compile)
     snapshots = WeightsBeforeEachStep()
-    monitor = gradwatch.GradientMonitor(str(tmp_path), update_freq=3, verbose=0)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), update_freq=update_freq, verbose=0)
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
     if expected_paths is not None:
         assert monitor.layer_paths == expected_paths
@@ -69,8 +69,17 @@ def test_norms_equal_tape_norms(build, paths, tmp_path):
     fit_and_compare(build(), tmp_path, expected_paths=paths)
 
 
-def test_norms_under_xla(tmp_path):
-    fit_and_compare(sequential(), tmp_path, jit_compile=True)
+# update_freq=1: each step's record comes back as an output of the step, not from the device buffer.
+@pytest.mark.parametrize("build", [sequential, Subclassed, nested])
+def test_norms_equal_tape_norms_read_every_step(build, tmp_path):
+    monitor, _ = fit_and_compare(build(), tmp_path, update_freq=1)
+    capture = monitor._last_run[0]
+    assert capture.return_records and capture.latest_record is None  # used, then taken by the drain
+
+
+@pytest.mark.parametrize("update_freq", [1, 3])
+def test_norms_under_xla(tmp_path, update_freq):
+    fit_and_compare(sequential(), tmp_path, jit_compile=True, update_freq=update_freq)
 
 
 def test_rnn_cell_reported_under_rnn_layer(tmp_path):
