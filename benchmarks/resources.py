@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 
 from gradwatch import state as state_module  # noqa: E402
 from gradwatch import summaries  # noqa: E402
-from gradwatch.policy import StepPolicy  # noqa: E402
+from gradwatch.policy import HostDetector, StepPolicy  # noqa: E402
 from gradwatch.recorder import Recorder  # noqa: E402
 
 
@@ -66,14 +66,13 @@ class _Optimizer:
 class SyntheticDevice:
     """Stands in for `DeviceState`: a numpy ring buffer of realistic rows."""
 
-    def __init__(self, num_layers, capacity, seed=0, warmup=100):
+    def __init__(self, num_layers, capacity, seed=0):
         self.num_layers = num_layers
         self.capacity = capacity
         self.rng = np.random.default_rng(seed)
         self.records = np.zeros([capacity, state_module.LAYERS_START + num_layers], np.float32)
         self.record_steps = np.zeros([capacity], np.int64)
         self.count = 0
-        self.warmup = warmup
 
     def step(self, step):
         """What the compiled step appends: one row."""
@@ -82,14 +81,14 @@ class SyntheticDevice:
         row = self.records[self.count % self.capacity]
         row[state_module.GLOBAL] = global_norm
         row[state_module.GLOBAL_CLIPPED] = global_norm
-        row[state_module.THRESHOLD] = np.inf if step <= self.warmup else 10.0 * global_norm
+        row[state_module.THRESHOLD] = np.nan  # monitoring only: the host detects (HostDetector)
         row[state_module.CLIP_THRESHOLD] = 0.0
         row[state_module.FLAGS] = 0.0
         row[state_module.LAYERS_START:] = layer_norms
         self.record_steps[self.count % self.capacity] = step
         self.count += 1
 
-    def read_since(self, already_read):  # same contract as DeviceState.read_since
+    def read_since(self, already_read, latest=None):  # same contract as DeviceState.read_since
         total = self.count
         fresh = total - already_read
         if fresh <= 0:
@@ -110,6 +109,10 @@ class SyntheticCapture:
         self.state = SyntheticDevice(num_layers, capacity)
         self.ready, self.traced = True, True
         self.model = type("Model", (), {"train_function": None})()
+        self.host_detector = HostDetector(self.policy)
+
+    def take_latest_record(self):
+        return None
 
     def uninstall(self):
         pass

@@ -26,7 +26,7 @@ logger = logging.getLogger("gradwatch")
 # `_MAX_QUEUED` are waiting: encoding a batch at once costs a fraction of
 # encoding each step's event after its step (cold caches).
 FLUSH_SECONDS = 2.0
-_MAX_QUEUED = 4096
+_MAX_QUEUED = 1024
 # New event files one `write` may open after failures (bounds file creation
 # while a disk stays full).
 _OPENS_PER_CALL = 4
