@@ -130,3 +130,33 @@ def test_unbuilt_model_is_captured_from_its_first_step(tmp_path):
     logged = read_tags(str(tmp_path))
     assert sorted(logged[tags.GLOBAL]) == [1, 2, 3]
     assert sorted(logged["grad_norm/a"]) == [1, 2, 3]
+
+
+class OwnTrainStep(keras.Model):
+    """A custom `train_step` (GAN-style loops look like this): its own loss and logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(6, activation="tanh", name="hidden")
+        self.out = keras.layers.Dense(1, name="out")
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y, self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return {"my_loss": loss}
+
+
+@pytest.mark.parametrize("update_freq", [1, 3])
+def test_custom_train_step_norms_equal_tape_norms(tmp_path, update_freq):
+    model = OwnTrainStep()
+    monitor, _ = fit_and_compare(model, tmp_path, update_freq=update_freq)
+    assert monitor.layer_paths == ["hidden", "out"]
+    assert sorted(model.history.history) == ["my_loss"]  # nothing of gradwatch in the logs
