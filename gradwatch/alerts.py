@@ -169,20 +169,21 @@ class AlertLog:
                 lines += self.close()
             elif self.burst is None:
                 self.burst = Burst(record.step, record.step, 1, record.global_norm)
-                lines.append(self._emit(explosion_message(record), {"gradwatch_explosion": record}))
+                lines.append(self.emit(explosion_message(record), {"gradwatch_explosion": record}))
             else:
                 self.burst.add(record)
                 if self.burst.count % self.summary_every == 0:
-                    lines.append(self._emit(self.burst.message(False), {"gradwatch_burst": self.burst}))
+                    lines.append(self.emit(self.burst.message(False), {"gradwatch_burst": self.burst}))
         return lines
 
     def close(self):
         burst, self.burst = self.burst, None
         if burst is None or burst.count == 1:
             return []
-        return [self._emit(burst.message(True), {"gradwatch_burst": burst})]
+        return [self.emit(burst.message(True), {"gradwatch_burst": burst})]
 
-    def _emit(self, text, extra):
+    def emit(self, text, extra):
+        """Logs `text` (WARNING, with `extra`) and prints it if printing; returns it."""
         logger.warning(text, extra=extra)
         if self.print_fn is not None:
             self.print_fn("gradwatch: " + text)

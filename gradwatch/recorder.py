@@ -47,7 +47,6 @@ class Recorder:
         self.monitor = monitor
         self.capture = capture
         self._output = writing.ReopeningWriter(writer, on_new_file=self._name_layers)
-        self.print_fn = print_fn
         self.closed = False
         self.hooked_function = None
         self.last_epoch = 0
@@ -67,10 +66,6 @@ class Recorder:
     def writer(self):
         """The open `EventWriter`; None after a write failure until a new one opens."""
         return self._output.writer
-
-    @writer.setter
-    def writer(self, writer):
-        self._output.writer = writer
 
     @property
     def run_dir(self):
@@ -234,14 +229,9 @@ class Recorder:
             events.append(event)
             self.monitor.clipping_events.append(event)
             cause = next((e for e in explosions if e.step == step), None)
-            self._log_switch(event, cause)
+            self._alert_log.emit(alerts.switch_message(event, cause, self.capture.policy.clip_threshold == "auto"),
+                                 {"gradwatch_clipping": event})
         return events
-
-    def _log_switch(self, event, cause):
-        text = alerts.switch_message(event, cause, self.capture.policy.clip_threshold == "auto")
-        logger.warning(text, extra={"gradwatch_clipping": event})
-        if self.print_fn is not None:
-            self.print_fn("gradwatch: " + text)
 
     # -- failure isolation -------------------------------------------------------
     def _guard(self, what, action, default=None):
