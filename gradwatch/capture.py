@@ -40,9 +40,7 @@ class KerasCapture:
     """
 
     def __init__(self, model, policy, capacity, return_records=False):
-        self.model = model
-        self.return_records = return_records
-        self.policy = policy
+        self.model, self.policy, self.return_records = model, policy, return_records
         self.host_detector = None if policy.decides_in_graph else HostDetector(policy)
         self.outer = model.optimizer
         self.optimizer = getattr(self.outer, "inner_optimizer", self.outer)
@@ -197,10 +195,9 @@ class KerasCapture:
 
     def _record_overflow(self):
         """In-graph: a row saying the loss-scale optimizer skipped this step."""
-        width = state.LAYERS_START + self.state.num_layers
-        row = tf.tensor_scatter_nd_update(
-            tf.fill([width], float("nan")), [[state.FLAGS]], [float(state.OVERFLOW)])
-        self.state.append(self.optimizer.iterations + 1, row)
+        row = [float("nan")] * (state.LAYERS_START + self.state.num_layers)
+        row[state.FLAGS] = float(state.OVERFLOW)
+        self.state.append(self.optimizer.iterations + 1, tf.constant(row))
 
     # -- the per-step computation -------------------------------------------
     def _layer_ids(self):
