@@ -127,3 +127,20 @@ def test_callbacks_and_history_never_see_the_step_record(tmp_path):
     assert seen == [["loss", "mae"]] * 16
     assert sorted(history.history) == ["loss", "mae"]
     assert sorted(read_tags(str(tmp_path))[tags.GLOBAL]) == list(range(1, 9))
+
+
+def test_a_train_step_set_on_the_instance_is_kept(tmp_path):
+    x, y = regression_data(n=32)
+    model = mlp()
+    model.compile(optimizer="sgd", loss="mse")
+    calls = []
+
+    def train_step(data):
+        calls.append(1)
+        return keras.Sequential.train_step(model, data)
+
+    model.train_step = train_step  # an instance attribute, not a method
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+              callbacks=[gradwatch.GradientMonitor(str(tmp_path), update_freq=1, verbose=0)])
+    assert model.train_step is train_step and calls  # traced through it, and still there
+    assert sorted(read_tags(str(tmp_path))[tags.GLOBAL]) == [1, 2]
