@@ -81,8 +81,7 @@ class KerasCapture:
         as an extra output, taken off the logs before any callback sees them:
         no device read for the host (~75 us on a CPU; the output costs ~30 us)."""
         model = self.model
-        single_device = type(model.distribute_strategy).__name__ == "_DefaultDistributionStrategy"
-        if not (self.return_records and single_device):
+        if not self.return_records or state.is_distributed(model.distribute_strategy):
             model.make_train_function(force=True)
             return
         train_step = model.train_step

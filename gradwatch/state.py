@@ -110,8 +110,13 @@ class DeviceState:
         self.clip_threshold.assign(float(threshold))
 
 
+def is_distributed(strategy):
+    """Whether `strategy` is a real distribution strategy (not TF's default one)."""
+    return type(strategy).__name__ != "_DefaultDistributionStrategy"
+
+
 def _variable_factory(strategy):
-    distributed = type(strategy).__name__ != "_DefaultDistributionStrategy"
+    distributed = is_distributed(strategy)
 
     def make(initial):
         if distributed:
