@@ -5,7 +5,7 @@ TensorFlow; the public classes are imported on first use.
 """
 
 __version__ = "0.1.0"
-__all__ = ["GradientMonitor", "Explosion", "__version__"]
+__all__ = ["GradientMonitor", "Explosion", "ClippingSweep", "__version__"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from gradwatch.alerts import Explosion
 
         return Explosion
+    if name == "ClippingSweep":
+        from gradwatch.sweep.sweep import ClippingSweep
+
+        return ClippingSweep
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

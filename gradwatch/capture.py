@@ -228,7 +228,7 @@ class KerasCapture:
         if self.policy.clip_mode is not None:
             new_grads = clipping.clip_gradients(
                 grads, self.policy.clip_mode, step_result.clip_threshold,
-                step_result.clip_active, variable_sq)
+                step_result.clip_active)
             clipped_norm = _clipped_global_norm(
                 self.policy.clip_mode, new_grads, variable_sq, step_result)
         self._skip_pred = step_result.skip if self.policy.skip_nonfinite else None

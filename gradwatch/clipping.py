@@ -1,16 +1,16 @@
 """The in-graph clipping rule and the "auto" clipping threshold. Pure maths.
 
-Formulas follow Keras' own (`clipnorm`: `g * t / max(||g||, t)` per variable;
-`global_clipnorm`: the same on the global norm, Pascanu et al. 2013;
-`clipvalue`: each entry into `[-t, t]`), so turning clipping on through
-gradwatch gives the update Keras would give -- but on the all-reduced gradient.
+Formulas follow Keras' own (`clipnorm`: `g * t / max(||g||, t)` per variable,
+with TensorFlow's `tf.clip_by_norm` as Keras calls it; `global_clipnorm`: the
+same on the global norm, Pascanu et al. 2013; `clipvalue`: each entry into
+`[-t, t]`), so clipping through gradwatch gives the update Keras would give, bit
+for bit on one device -- but on the all-reduced gradient.
 
 Example:
 
 >>> import tensorflow as tf
 >>> g = [tf.constant([3.0, 4.0])]
->>> clipped = clip_gradients(g, "global_clipnorm", 1.0, tf.constant(True),
-...                          variable_sq_norms=tf.constant([25.0]))
+>>> clipped = clip_gradients(g, "global_clipnorm", 1.0, tf.constant(True))
 >>> [round(float(x), 3) for x in clipped[0]]
 [0.6, 0.8]
 """
@@ -39,24 +39,40 @@ def norm_clip_factor(sq_norm, threshold, active):
     return tf.where(active, factor, tf.ones_like(factor))
 
 
-def clip_gradients(grads, mode, threshold, active, variable_sq_norms):
+def clip_gradients(grads, mode, threshold, active):
     """Clips `grads` by `mode` at `threshold` where `active` (a bool scalar).
 
-    `variable_sq_norms[i]` is the squared norm of `grads[i]` (float32). When
-    `active` is false the gradients come back unchanged, bit for bit.
+    When `active` is false the gradients come back unchanged, bit for bit.
     """
     threshold = tf.cast(threshold, tf.float32)
     if mode == "clipvalue":
         return [None if g is None else _clip_value(g, threshold, active) for g in grads]
+    if mode == "clipnorm":
+        return [None if g is None else _clip_norm(g, threshold, active) for g in grads]
     if mode == "global_clipnorm":
-        factors = tf.fill(tf.shape(variable_sq_norms), norm_clip_factor(
-            tf.reduce_sum(variable_sq_norms), threshold, active))
-    elif mode == "clipnorm":
-        factors = norm_clip_factor(variable_sq_norms, threshold, active)
-    else:
-        raise ValueError(f"Unknown clipping mode: {mode!r}. Expected one of {MODES}.")
-    factors = tf.unstack(factors, num=len(grads))  # one op, not one slice per gradient
-    return [None if g is None else _scale(g, factor) for g, factor in zip(grads, factors)]
+        return _clip_global_norm(grads, threshold, active)
+    raise ValueError(f"Unknown clipping mode: {mode!r}. Expected one of {MODES}.")
+
+
+def _clip_global_norm(grads, threshold, active):
+    # Keras' own `clip_by_global_norm`, op for op, so the update is bit-identical:
+    # scale = t * min(1 / ||g||, 1 / t), made NaN by a non-finite norm.
+    present = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+               for g in grads if g is not None]
+    norm = tf.sqrt(tf.reduce_sum(tf.stack([tf.reduce_sum(tf.square(g)) for g in present])))
+    scale = threshold * tf.minimum(1.0 / norm, 1.0 / threshold) + (norm - norm)
+    scale = tf.where(active, scale, tf.ones_like(scale))
+    return [None if g is None else _scale(g, scale) for g in grads]
+
+
+def _clip_norm(grad, threshold, active):
+    # Keras' TensorFlow backend clips with `tf.clip_by_norm` (the norm of an
+    # IndexedSlices' values); the same op keeps the update bit-identical.
+    clipped = tf.clip_by_norm(grad, threshold)
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.where(active, clipped.values, grad.values), grad.indices,
+                                grad.dense_shape)
+    return tf.where(active, clipped, grad)
 
 
 def _clip_value(grad, threshold, active):

@@ -72,3 +72,19 @@ def layer_of_tag(tag):
     if not tag.startswith(PREFIX) or tag in RESERVED:
         return None
     return tag[len(PREFIX):]
+
+# Clipping sweep (`gradwatch.sweep`). In each trial's folder (the HParams
+# session), one value at step 0: the objective (best epoch), 1.0 if the trial
+# diverged, and the explosions its monitor saw.
+SWEEP_OBJECTIVE = "sweep/objective"
+SWEEP_DIVERGED = "sweep/diverged"
+SWEEP_EXPLOSIONS = "sweep/explosions"
+# In the probe run (`<log_dir>/probe/train`) of thresholds="auto": per healthy
+# step, the statistic each mode's thresholds derive from, and the thresholds
+# chosen with why (text).
+SWEEP_PROBE_STATISTICS = {
+    "global_clipnorm": "sweep_probe/global_norm",
+    "clipnorm": "sweep_probe/max_variable_norm",
+    "clipvalue": "sweep_probe/max_abs_entry",
+}
+SWEEP_THRESHOLDS = "gradwatch/sweep_thresholds"

@@ -1,0 +1,364 @@
+"""`ClippingSweep`: "try clipvalue and clipnorm at several thresholds, keep the
+best on validation", as one call, on KerasTuner."""
+
+import json
+import logging
+import math
+import os
+import shutil
+
+from gradwatch import clipping, tags, validation
+from gradwatch.sweep import results as results_lib
+from gradwatch.sweep import thresholds as thresholds_lib
+
+logger = logging.getLogger("gradwatch")
+
+_EXTRA_HINT = 'ClippingSweep needs KerasTuner: install it with `pip install "gradwatch[sweep]"` (or `pip install keras-tuner`).'
+
+
+def _keras_tuner():
+    try:
+        import keras_tuner
+    except ImportError as error:
+        raise ImportError(f"{_EXTRA_HINT} ({error})") from error
+    return keras_tuner
+
+
+def _check_objective(objective):
+    keras_tuner = _keras_tuner()
+    from keras_tuner.src.engine import objective as objective_lib
+
+    if isinstance(objective, str) or type(objective) is keras_tuner.Objective:
+        try:
+            return objective_lib.create_objective(objective)
+        except ValueError as error:
+            raise ValueError(f"`objective`: {error} Received: objective={objective!r}") from None
+    raise ValueError("`objective` must be a metric name (e.g. 'val_loss') or one "
+                     f"`keras_tuner.Objective`. Received: objective={objective!r}")
+
+
+def _check_modes(modes):
+    if isinstance(modes, str):
+        modes = (modes,)
+    try:
+        modes = tuple(modes)
+    except TypeError:
+        modes = None
+    if (not modes or any(not isinstance(m, str) or m not in clipping.MODES for m in modes)
+            or len(set(modes)) != len(modes)):
+        raise ValueError(f"`modes` must be a non-empty sequence of distinct modes among "
+                         f"{', '.join(map(repr, clipping.MODES))}. Received: modes={modes!r}")
+    return modes
+
+
+def _check_threshold_list(name, values):
+    if isinstance(values, str) or not hasattr(values, "__iter__"):
+        raise ValueError(f"`{name}` must be a non-empty list of positive numbers. Received: {name}={values!r}")
+    values = list(values)
+    checked = []
+    for value in values:
+        try:
+            checked.append(float(validation.check_clip_threshold(value)))
+        except ValueError:
+            checked = None
+            break
+    if not checked or any(isinstance(v, str) for v in values):
+        raise ValueError(f"`{name}` must be a non-empty list of positive finite numbers. Received: {name}={values!r}")
+    return sorted(set(checked))
+
+
+def _check_thresholds(thresholds, modes):
+    """`"auto"`, or `{mode: sorted distinct thresholds}` for every mode."""
+    if isinstance(thresholds, str):
+        if thresholds == "auto":
+            return thresholds
+        raise ValueError(f"`thresholds` must be 'auto', a list of numbers or a dict mode -> list. "
+                         f"Received: thresholds={thresholds!r}")
+    if isinstance(thresholds, dict):
+        unknown = [m for m in thresholds if m not in modes]
+        missing = [m for m in modes if m not in thresholds]
+        if unknown or missing:
+            raise ValueError(f"`thresholds` as a dict needs exactly the keys of `modes` {list(modes)} "
+                             f"(unknown: {unknown}, missing: {missing}). Received: thresholds={thresholds!r}")
+        return {m: _check_threshold_list(f"thresholds[{m!r}]", thresholds[m]) for m in modes}
+    values = _check_threshold_list("thresholds", thresholds)
+    return {m: list(values) for m in modes}
+
+
+def _role():
+    """`"single"`, `"chief"` or `"worker"`, from KerasTuner's environment variables."""
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return "single"
+    return "chief" if "chief" in os.environ.get("KERASTUNER_TUNER_ID", "") else "worker"
+
+
+class ClippingSweep:
+    """Tries clipping by value and by norm at several thresholds; keeps the best.
+
+    The textbook procedure for exploding gradients -- "try both clipping by
+    value and clipping by norm, with different thresholds, and see which
+    performs best on the validation set" -- as one KerasTuner grid search:
+    one trial without clipping and, for each mode, one trial per threshold.
+    Every trial is seeded the same way, so trials differ in their clipping
+    alone, and trains with a `gradwatch.GradientMonitor` (monitoring only)
+    writing to its own run under `log_dir`: TensorBoard's HParams tab lists
+    the trials, the gradwatch tab overlays their gradient norms, and
+    `gradwatch report log_dir` prints the table.
+
+    The objective is read as KerasTuner reads it: its value at the trial's best
+    epoch (lowest for losses, highest for accuracies, or as an explicit
+    `keras_tuner.Objective` says). A trial whose loss becomes NaN/Inf stops at
+    once, is marked `diverged` and ranks last (KerasTuner records it with the
+    worst possible value, so it never counts as a failed trial).
+
+    **Reproducing a trial**: `keras.utils.set_random_seed(seed)`, `model =
+    build_model()`, `model.optimizer.<mode> = threshold` (nothing for the trial
+    without clipping), then `model.fit(...)` with the arguments given to
+    `search` gives the same objective.
+
+    **`thresholds="auto"`**: a probe run -- the seeded model trained without
+    clipping for one epoch or `probe_steps` steps, whichever is shorter, with a
+    `GradientMonitor` under `log_dir/probe` -- measures the healthy gradient
+    sizes (steps gradwatch flags as explosions are left out). Each mode's
+    thresholds come from its own statistic (`global_clipnorm`: the global norm;
+    `clipnorm`: the largest per-variable norm; `clipvalue`: the largest
+    absolute gradient entry): a tenth of its median, its 10th percentile, its
+    median and its 90th percentile -- from "clips every step" to "clips only
+    outliers" (see `gradwatch.sweep.thresholds`). The values and why are
+    printed, logged and written to the probe run.
+
+    **Resuming and distributing** are KerasTuner's: calling `search` again on
+    the same `log_dir` trains nothing already finished (and builds no model)
+    and returns the same results; with KerasTuner's environment variables
+    (`KERASTUNER_TUNER_ID`, `KERASTUNER_ORACLE_IP`, `KERASTUNER_ORACLE_PORT`)
+    the process whose tuner id contains "chief" runs the probe, serves the
+    grid and returns the results, and each worker runs trials (its `search`
+    returns None). All processes need the same arguments and a shared
+    `log_dir`.
+
+    Args:
+        build_model: a function with no arguments returning a new compiled
+            Keras model. Called after `keras.utils.set_random_seed(seed)`.
+        log_dir: folder of the sweep: KerasTuner's project (`keras_tuner/`),
+            the probe run, one folder per trial, the HParams experiment.
+        objective: the metric to optimise, a name (`"val_loss"`) or a
+            `keras_tuner.Objective`.
+        modes: clipping modes to try, among `"clipvalue"`, `"clipnorm"` and
+            `"global_clipnorm"`.
+        thresholds: `"auto"`, a list of positive numbers (for every mode), or a
+            dict `{mode: list}` with a list for each mode.
+        seed: the seed set before building each trial's model (and the probe's).
+        probe_steps: at most this many steps in the `"auto"` probe run.
+        overwrite: start afresh, deleting a previous sweep's files in `log_dir`
+            (else a previous sweep there is resumed).
+        verbose: 0 silent; 1 prints the thresholds and the results table.
+
+    Example:
+
+    ```python
+    def build_model():
+        model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(64, "relu"),
+                                  keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
+        return model
+
+    sweep = gradwatch.ClippingSweep(build_model, log_dir="logs/sweep")
+    results = sweep.search(x, y, epochs=5, validation_data=(x_val, y_val))
+    print(results)          # the table, best first
+    results.best.mode, results.best.threshold
+    ```
+    """
+
+    def __init__(self, build_model, *, log_dir="logs/clipping_sweep", objective="val_loss",
+                 modes=("clipvalue", "clipnorm", "global_clipnorm"), thresholds="auto", seed=0,
+                 probe_steps=200, overwrite=False, verbose=1):
+        if not callable(build_model):
+            raise ValueError(f"`build_model` must be a function with no arguments returning a compiled "
+                             f"model. Received: build_model={build_model!r}")
+        self.build_model = build_model
+        self.log_dir = validation.check_log_dir(log_dir)
+        self.objective = _check_objective(objective)
+        self.modes = _check_modes(modes)
+        self.thresholds = _check_thresholds(thresholds, self.modes)
+        if not validation._is_int(seed):
+            raise ValueError(f"`seed` must be an integer. Received: seed={seed!r}")
+        self.seed = int(seed)
+        self.probe_steps = validation.check_positive_int("probe_steps", probe_steps)
+        self.overwrite = validation.check_optional_bool("overwrite", overwrite) or False
+        self.verbose = validation.check_verbose(verbose)
+        self.tuner = None
+
+    # -- the search ---------------------------------------------------------
+
+    def search(self, x=None, y=None, **fit_kwargs):
+        """Runs the sweep; arguments as `model.fit` (validation data included).
+
+        Returns a `SweepResults` (`.trials`, `.best`; printing it gives the
+        table), or None on a distributed worker.
+        """
+        self._check_fit_kwargs(fit_kwargs)
+        fit_args = (x,) if y is None else (x, y)
+        role = _role()
+        if role == "worker":
+            self.tuner = self._tuner(hyperparameters=None, max_trials=None)
+            self.tuner.search(*fit_args, **fit_kwargs)
+            return None
+        if self.overwrite:
+            self._remove_previous()
+            self.overwrite = False  # a later `search` resumes this one
+        if results_lib.is_sweep_folder(self.log_dir):
+            thresholds = self._resumed_thresholds()
+        else:
+            thresholds = self._new_sweep(fit_args, fit_kwargs)
+        hyperparameters = self._space(thresholds)
+        count = 1 + sum(len(values) for values in thresholds.values())
+        self.tuner = self._tuner(hyperparameters=hyperparameters, max_trials=count)
+        self.tuner.search(*fit_args, **fit_kwargs)
+        results = results_lib.read_results(self.log_dir)
+        if self.verbose:
+            print(results)
+        return results
+
+    def results(self):
+        """The `SweepResults` stored in `log_dir` (no training)."""
+        return results_lib.read_results(self.log_dir)
+
+    def _check_fit_kwargs(self, fit_kwargs):
+        if self.objective.name.startswith("val_") and not (
+                fit_kwargs.get("validation_data") is not None or fit_kwargs.get("validation_split")):
+            raise ValueError(f"The objective {self.objective.name!r} is a validation metric: pass "
+                             "`validation_data` or `validation_split` to `search`, or choose another "
+                             f"`objective`. Received: {sorted(fit_kwargs)}")
+
+    def _new_sweep(self, fit_args, fit_kwargs):
+        os.makedirs(self.log_dir, exist_ok=True)
+        described = {}
+        if self.thresholds == "auto":
+            thresholds, described = self._auto_thresholds(fit_args, fit_kwargs)
+        else:
+            thresholds = self.thresholds
+            described = {m: [{"value": v, "rule": "given"} for v in values] for m, values in thresholds.items()}
+        from gradwatch.sweep import trials
+
+        trials.write_hparams_config(self.log_dir, self.modes, thresholds, self.objective)
+        settings = {"gradwatch_sweep_version": 1,
+                    "objective": {"name": self.objective.name, "direction": self.objective.direction},
+                    "modes": list(self.modes), "seed": self.seed,
+                    "thresholds_given": self.thresholds != "auto", "thresholds": described}
+        with open(os.path.join(self.log_dir, results_lib.SWEEP_FILE), "w", encoding="utf-8") as file:
+            json.dump(settings, file, indent=2, allow_nan=False)
+        return thresholds
+
+    def _resumed_thresholds(self):
+        settings = results_lib.read_settings(self.log_dir)
+        stored = {mode: [entry["value"] for entry in entries]
+                  for mode, entries in settings.get("thresholds", {}).items()}
+        problems = []
+        if settings["objective"]["name"] != self.objective.name:
+            problems.append(f"objective {settings['objective']['name']!r}")
+        if list(settings.get("modes", [])) != list(self.modes):
+            problems.append(f"modes {settings.get('modes')}")
+        if self.thresholds != "auto" and stored != self.thresholds:
+            problems.append(f"thresholds {stored}")
+        if problems:
+            raise ValueError(f"{self.log_dir!r} holds a sweep with other settings ({'; '.join(problems)}). "
+                             "Use another `log_dir`, or `overwrite=True` to start afresh.")
+        if self.verbose:
+            print(f"Resuming the clipping sweep in {self.log_dir!r}.")
+        return stored
+
+    def _remove_previous(self):
+        if not os.path.isdir(self.log_dir):
+            return
+        for name in os.listdir(self.log_dir):
+            path = os.path.join(self.log_dir, name)
+            if name in (results_lib.TUNER_PROJECT, results_lib.PROBE_RUN) or name.startswith("trial_"):
+                shutil.rmtree(path, ignore_errors=True)
+            elif name == results_lib.SWEEP_FILE or name.startswith("events.out.tfevents"):
+                os.remove(path)
+
+    # -- thresholds ---------------------------------------------------------
+
+    def _auto_thresholds(self, fit_args, fit_kwargs):
+        from gradwatch.sweep import probe
+
+        probe_dir = os.path.join(self.log_dir, results_lib.PROBE_RUN)
+        measured = probe.run_probe(lambda: self._build(None, None), probe_dir, self.probe_steps,
+                                   fit_args, fit_kwargs)
+        steps = len(measured.steps)
+        thresholds, described, lines = {}, {}, []
+        for mode in self.modes:
+            try:
+                proposed = thresholds_lib.propose(measured.statistics[mode])
+            except ValueError as error:
+                raise ValueError(f'thresholds="auto" cannot size {mode}: {error} Pass `thresholds` '
+                                 "explicitly, or a larger `probe_steps`.") from None
+            thresholds[mode] = [t.value for t in proposed]
+            described[mode] = [{"value": t.value, "rule": t.rule,
+                                "clipped_fraction": t.clipped_fraction} for t in proposed]
+            lines += [thresholds_lib.describe(mode, t, steps) for t in proposed]
+        header = (f"Clipping sweep: thresholds from a probe run of {steps} healthy steps "
+                  f"({len(measured.excluded)} left out), logged in {probe_dir!r}:")
+        logger.info("%s\n  %s", header, "\n  ".join(lines))
+        if self.verbose:
+            print(header + "\n  " + "\n  ".join(lines))
+        _write_probe_summaries(measured, header, lines)
+        return thresholds, described
+
+    # -- pieces used by the trials (gradwatch.sweep.trials) -----------------
+
+    def _space(self, thresholds):
+        keras_tuner = _keras_tuner()
+        hp = keras_tuner.HyperParameters()
+        hp.Choice(results_lib.HP_MODE, [results_lib.NO_CLIPPING, *self.modes], ordered=False)
+        for mode in self.modes:
+            with hp.conditional_scope(results_lib.HP_MODE, [mode]):
+                hp.Choice(mode, [float(v) for v in thresholds[mode]], ordered=True)
+        return hp
+
+    def _tuner(self, hyperparameters, max_trials):
+        from gradwatch.sweep import trials
+
+        return trials.SweepTuner(
+            self, hypermodel=None, objective=self.objective, max_trials=max_trials,
+            hyperparameters=hyperparameters, seed=self.seed, directory=self.log_dir,
+            project_name=results_lib.TUNER_PROJECT, overwrite=False,
+            max_retries_per_trial=0)
+
+    def _build(self, mode, threshold):
+        """The seeded, compiled model of a trial, with its clipping set."""
+        import keras
+
+        keras.utils.clear_session()
+        keras.utils.set_random_seed(self.seed)
+        model = self.build_model()
+        optimizer = getattr(model, "optimizer", None) if isinstance(model, keras.Model) else None
+        if optimizer is None:
+            raise ValueError("`build_model` must return a compiled Keras model (with an optimizer). "
+                             f"Received: {model!r}")
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        own = {m: getattr(inner, m, None) for m in clipping.MODES if getattr(inner, m, None)}
+        if own:
+            raise ValueError(f"`build_model`'s optimizer already clips ({own}): the sweep sets the "
+                             "clipping of each trial itself. Compile without clipping.")
+        if mode is not None:
+            setattr(inner, mode, threshold)
+        return model
+
+    def _monitor(self, run_dir):
+        from gradwatch.monitor import GradientMonitor
+
+        return GradientMonitor(run_dir, verbose=0)
+
+
+def _write_probe_summaries(measured, header, lines):
+    """The probe's per-step statistics and the chosen thresholds, in its run."""
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(os.path.join(measured.log_dir, tags.TRAIN_RUN))
+    with writer.as_default():
+        for mode, tag in tags.SWEEP_PROBE_STATISTICS.items():
+            for step, value in zip(measured.steps, measured.statistics[mode]):
+                tf.summary.scalar(tag, float(value), step=int(step))
+        tf.summary.text(tags.SWEEP_THRESHOLDS, header + "\n\n" + "\n".join(f"- {l}" for l in lines), step=0)
+    writer.close()

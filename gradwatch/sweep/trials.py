@@ -1,0 +1,124 @@
+"""One trial of a clipping sweep, run by KerasTuner.
+
+`SweepTuner` is a KerasTuner `GridSearch` whose `run_trial` seeds, builds,
+sets the trial's clipping on the optimizer, trains with a `GradientMonitor`
+(monitoring only) and a divergence stop, and reports the objective with
+gradwatch's counts. KerasTuner schedules, stores, resumes and distributes the
+trials; TensorBoard's `hparams` API writes each trial's HParams session.
+"""
+
+import copy
+import math
+import os
+
+import keras
+import keras_tuner
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
+
+from gradwatch import tags
+from gradwatch.sweep import results as results_lib
+
+
+class DivergenceStop(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss is NaN/Inf and remembers the step."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+        self.diverged_step = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.diverged_step is None:
+            self.diverged_step = self.steps
+            self.model.stop_training = True
+
+
+def best_epoch_value(history, objective):
+    """The objective's best value over the epochs of `history`, as KerasTuner
+    reads it (`Objective.get_value` and `better_than`); NaN when absent."""
+    best = math.nan
+    epochs = len(next(iter(history.history.values()), []))
+    for epoch in range(epochs):
+        logs = {name: values[epoch] for name, values in history.history.items()
+                if epoch < len(values)}
+        if not objective.has_value(logs):
+            continue
+        value = float(objective.get_value(logs))
+        if math.isnan(best) or (math.isfinite(value) and objective.better_than(value, best)):
+            best = value
+    return best
+
+
+def worst_value(objective):
+    """The value that ranks a diverged trial last for `objective`."""
+    return math.inf if objective.direction == "min" else -math.inf
+
+
+class SweepTuner(keras_tuner.GridSearch):
+    """The grid of a `ClippingSweep` as a KerasTuner search (see `run_trial`)."""
+
+    def __init__(self, sweep, **kwargs):
+        self.sweep = sweep
+        super().__init__(**kwargs)
+
+    def run_trial(self, trial, *fit_args, **fit_kwargs):
+        """Trains one trial; returns `{objective, diverged, explosions, steps}`."""
+        mode, threshold = results_lib.trial_clipping(trial.hyperparameters.values)
+        run_dir = os.path.join(self.sweep.log_dir, results_lib.trial_folder(trial.trial_id, mode, threshold))
+        callbacks = copy.deepcopy(list(fit_kwargs.pop("callbacks", None) or []))
+        monitor = self.sweep._monitor(run_dir)
+        stop = DivergenceStop()
+        hparams = {results_lib.HP_MODE: mode or results_lib.NO_CLIPPING}
+        if threshold is not None:
+            hparams[results_lib.HP_THRESHOLD] = threshold
+        callbacks += [monitor, stop, hparams_api.KerasCallback(run_dir, hparams, trial_id=trial.trial_id)]
+        model = self.sweep._build(mode, threshold)
+        history = model.fit(*fit_args, callbacks=callbacks, **fit_kwargs)
+        objective = self.oracle.objective
+        if not objective.has_value(history.history):
+            raise keras_tuner.errors.FatalValueError(
+                f"The objective {objective.name!r} is not among the metrics `fit` returned "
+                f"({', '.join(sorted(history.history)) or 'none'}). Pass validation data for a "
+                "`val_` objective, or name a metric the model computes.")
+        value = best_epoch_value(history, objective)
+        diverged = stop.diverged_step is not None or not math.isfinite(value)
+        metrics = {
+            objective.name: worst_value(objective) if diverged else value,
+            results_lib.M_DIVERGED: float(diverged),
+            results_lib.M_EXPLOSIONS: float(len(monitor.explosions)),
+            results_lib.M_STEPS: float(stop.steps),
+        }
+        _write_trial_metrics(run_dir, metrics[objective.name], diverged, len(monitor.explosions))
+        return metrics
+
+
+def _write_trial_metrics(run_dir, value, diverged, explosions):
+    """The HParams tab's metric columns of one trial (scalars in its session folder)."""
+    writer = tf.summary.create_file_writer(run_dir)
+    with writer.as_default():
+        tf.summary.scalar(tags.SWEEP_OBJECTIVE, value, step=0)
+        tf.summary.scalar(tags.SWEEP_DIVERGED, float(diverged), step=0)
+        tf.summary.scalar(tags.SWEEP_EXPLOSIONS, float(explosions), step=0)
+    writer.close()
+
+
+def write_hparams_config(log_dir, modes, thresholds, objective):
+    """The HParams experiment (columns and domains) at the sweep's root."""
+    values = [value for mode in modes for value in thresholds[mode]]
+    hparams = [hparams_api.HParam(results_lib.HP_MODE,
+                                  hparams_api.Discrete([results_lib.NO_CLIPPING, *modes]))]
+    if values:
+        hparams.append(hparams_api.HParam(results_lib.HP_THRESHOLD,
+                                          hparams_api.RealInterval(min(values), max(values))))
+    metrics = [
+        hparams_api.Metric(tags.SWEEP_OBJECTIVE, display_name=f"{objective.name} (best epoch)"),
+        hparams_api.Metric(tags.SWEEP_DIVERGED, display_name="diverged"),
+        hparams_api.Metric(tags.SWEEP_EXPLOSIONS, display_name="explosions"),
+    ]
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        hparams_api.hparams_config(hparams=hparams, metrics=metrics)
+    writer.close()
