@@ -1,8 +1,9 @@
 """The probe run of `thresholds="auto"`: a short unclipped, monitored training
 that measures the healthy gradient sizes the thresholds are derived from.
 
-The probe trains a freshly seeded model for one epoch or `steps` steps,
-whichever is shorter, with a `GradientMonitor` (so its norms are in TensorBoard
+The probe is the start of the trial without clipping: a freshly seeded model
+trained with the sweep's `fit` arguments (without validation), stopped after
+`steps` steps or at the end of training, with a `GradientMonitor` (so its norms are in TensorBoard
 like any run's) and a tap on the optimizer's `apply` that reads, per step and
 per variable, the gradient's squared L2 norm and largest absolute entry (the
 gradient the optimizer applies: after loss-scale unscaling). Steps that
@@ -82,7 +83,7 @@ class ProbeResult:
 
 
 def run_probe(build, log_dir, steps, fit_args, fit_kwargs):
-    """Trains `build()`'s model unclipped for one epoch or `steps` steps.
+    """Trains `build()`'s model unclipped for at most `steps` steps.
 
     `build` returns a freshly seeded compiled model. Returns a `ProbeResult`.
     """
@@ -92,7 +93,7 @@ def run_probe(build, log_dir, steps, fit_args, fit_kwargs):
     model.jit_compile = False  # the tap reads on the host; statistics do not depend on XLA
     monitor = GradientMonitor(log_dir, verbose=0)
     stop = _StopAfter(steps)
-    kwargs = dict(fit_kwargs, epochs=1, initial_epoch=0, verbose=0)
+    kwargs = dict(fit_kwargs, verbose=0)
     for name in ("validation_data", "validation_split", "validation_freq", "validation_steps",
                  "validation_batch_size"):
         kwargs.pop(name, None)

@@ -116,9 +116,10 @@ class ClippingSweep:
     without clipping), then `model.fit(...)` with the arguments given to
     `search` gives the same objective.
 
-    **`thresholds="auto"`**: a probe run -- the seeded model trained without
-    clipping for one epoch or `probe_steps` steps, whichever is shorter, with a
-    `GradientMonitor` under `log_dir/probe` -- measures the healthy gradient
+    **`thresholds="auto"`**: a probe run -- the start of the trial without
+    clipping: the seeded model trained with the same `fit` arguments (without
+    validation) for at most `probe_steps` steps, with a `GradientMonitor`
+    under `log_dir/probe` -- measures the healthy gradient
     sizes (steps gradwatch flags as explosions are left out). Each mode's
     thresholds come from its own statistic (`global_clipnorm`: the global norm;
     `clipnorm`: the largest per-variable norm; `clipvalue`: the largest
@@ -333,13 +334,15 @@ class ClippingSweep:
         keras.utils.set_random_seed(self.seed)
         model = self.build_model()
         optimizer = getattr(model, "optimizer", None) if isinstance(model, keras.Model) else None
+        # KerasTuner re-raises its "fatal" errors (others fail one trial, then three in a row stop it).
+        fatal = _keras_tuner().errors.FatalValueError
         if optimizer is None:
-            raise ValueError("`build_model` must return a compiled Keras model (with an optimizer). "
+            raise fatal("`build_model` must return a compiled Keras model (with an optimizer). "
                              f"Received: {model!r}")
         inner = getattr(optimizer, "inner_optimizer", optimizer)
         own = {m: getattr(inner, m, None) for m in clipping.MODES if getattr(inner, m, None)}
         if own:
-            raise ValueError(f"`build_model`'s optimizer already clips ({own}): the sweep sets the "
+            raise fatal(f"`build_model`'s optimizer already clips ({own}): the sweep sets the "
                              "clipping of each trial itself. Compile without clipping.")
         if mode is not None:
             setattr(inner, mode, threshold)

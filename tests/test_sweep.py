@@ -1,0 +1,281 @@
+"""The clipping sweep (`gradwatch.ClippingSweep`): trials, ranking, reproduction,
+resume, divergence, "auto" thresholds against the probe's logged norms, HParams."""
+
+import json
+import math
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import gradwatch
+from gradwatch import tags
+from gradwatch.sweep import results as results_lib
+from gradwatch.sweep import thresholds as thresholds_lib
+from helpers import read_tags
+
+pytest.importorskip("keras_tuner")
+
+FIT = dict(epochs=2, batch_size=32, verbose=0)
+
+
+def corrupted_regression(seed=0, n=256, corrupt=4, scale=60.0):
+    """Linear targets with a few corrupted (x `scale`) training targets; clean validation."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(6, 1)).astype("float32")
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = x @ w
+    y[rng.choice(n, corrupt, replace=False)] *= scale
+    x_val = rng.normal(size=(64, 6)).astype("float32")
+    return x, y, (x_val, x_val @ w)
+
+
+class Builder:
+    """`build_model` that counts its calls."""
+
+    def __init__(self, learning_rate=0.02, layers=(16,), bias=True):
+        self.calls = 0
+        self.learning_rate, self.layers, self.bias = learning_rate, layers, bias
+
+    def __call__(self):
+        self.calls += 1
+        model = keras.Sequential([keras.Input((6,))] + [
+            keras.layers.Dense(units, activation="relu", use_bias=self.bias) for units in self.layers]
+            + [keras.layers.Dense(1, use_bias=self.bias)])
+        model.compile(keras.optimizers.SGD(self.learning_rate, momentum=0.9), "mse")
+        return model
+
+
+def reproduce(build, trial, x, y, seed=0, **fit_kwargs):
+    """The documented recipe: seed, build, set the clipping, fit; the best epoch's value."""
+    keras.utils.set_random_seed(seed)
+    model = build()
+    if trial.mode is not None:
+        setattr(model.optimizer, trial.mode, trial.threshold)
+    history = model.fit(x, y, **fit_kwargs)
+    return min(history.history["val_loss"])
+
+
+@pytest.fixture(scope="module")
+def auto_sweep(tmp_path_factory):
+    """A default sweep (every mode, thresholds="auto") of a small MLP, and its inputs."""
+    x, y, val = corrupted_regression()
+    build = Builder()
+    log_dir = str(tmp_path_factory.mktemp("sweep"))
+    sweep = gradwatch.ClippingSweep(build, log_dir=log_dir, verbose=0)
+    results = sweep.search(x, y, validation_data=val, **FIT)
+    return dict(sweep=sweep, results=results, build=build, x=x, y=y, val=val, log_dir=log_dir)
+
+
+def test_every_mode_and_threshold_is_a_trial(auto_sweep):
+    results = auto_sweep["results"]
+    settings = json.load(open(os.path.join(auto_sweep["log_dir"], results_lib.SWEEP_FILE)))
+    expected = {(None, None)} | {(mode, entry["value"]) for mode, entries in settings["thresholds"].items()
+                                 for entry in entries}
+    assert {(t.mode, t.threshold) for t in results.trials} == expected
+    for mode in ("clipvalue", "clipnorm", "global_clipnorm"):
+        values = [t.threshold for t in results.trials if t.mode == mode]
+        assert len(values) >= 3
+    assert len(results.trials) == len(expected)
+    assert all(t.status == "COMPLETED" and t.steps == 16 for t in results.trials)
+    # Each trial has its own gradwatch run with one global norm per step.
+    for trial in results.trials:
+        assert sorted(read_tags(trial.log_dir)[tags.GLOBAL]) == list(range(1, 17))
+
+
+def test_best_is_the_lowest_finite_objective_and_printing_ranks(auto_sweep):
+    results = auto_sweep["results"]
+    finite = [t for t in results.trials if not t.diverged]
+    assert results.best.value == min(t.value for t in finite)
+    ranked = results.ranked()
+    assert ranked[0] is results.best
+    assert [t.value for t in ranked if not t.diverged] == sorted(t.value for t in finite)
+    text = str(results)
+    lines = text.splitlines()
+    assert results.best.name in lines[2]  # first row of the table, after title and header
+    assert "best: " + results.best.name in text
+
+
+def test_best_trial_is_reproduced_by_the_documented_recipe(auto_sweep):
+    s = auto_sweep
+    best = s["results"].best
+    assert best.mode is not None  # clipping helps on corrupted targets
+    again = reproduce(s["build"], best, s["x"], s["y"], validation_data=s["val"], **FIT)
+    assert again == pytest.approx(best.value, rel=1e-6)
+    baseline = s["results"].baseline
+    assert reproduce(s["build"], baseline, s["x"], s["y"], validation_data=s["val"], **FIT) == \
+        pytest.approx(baseline.value, rel=1e-6)
+
+
+def test_resume_trains_and_builds_nothing(auto_sweep):
+    s = auto_sweep
+    build = Builder()
+    again = gradwatch.ClippingSweep(build, log_dir=s["log_dir"], verbose=0).search(
+        s["x"], s["y"], validation_data=s["val"], **FIT)
+    assert build.calls == 0
+    assert again == s["results"]
+
+
+def test_auto_thresholds_come_from_the_probe_runs_logged_norms(auto_sweep):
+    s = auto_sweep
+    probe = read_tags(os.path.join(s["log_dir"], results_lib.PROBE_RUN))
+    monitor_global = probe[tags.GLOBAL]
+    stats = {mode: probe[tag] for mode, tag in tags.SWEEP_PROBE_STATISTICS.items()}
+    steps = sorted(stats["global_clipnorm"])
+    assert len(steps) >= thresholds_lib.MIN_STEPS
+    # The probe's own measurement equals the norm the monitor logged, step by step.
+    for step in steps:
+        assert stats["global_clipnorm"][step] == pytest.approx(monitor_global[step], rel=1e-5)
+        assert stats["clipnorm"][step] <= stats["global_clipnorm"][step] * (1 + 1e-6)
+    settings = json.load(open(os.path.join(s["log_dir"], results_lib.SWEEP_FILE)))
+    for mode, series in stats.items():
+        values = np.array([series[step] for step in steps])
+        chosen = [entry["value"] for entry in settings["thresholds"][mode]]
+        assert chosen == sorted(chosen) and len(set(chosen)) == len(chosen) >= 3
+        expected = sorted({thresholds_lib.round_significant(v) for v in (
+            0.1 * np.percentile(values, 50), np.percentile(values, 10), np.percentile(values, 50),
+            np.percentile(values, 90))})
+        assert chosen == pytest.approx(expected, rel=1e-3)
+        fractions = [entry["clipped_fraction"] for entry in settings["thresholds"][mode]]
+        assert fractions == [pytest.approx(np.mean(values > t)) for t in chosen]
+        assert fractions[0] > 0.9 and fractions[-1] <= 0.25  # "clips most" to "only outliers" (16 steps)
+
+
+def test_per_variable_statistic_equals_the_global_norm_with_one_variable(tmp_path):
+    x, y, val = corrupted_regression()
+    build = Builder(layers=(), bias=False)  # one kernel: per-variable norm == global norm
+    sweep = gradwatch.ClippingSweep(build, log_dir=str(tmp_path), modes=("clipnorm", "global_clipnorm"),
+                                    probe_steps=12, verbose=0)
+    results = sweep.search(x, y, validation_data=val, epochs=1, batch_size=16, verbose=0)
+    by_mode = {m: [t.threshold for t in results.trials if t.mode == m] for m in ("clipnorm", "global_clipnorm")}
+    assert by_mode["clipnorm"] == by_mode["global_clipnorm"]
+    probe = read_tags(str(tmp_path / results_lib.PROBE_RUN))
+    assert len(probe[tags.SWEEP_PROBE_STATISTICS["clipnorm"]]) == 12
+
+
+def test_diverging_trials_rank_last_and_never_stop_the_sweep(tmp_path):
+    x, y, val = corrupted_regression(scale=3000.0, corrupt=8)
+    build = Builder(learning_rate=0.5)
+    # No clipping and three clipnorm thresholds too large to act diverge: four
+    # in a row, more than KerasTuner's default of 3 consecutive failures.
+    sweep = gradwatch.ClippingSweep(
+        build, log_dir=str(tmp_path), modes=("clipnorm", "global_clipnorm"),
+        thresholds={"clipnorm": [1e30, 2e30, 3e30], "global_clipnorm": [0.01, 0.05]}, verbose=0)
+    results = sweep.search(x, y, validation_data=val, **FIT)
+    assert len(results.trials) == 6 and all(t.status == "COMPLETED" for t in results.trials)
+    diverged = [t for t in results.trials if t.diverged]
+    assert {t.mode for t in diverged} == {None, "clipnorm"} and len(diverged) == 4
+    for trial in diverged:
+        assert trial.value == math.inf
+        assert trial.steps < 16  # stopped at once, within the first epoch or two
+    assert results.best.mode == "global_clipnorm" and math.isfinite(results.best.value)
+    assert all(t.diverged for t in results.ranked()[-4:])
+    assert "no clipping diverged" in results.recommendation()
+
+
+def test_explicit_thresholds_list_applies_to_every_mode(tmp_path):
+    x, y, val = corrupted_regression()
+    sweep = gradwatch.ClippingSweep(Builder(), log_dir=str(tmp_path), modes=("clipnorm", "clipvalue"),
+                                    thresholds=[1.0, 0.1], verbose=0)
+    results = sweep.search(x, y, validation_data=val, epochs=1, batch_size=64, verbose=0)
+    assert sorted((t.mode or "", t.threshold or 0) for t in results.trials) == [
+        ("", 0), ("clipnorm", 0.1), ("clipnorm", 1.0), ("clipvalue", 0.1), ("clipvalue", 1.0)]
+    assert not os.path.exists(tmp_path / results_lib.PROBE_RUN)  # no probe for given thresholds
+    with pytest.raises(ValueError, match="other settings"):
+        gradwatch.ClippingSweep(Builder(), log_dir=str(tmp_path), modes=("clipnorm", "clipvalue"),
+                                thresholds=[2.0], verbose=0).search(x, y, validation_data=val)
+
+
+def test_hparams_plugin_lists_every_trial(auto_sweep):
+    from tensorboard import program
+    from tensorboard.backend import application
+    from tensorboard.backend.event_processing import data_ingester
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.core import core_plugin
+    from tensorboard.plugins.hparams import hparams_plugin
+    from tensorboard.plugins.scalar import scalars_plugin
+    from werkzeug.test import Client
+
+    board = program.TensorBoard(plugins=[
+        core_plugin.CorePluginLoader(), base_plugin.BasicLoader(scalars_plugin.ScalarsPlugin),
+        base_plugin.BasicLoader(hparams_plugin.HParamsPlugin)])
+    board.configure(["tensorboard", "--logdir", auto_sweep["log_dir"], "--reload_interval", "0",
+                     "--reload_task", "blocking", "--load_fast", "false"])
+    ingester = data_ingester.LocalDataIngester(board.flags)
+    ingester.start()
+    client = Client(application.TensorBoardWSGIApp(
+        board.flags, board.plugin_loaders, ingester.data_provider, board.assets_zip_provider,
+        ingester.deprecated_multiplexer))
+    experiment = client.post("/data/plugin/hparams/experiment", json={"experimentName": ""}).get_json()
+    assert {h["name"] for h in experiment["hparamInfos"]} == {"mode", "threshold"}
+    assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {
+        tags.SWEEP_OBJECTIVE, tags.SWEEP_DIVERGED, tags.SWEEP_EXPLOSIONS}
+    groups = client.post("/data/plugin/hparams/session_groups", json={
+        "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
+                                                  "STATUS_RUNNING"],
+        "colParams": [], "startIndex": 0, "sliceSize": 100}).get_json()
+    results = auto_sweep["results"]
+    assert groups["totalSize"] == len(results.trials)
+    by_id = {t.trial_id: t for t in results.trials}
+    for group in groups["sessionGroups"]:
+        trial = by_id[group["name"]]  # the group of a trial is named by its trial id
+        assert [s["name"] for s in group["sessions"]] == [os.path.basename(trial.log_dir)]
+        assert group["hparams"]["mode"] == (trial.mode or "none")
+        if trial.mode is not None:
+            assert group["hparams"]["threshold"] == pytest.approx(trial.threshold)
+        metrics = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+        assert metrics[tags.SWEEP_OBJECTIVE] == pytest.approx(trial.value, rel=1e-6)
+        assert metrics[tags.SWEEP_EXPLOSIONS] == trial.explosions
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(build_model=None), "build_model"),
+    (dict(objective="val_foo"), "objective"),
+    (dict(objective=3), "objective"),
+    (dict(modes=()), "modes"),
+    (dict(modes=("clipnorm", "clipnorm")), "modes"),
+    (dict(modes=("clipnom",)), "modes"),
+    (dict(thresholds="manual"), "thresholds"),
+    (dict(thresholds=[]), "thresholds"),
+    (dict(thresholds=[1.0, -1.0]), "thresholds"),
+    (dict(thresholds=[float("nan")]), "thresholds"),
+    (dict(thresholds={"clipnorm": [1.0]}), "thresholds"),
+    (dict(thresholds={"clipnorm": [1.0], "clipvalue": [1.0], "global_clipnorm": "x"}), "thresholds"),
+    (dict(seed=1.5), "seed"),
+    (dict(probe_steps=0), "probe_steps"),
+    (dict(log_dir=""), "log_dir"),
+    (dict(verbose=5), "verbose"),
+])
+def test_bad_arguments_are_refused_in_init(kwargs, match):
+    args = dict(build_model=Builder())
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        gradwatch.ClippingSweep(args.pop("build_model"), **args)
+
+
+def test_validation_objective_without_validation_data_is_refused(tmp_path):
+    x, y, _ = corrupted_regression()
+    sweep = gradwatch.ClippingSweep(Builder(), log_dir=str(tmp_path), verbose=0)
+    with pytest.raises(ValueError, match="validation_data"):
+        sweep.search(x, y, epochs=1)
+
+
+def test_build_model_with_its_own_clipping_is_refused(tmp_path):
+    x, y, val = corrupted_regression()
+
+    def build():
+        model = Builder()()
+        model.optimizer.clipnorm = 1.0
+        return model
+
+    sweep = gradwatch.ClippingSweep(build, log_dir=str(tmp_path), thresholds=[1.0], verbose=0)
+    with pytest.raises(ValueError, match="already clips"):
+        sweep.search(x, y, validation_data=val, epochs=1)
+
+
+def test_missing_keras_tuner_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "keras_tuner", None)
+    with pytest.raises(ImportError, match=r"gradwatch\[sweep\]"):
+        gradwatch.ClippingSweep(Builder())
