@@ -40,6 +40,27 @@ and infinities are the strings "nan", "inf", "-inf"; absent values are null):
       ]
     }
 
+`"sweep"` is null unless LOGDIR is the `log_dir` of a `gradwatch.ClippingSweep`
+(it holds `gradwatch_sweep.json`); then:
+
+    "sweep": {
+      "objective": "val_loss", "direction": "min",    # "max" for accuracies
+      "trials": [                              # best first: completed, not diverged, by value
+        {"trial_id": "05", "mode": "clipnorm",   # null for the trial without clipping
+         "threshold": 0.3,                       # null without clipping
+         "value": 0.015,                         # objective at the best epoch; a diverged
+                                                 # trial has the worst value ("inf" / "-inf")
+         "diverged": false, "explosions": 2, "steps": 900,
+         "status": "COMPLETED",                  # KerasTuner's; "RUNNING" while training
+         "log_dir": "<LOGDIR>/trial_05-clipnorm=0.3",
+         "run": "trial_05-clipnorm=0.3/train"}   # the trial's gradwatch run in "runs"
+      ],
+      "best": {...},                           # a trial as above, or null if all diverged
+      "recommendation": "clipnorm=0.3: val_loss 0.015, 33x better than no clipping (0.5)",
+      "thresholds": {"clipnorm": [            # per mode, how each threshold was chosen
+        {"value": 0.3, "rule": "p10", "clipped_fraction": 0.9}]}   # or "rule": "given"
+    }
+
 New keys may be added within version 1; renaming or removing one bumps the version.
 Importing this module or running `report` does not import TensorFlow.
 """
@@ -155,6 +176,9 @@ def run_report(args, out, err):
     from gradwatch import report
 
     document = report.summarize(args.logdir, _load_runs(args.logdir))
+    document["sweep"], problem = report.sweep_summary(args.logdir)
+    if problem:
+        err.write(f"{PROG}: warning: {_escape(problem)}\n")
     if args.json:
         out.write(json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
     else:

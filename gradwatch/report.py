@@ -6,10 +6,12 @@ terminal. Both take `gradwatch.logs.RunData` and never import TensorFlow.
 """
 
 import math
+import os
 
 import numpy as np
 
 from gradwatch.summaries import json_safe
+from gradwatch.tags import TRAIN_RUN
 
 REPORT_VERSION = 1
 TOP_LAYER_COUNT = 5
@@ -95,6 +97,36 @@ def summarize_run(run):
         "top_layers": _top_layers(run),
         "clipping": _clipping(run),
     }
+
+
+def sweep_summary(logdir):
+    """`(the "sweep" object of the report, or None; a problem to warn about, or None)`."""
+    from gradwatch.sweep import results as sweep_results
+
+    if not sweep_results.is_sweep_folder(logdir):
+        return None, None
+    try:
+        document = sweep_results.read_results(logdir).to_json()
+    except sweep_results.SweepReadError as error:
+        return None, f"clipping sweep not read: {error}"
+    for trial in document["trials"] + ([document["best"]] if document["best"] else []):
+        trial["run"] = os.path.relpath(os.path.join(trial["log_dir"], TRAIN_RUN), logdir).replace(os.sep, "/")
+    return document, None
+
+
+def _sweep_text(sweep):
+    lines = [f"clipping sweep: {sweep['objective']} ({'lower' if sweep['direction'] == 'min' else 'higher'}"
+             f" is better), {len(sweep['trials'])} trials, best first"]
+    rows = []
+    for rank, t in enumerate(sweep["trials"], start=1):
+        clipping = "no clipping" if t["mode"] is None else f"{t['mode']}={_num(t['threshold'])}"
+        diverged = "yes" if t["diverged"] else ("no" if t["status"] == "COMPLETED" else str(t["status"]).lower())
+        rows.append([rank, t["trial_id"], clipping, _num(t["value"]), diverged, t["explosions"], t["steps"],
+                     t["run"]])
+    lines += _table(["rank", "trial", "clipping", sweep["objective"], "diverged", "explosions", "steps", "run"],
+                    rows, indent="  ")
+    lines.append(f"  best: {sweep['recommendation']}")
+    return lines
 
 
 def summarize(logdir, runs):
@@ -186,6 +218,8 @@ def _run_details(run):
 def format_text(document):
     """The report as aligned plain text, one overview table then a block per run."""
     lines = [f"gradwatch report of {document['logdir']}", ""]
+    if document.get("sweep"):
+        lines += _sweep_text(document["sweep"]) + [""]
     lines += _overview(document["runs"])
     for run in document["runs"]:
         lines += [""] + _run_details(run)

@@ -321,3 +321,42 @@ def test_sweep_distributed_with_a_chief_and_a_worker(tmp_path):
     x, y, val = corrupted_regression()
     assert reproduce(Builder(), best, x, y, validation_data=val, **DISTRIBUTED_FIT) == \
         pytest.approx(best.value, rel=1e-6)
+
+
+def test_report_shows_the_sweep_best_first(auto_sweep, capsys):
+    from gradwatch import cli
+
+    results = auto_sweep["results"]
+    assert cli.main(["report", auto_sweep["log_dir"], "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    sweep = document["sweep"]
+    assert sweep["objective"] == "val_loss" and sweep["direction"] == "min"
+    assert [t["trial_id"] for t in sweep["trials"]] == [t.trial_id for t in results.ranked()]
+    assert sweep["best"]["trial_id"] == results.best.trial_id
+    assert sweep["best"]["value"] == pytest.approx(results.best.value)
+    for entry, trial in zip(sweep["trials"], results.ranked()):
+        assert (entry["mode"], entry["threshold"], entry["diverged"], entry["explosions"]) == (
+            trial.mode, trial.threshold, trial.diverged, trial.explosions)
+        assert entry["run"] in {run["run"] for run in document["runs"]}
+    assert cli.main(["report", auto_sweep["log_dir"]]) == 0
+    text = capsys.readouterr().out
+    table = text[text.index("clipping sweep"):text.index("best:")].splitlines()
+    assert results.best.name in table[2] and "1" == table[2].split()[0]
+    assert f"best: {results.recommendation()}" in text
+
+
+def test_report_sweep_is_null_elsewhere_and_a_damaged_sweep_file_warns(auto_sweep, tmp_path, capsys):
+    import shutil
+
+    from gradwatch import cli
+
+    probe = os.path.join(auto_sweep["log_dir"], results_lib.PROBE_RUN)
+    assert cli.main(["report", probe, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sweep"] is None
+    copy = tmp_path / "copy"
+    shutil.copytree(auto_sweep["log_dir"], copy)
+    (copy / results_lib.SWEEP_FILE).write_text("{not json")
+    assert cli.main(["report", str(copy), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["sweep"] is None
+    assert "warning: clipping sweep not read" in captured.err and len(captured.err.splitlines()) == 1
