@@ -360,3 +360,15 @@ def test_report_sweep_is_null_elsewhere_and_a_damaged_sweep_file_warns(auto_swee
     captured = capsys.readouterr()
     assert json.loads(captured.out)["sweep"] is None
     assert "warning: clipping sweep not read" in captured.err and len(captured.err.splitlines()) == 1
+
+
+def test_trial_alerts_stay_off_the_log_unless_verbose_2(tmp_path, caplog):
+    x, y, val = corrupted_regression(scale=1000.0)
+    for verbose, expect_alerts in ((0, False), (2, True)):
+        caplog.clear()
+        results = gradwatch.ClippingSweep(
+            Builder(), log_dir=str(tmp_path / str(verbose)), modes=("clipnorm",), thresholds=[100.0],
+            verbose=verbose).search(x, y, validation_data=val, **FIT)
+        assert sum(t.explosions for t in results.trials) > 0
+        alerts = [r for r in caplog.records if hasattr(r, "gradwatch_explosion")]
+        assert bool(alerts) == expect_alerts

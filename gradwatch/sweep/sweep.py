@@ -152,7 +152,10 @@ class ClippingSweep:
         probe_steps: at most this many steps in the `"auto"` probe run.
         overwrite: start afresh, deleting a previous sweep's files in `log_dir`
             (else a previous sweep there is resumed).
-        verbose: 0 silent; 1 prints the thresholds and the results table.
+        verbose: 0 silent; 1 prints the thresholds and the results table, and
+            keeps the trials' explosion alerts off the `"gradwatch"` logger
+            (they are in each trial's run, and counted in the table); 2 lets
+            them through too.
 
     Example:
 

@@ -7,9 +7,12 @@ gradwatch's counts. KerasTuner schedules, stores, resumes and distributes the
 trials; TensorBoard's `hparams` API writes each trial's HParams session.
 """
 
+import contextlib
 import copy
+import logging
 import math
 import os
+import shutil
 
 import keras
 import keras_tuner
@@ -18,6 +21,8 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 from gradwatch import tags
 from gradwatch.sweep import results as results_lib
+
+logger = logging.getLogger("gradwatch")
 
 
 class DivergenceStop(keras.callbacks.Callback):
@@ -68,6 +73,7 @@ class SweepTuner(keras_tuner.GridSearch):
         """Trains one trial; returns `{objective, diverged, explosions, steps}`."""
         mode, threshold = results_lib.trial_clipping(trial.hyperparameters.values)
         run_dir = os.path.join(self.sweep.log_dir, results_lib.trial_folder(trial.trial_id, mode, threshold))
+        shutil.rmtree(run_dir, ignore_errors=True)  # a trial interrupted earlier starts afresh
         callbacks = copy.deepcopy(list(fit_kwargs.pop("callbacks", None) or []))
         monitor = self.sweep._monitor(run_dir)
         stop = DivergenceStop()
@@ -76,7 +82,8 @@ class SweepTuner(keras_tuner.GridSearch):
             hparams[results_lib.HP_THRESHOLD] = threshold
         callbacks += [monitor, stop, hparams_api.KerasCallback(run_dir, hparams, trial_id=trial.trial_id)]
         model = self.sweep._build(mode, threshold)
-        history = model.fit(*fit_args, callbacks=callbacks, **fit_kwargs)
+        with _alerts_kept_off_the_log(enabled=self.sweep.verbose < 2):
+            history = model.fit(*fit_args, callbacks=callbacks, **fit_kwargs)
         objective = self.oracle.objective
         if not objective.has_value(history.history):
             raise keras_tuner.errors.FatalValueError(
@@ -93,6 +100,26 @@ class SweepTuner(keras_tuner.GridSearch):
         }
         _write_trial_metrics(run_dir, metrics[objective.name], diverged, len(monitor.explosions))
         return metrics
+
+
+class _NoExplosionAlerts(logging.Filter):
+    def filter(self, record):
+        return not (hasattr(record, "gradwatch_explosion") or hasattr(record, "gradwatch_burst"))
+
+
+@contextlib.contextmanager
+def _alerts_kept_off_the_log(enabled):
+    """A trial's explosion alerts stay in its run (and its count in the table),
+    off the "gradwatch" logger; other gradwatch warnings still pass."""
+    if not enabled:
+        yield
+        return
+    quiet = _NoExplosionAlerts()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _write_trial_metrics(run_dir, value, diverged, explosions):
