@@ -20,6 +20,7 @@ def run_example(name, tmp_path, *args):
     ("mixed_precision", ["--epochs", "1"], "optimizer: LossScaleOptimizer"),
     ("mirrored_strategy", ["--epochs", "1"], "explosions: [(41, 'clipping_on')]"),
     ("adding_problem", ["--epochs", "1", "--seeds", "2"], "gradwatch auto_clip=auto"),
+    ("clipping_sweep", ["--epochs", "1", "--train-size", "512"], "x better than no clipping"),
 ])
 def test_example_runs(name, args, expected, tmp_path, capsys):
     event_files = run_example(name, tmp_path, *args)
