@@ -7,7 +7,8 @@ Routes (under `/data/plugin/gradwatch/`):
   /global?run=R&points=N                       global norm chart data
   /alerts?run=R&limit=N                        explosion records and clipping events
   /ranking?run=R&limit=N                       layers ranked by alerts led
-Unknown run: 404. Missing or malformed parameter: 400 with a message.
+  /compare?run=R1&run=R2...&points=N          global norms of several runs, one step grid
+Unknown run: 404 (for /compare: listed in "missing"). Missing or malformed parameter: 400 with a message.
 """
 
 import mimetypes
@@ -19,7 +20,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from tensorboard_plugin_gradwatch import metadata, reader, views
+from tensorboard_plugin_gradwatch import compare, metadata, reader, views
 
 _STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _JSON = "application/json"
@@ -80,6 +81,7 @@ class GradwatchPlugin(base_plugin.TBPlugin):
                 data, int_param(request, "limit"))),
             "/ranking": self._run_route(lambda data, request: views.ranking_view(
                 data, int_param(request, "limit"))),
+            "/compare": self._serve_compare,
         })
         return apps
 
@@ -103,6 +105,22 @@ class GradwatchPlugin(base_plugin.TBPlugin):
         ctx = plugin_util.context(request.environ)
         eid = plugin_util.experiment_id(request.environ)
         return http_util.Respond(request, {"runs": self._reader.runs(ctx, eid)}, _JSON)
+
+    @wrappers.Request.application
+    def _serve_compare(self, request):
+        runs = list(dict.fromkeys(request.args.getlist("run")))  # unique, in request order
+        try:
+            if not runs or not all(runs):
+                raise BadRequest("give one or more runs: run=R1&run=R2...")
+            if len(runs) > compare.MAX_RUNS:
+                raise BadRequest("at most %d runs per request, got %d" % (compare.MAX_RUNS, len(runs)))
+            points = int_param(request, "points")
+        except BadRequest as error:
+            return http_util.Respond(request, {"error": str(error)}, _JSON, code=400)
+        ctx = plugin_util.context(request.environ)
+        eid = plugin_util.experiment_id(request.environ)
+        named = self._reader.load_globals(ctx, eid, runs)
+        return http_util.Respond(request, compare.compare_view(named, points), _JSON)
 
     def _run_route(self, build):
         """A WSGI app answering `build(run_data, request)` for the `run` parameter."""

@@ -20,6 +20,9 @@ from tensorboard_plugin_gradwatch import metadata
 # sample TensorBoard kept is returned.
 _ALL_POINTS = 10**9
 _CACHED_RUNS = 4
+_CACHED_GLOBALS = 256  # a run's global series only: small, and a sweep has many runs
+# The series the run comparison reads: global norms and explosion flags only.
+COMPARE_TAGS = (tags.GLOBAL, tags.GLOBAL_CLIPPED, tags.EXPLOSION)
 
 RunData = collections.namedtuple(
     "RunData",
@@ -46,6 +49,7 @@ class RunReader:
     def __init__(self, data_provider):
         self._provider = data_provider
         self._cache = collections.OrderedDict()  # run -> (fingerprint, RunData)
+        self._globals = collections.OrderedDict()  # run -> (fingerprint, RunData), global tags only
         self._lock = threading.Lock()
 
     def _list(self, ctx, experiment_id, run=None):
@@ -105,6 +109,40 @@ class RunReader:
             while len(self._cache) > _CACHED_RUNS:
                 self._cache.popitem(last=False)
         return data
+
+    def load_globals(self, ctx, experiment_id, runs):
+        """[(run, RunData of its `COMPARE_TAGS` series, or None)] for each of `runs`.
+
+        One listing for all runs, then one read per run whose data changed (so
+        a read stays small whatever the number of runs).
+        """
+        listing = self._provider.list_scalars(
+            ctx, experiment_id=experiment_id, plugin_name=metadata.SCALARS_PLUGIN_NAME,
+            run_tag_filter=provider.RunTagFilter(runs=list(runs), tags=list(COMPARE_TAGS)))
+        found = []
+        for run in runs:
+            by_tag = listing.get(run, {})
+            if tags.GLOBAL not in by_tag:
+                found.append((run, None))
+                continue
+            fingerprint = tuple(sorted((tag, ts.max_step, ts.max_wall_time) for tag, ts in by_tag.items()))
+            with self._lock:
+                cached = self._globals.get(run)
+            if cached is None or cached[0] != fingerprint:
+                read = self._provider.read_scalars(
+                    ctx, experiment_id=experiment_id, plugin_name=metadata.SCALARS_PLUGIN_NAME,
+                    downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, list(by_tag)))
+                series = {tag: _series_arrays(data) for tag, data in read.get(run, {}).items()}
+                cached = (fingerprint, RunData(layers=[], series=series, explosions=[], clipping=[]))
+                with self._lock:
+                    self._globals[run] = cached
+                    while len(self._globals) > _CACHED_GLOBALS:
+                        self._globals.popitem(last=False)
+            with self._lock:
+                if run in self._globals:
+                    self._globals.move_to_end(run)
+            found.append((run, cached[1]))
+        return found
 
     def _read(self, ctx, experiment_id, run, scalar_tags, tensor_tags):
         series = {}

@@ -94,6 +94,34 @@ def write_run(run_dir, seed=0):
             "norms": norms, "clipping_steps": [c["step"] for c in clipping]}
 
 
+def write_sweep(root, trials=22, steps=60, seed=0):
+    """Writes a clipping-sweep-like folder: `root/clipping_sweep/trial_NN/train` runs.
+
+    Each trial has its own global-norm level (`(trial + 1) * 0.1` times a noisy
+    decay); trial 3 explodes at step 40 (norm x 1000). Returns run name ->
+    {"steps", "global" (float32 array), "explosion_steps"}.
+    """
+    rng = np.random.default_rng(seed)
+    facts = {}
+    for trial in range(trials):
+        name = "clipping_sweep/trial_%02d/%s" % (trial, tags.TRAIN_RUN)
+        norms = ((trial + 1) * 0.1 * (1.0 + np.exp(-np.arange(steps) / 20.0))
+                 * rng.lognormal(0.0, 0.1, steps)).astype(np.float32)
+        exploding = [40] if trial == 3 else []
+        for step in exploding:
+            norms[step - 1] *= 1000.0
+        writer = summaries.EventWriter(os.path.join(root, name))
+        writer.write_json(0, tags.LAYERS, ["dense"])
+        for step in range(1, steps + 1):
+            values = {tags.GLOBAL: float(norms[step - 1]), tags.layer_tag("dense"): float(norms[step - 1])}
+            if step in exploding:
+                values[tags.EXPLOSION] = 1.0
+            writer.write_scalars(step, values)
+        writer.close()
+        facts[name] = {"steps": np.arange(1, steps + 1), "global": norms, "explosion_steps": exploding}
+    return facts
+
+
 if __name__ == "__main__":
     import sys
     print(write_run(os.path.join(sys.argv[1], tags.TRAIN_RUN))["explosion_steps"])

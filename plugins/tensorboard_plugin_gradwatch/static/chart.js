@@ -2,9 +2,9 @@
 
 import {COLORS, decadeLabel, fmt, fmtStep, num, setupCanvas, stepTicks} from './format.js';
 
-const TOP = 22;
-const PLOT_HEIGHT = 230;
-const AXIS = 38;
+export const TOP = 22;
+export const PLOT_HEIGHT = 230;
+export const AXIS = 38;
 
 /** Numeric points {step, value} of a {steps, values} line (null -> []). */
 export function points(line) {
@@ -13,7 +13,7 @@ export function points(line) {
 }
 
 /** [lo, hi] in log10 covering every finite positive value, padded a little. */
-function logRange(lines) {
+export function logRange(lines) {
   let lo = Infinity;
   let hi = -Infinity;
   for (const line of lines) {
@@ -42,7 +42,7 @@ function logTicks(lo, hi) {
   return ticks;
 }
 
-function drawAxes(ctx, layout, y, data) {
+export function drawAxes(ctx, layout, y, data) {
   ctx.strokeStyle = COLORS.grid;
   ctx.fillStyle = COLORS.text;
   ctx.textAlign = 'right';
@@ -87,7 +87,7 @@ function drawSpans(ctx, layout, spans) {
 }
 
 /** Polyline through finite values; gaps at non-finite ones. */
-function drawLine(ctx, layout, y, line, color, dash, width) {
+export function drawLine(ctx, layout, y, line, color, dash, width) {
   ctx.strokeStyle = color;
   ctx.lineWidth = width;
   ctx.setLineDash(dash);
@@ -117,7 +117,7 @@ export function valueAt(line, step, window = Infinity) {
   return step - line[lo].step < window ? line[lo].value : null;
 }
 
-function marker(ctx, x, py, color, shape) {
+export function marker(ctx, x, py, color, shape) {
   ctx.fillStyle = color;
   ctx.strokeStyle = '#fff';
   ctx.lineWidth = 1.5;

@@ -7,10 +7,15 @@ import {decodeCells, drawHeatmap, drawLegend} from './heatmap.js';
 import {el, fmtStep} from './format.js';
 import {renderAlerts, renderRanking} from './tables.js';
 import {buildLayout, globalLegend, showTooltip, hideTooltip} from './layout.js';
+import {compareLayout, compareLegend, drawCompareChart} from './compare.js';
+import {buildRunList, colorOf, selectedRuns, setRuns} from './runs.js';
 
 const MAX_HEATMAP_CELLS = 150000;  // keeps /heatmap responses small for deep models
-const state = {runs: [], run: null, data: null, selected: null, hitHeatmap: null, hoverGlobal: null, token: 0};
+const MAX_COMPARED = 100;  // runs per /compare request (the server's limit)
+const state = {runs: [], run: null, data: null, selected: null, hitHeatmap: null, hoverGlobal: null, token: 0,
+  compare: {data: null, token: 0, timer: null, hover: null}};
 let ui = null;
+let runList = null;
 
 async function fetchJSON(url) {
   const response = await fetch(url);
@@ -28,7 +33,7 @@ function makeLayout(layers) {
   const measure = document.createElement('canvas').getContext('2d');
   measure.font = '11px Roboto, "Helvetica Neue", Arial, sans-serif';
   const longest = Math.max(60, ...layers.map((name) => measure.measureText(name).width));
-  const width = Math.max(480, ui.root.clientWidth - 66);  // page and card paddings
+  const width = plotWidthNow();  // page and card paddings
   const left = Math.round(Math.min(220, longest + 18));
   const plotWidth = width - left - 24;
   const data = state.data && state.data.heatmap;
@@ -54,6 +59,9 @@ async function loadRuns() {
   const {runs} = await fetchJSON('./runs');
   state.runs = runs;
   ui.runSelect.replaceChildren(...runs.map((run) => el('option', '', run.name)));
+  setRuns(runList, runs.map((run) => run.name));
+  ui.compareCard.hidden = runs.length < 2;
+  if (runs.length >= 2) loadCompare();
   if (!runs.length) {
     setStatus('empty', 'No run holds gradwatch data yet. Train with gradwatch.GradientMonitor and reload.');
     return;
@@ -118,6 +126,64 @@ function drawCharts() {
   ui.heatmapLegend.style.marginLeft = `${layout.left - 10}px`;
 }
 
+function plotWidthNow() {
+  return Math.max(480, ui.root.clientWidth - 66);
+}
+
+/** Fetches and draws the comparison of the selected runs (latest request wins). */
+async function loadCompare() {
+  const token = ++state.compare.token;
+  const names = selectedRuns(runList);
+  if (!names.length) {
+    state.compare.data = null;
+    ui.compareNote.textContent = 'Select runs above to overlay their global norms.';
+    ui.compareLegend.replaceChildren();
+    ui.compare.hidden = true;
+    return;
+  }
+  const asked = names.slice(0, MAX_COMPARED);
+  const query = asked.map((name) => `run=${encodeURIComponent(name)}`).join('&');
+  try {
+    const data = await fetchJSON(`./compare?${query}&points=${Math.max(10, plotWidthNow() - 88)}`);
+    if (token !== state.compare.token) return;
+    state.compare.data = data;
+    state.compare.asked = names.length;
+    drawCompare();
+  } catch (error) {
+    if (token !== state.compare.token) return;
+    ui.compareNote.textContent = `Could not load the comparison: ${error.message}`;
+  }
+}
+
+function describeCompare(data, selectedCount) {
+  const parts = [`${data.runs.length} run${data.runs.length === 1 ? '' : 's'}, max per bin of ` +
+    `${data.bin_width > 1 ? fmtStep(data.bin_width) + ' steps' : 'one step'}; dots: explosions. ` +
+    'Click a legend entry to show that run below.'];
+  if (selectedCount > MAX_COMPARED) parts.push(`Showing the first ${MAX_COMPARED} of ${selectedCount} selected runs.`);
+  if (data.points_capped) parts.push(`Fewer points per run (${data.points}) to keep the response small.`);
+  if (data.sampled) parts.push('Some runs are sampled by TensorBoard (start it with --samples_per_plugin=scalars=0 to keep all).');
+  if (data.missing.length) parts.push(`No global norm in: ${data.missing.join(', ')}.`);
+  return parts.join(' ');
+}
+
+function drawCompare() {
+  const data = state.compare.data;
+  if (!data || data.empty) {
+    ui.compareNote.textContent = 'No global norm recorded in the selected runs.';
+    ui.compareLegend.replaceChildren();
+    ui.compare.hidden = true;
+    return;
+  }
+  const color = (name) => colorOf(runList, name);
+  ui.compare.hidden = false;
+  ui.compareNote.textContent = describeCompare(data, state.compare.asked);
+  compareLegend(ui.compareLegend, data, color, (name) => {
+    ui.runSelect.value = name;
+    loadRun(name);
+  });
+  state.compare.hover = drawCompareChart(ui.compare, data, compareLayout(plotWidthNow(), data), color);
+}
+
 function renderTables() {
   renderAlerts(ui.alerts, state.data.alerts, state.selected, select);
   renderRanking(ui.ranking, state.data.ranking);
@@ -145,20 +211,32 @@ function wireEvents() {
     if (!hit) return hideTooltip(ui.tooltip);
     showTooltip(ui.tooltip, event, hit.label, hit.rows);
   });
-  for (const canvas of [ui.heatmap, ui.global]) canvas.addEventListener('mouseleave', () => hideTooltip(ui.tooltip));
+  ui.compare.addEventListener('mousemove', (event) => {
+    const hit = state.compare.hover && state.compare.hover(event.offsetX);
+    if (!hit) return hideTooltip(ui.tooltip);
+    showTooltip(ui.tooltip, event, hit.label, hit.rows);
+  });
+  for (const canvas of [ui.heatmap, ui.global, ui.compare]) canvas.addEventListener('mouseleave', () => hideTooltip(ui.tooltip));
   let pending = null;
   let lastWidth = ui.root.clientWidth;
   new ResizeObserver(() => {
     if (ui.root.clientWidth === lastWidth) return;
     lastWidth = ui.root.clientWidth;
     clearTimeout(pending);
-    pending = setTimeout(() => state.data && !ui.content.hidden && drawCharts(), 100);
+    pending = setTimeout(() => {
+      if (state.data && !ui.content.hidden) drawCharts();
+      if (state.compare.data && !ui.compareCard.hidden) drawCompare();
+    }, 100);
   }).observe(ui.root);
 }
 
 /** Called by TensorBoard once the module is loaded. */
 export async function render() {
-  ui = buildLayout(document.body);
+  runList = buildRunList(() => {
+    clearTimeout(state.compare.timer);
+    state.compare.timer = setTimeout(loadCompare, 150);
+  });
+  ui = buildLayout(document.body, runList);
   wireEvents();
   try {
     await loadRuns();

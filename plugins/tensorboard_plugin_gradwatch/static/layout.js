@@ -15,8 +15,21 @@ function canvas(id) {
   return node;
 }
 
+/** The "compare runs" card: run selector, note, legend and chart (hidden for fewer than 2 runs). */
+function compareCard(runList) {
+  const section = card('Compare runs: global gradient norm', 'gw-compare-card');
+  section.hidden = true;
+  const note = el('p', 'gw-caption');
+  note.id = 'gw-compare-note';
+  const legend = el('div', 'gw-legend gw-compare-legend');
+  legend.id = 'gw-compare-legend';
+  const chart = canvas('gw-compare');
+  section.append(runList.box, note, legend, chart);
+  return {compareCard: section, compareNote: note, compareLegend: legend, compare: chart};
+}
+
 /** Builds the dashboard DOM in `parent`; returns the nodes the code updates. */
-export function buildLayout(parent) {
+export function buildLayout(parent, runList) {
   const stylesheet = el('link');
   stylesheet.rel = 'stylesheet';
   stylesheet.href = './style.css';
@@ -34,6 +47,7 @@ export function buildLayout(parent) {
   const refresh = el('button', 'gw-button', 'Reload');
   refresh.id = 'gw-refresh';
   header.append(title, runLabel, refresh);
+  const compareNodes = compareCard(runList);
 
   const loading = el('div', 'gw-state gw-loading-box');
   loading.id = 'gw-loading';
@@ -75,9 +89,9 @@ export function buildLayout(parent) {
   const tooltip = el('div', 'gw-tooltip');
   tooltip.id = 'gw-tooltip';
   tooltip.hidden = true;
-  root.append(header, loading, empty, content, tooltip);
+  root.append(header, compareNodes.compareCard, loading, empty, content, tooltip);
   parent.appendChild(root);
-  return {root, runSelect, refresh, loading, empty, content, global, globalLegend,
+  return {...compareNodes, root, runSelect, refresh, loading, empty, content, global, globalLegend,
     heatmap, heatmapLegend, sampling, alerts, ranking, tooltip};
 }
 
