@@ -372,3 +372,39 @@ def test_trial_alerts_stay_off_the_log_unless_verbose_2(tmp_path, caplog):
         assert sum(t.explosions for t in results.trials) > 0
         alerts = [r for r in caplog.records if hasattr(r, "gradwatch_explosion")]
         assert bool(alerts) == expect_alerts
+
+
+class InterruptingBuilder(Builder):
+    """Raises KeyboardInterrupt (as Ctrl-C would) in its `interrupt_at`-th call."""
+
+    def __init__(self, interrupt_at):
+        super().__init__()
+        self.interrupt_at = interrupt_at
+
+    def __call__(self):
+        if self.calls + 1 == self.interrupt_at:
+            self.calls += 1
+            raise KeyboardInterrupt
+        return super().__call__()
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
+    x, y, val = corrupted_regression()
+    args = dict(log_dir=str(tmp_path), modes=("clipnorm", "clipvalue"), thresholds=[0.3, 3.0], verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        gradwatch.ClippingSweep(InterruptingBuilder(3), **args).search(
+            x, y, validation_data=val, callbacks=[keras.callbacks.TensorBoard(str(tmp_path / "ignored"))],
+            **FIT)
+    done = {t.trial_id: t for t in gradwatch.ClippingSweep(Builder(), **args).results().trials}
+    assert sorted(done) == ["0", "1", "2"] and done["2"].status == "RUNNING"
+    build = Builder()
+    results = gradwatch.ClippingSweep(build, **args).search(x, y, validation_data=val, **FIT)
+    assert build.calls == 3  # the interrupted trial again, and the two never started
+    assert [t.status for t in results.trials] == ["COMPLETED"] * 5
+    for trial_id in ("0", "1"):
+        assert results.trials[int(trial_id)] == done[trial_id]
+    # Keras' TensorBoard callback was pointed at each trial's own folder.
+    assert os.path.isdir(os.path.join(results.trials[0].log_dir, "validation"))
+    assert not os.path.exists(tmp_path / "ignored")
+    # The interrupted trial was trained again from scratch: its run holds each step once.
+    assert sorted(read_tags(results.trials[2].log_dir)[tags.GLOBAL]) == list(range(1, 17))

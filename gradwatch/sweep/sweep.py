@@ -133,7 +133,7 @@ class ClippingSweep:
     and returns the same results; with KerasTuner's environment variables
     (`KERASTUNER_TUNER_ID`, `KERASTUNER_ORACLE_IP`, `KERASTUNER_ORACLE_PORT`)
     the process whose tuner id contains "chief" runs the probe, serves the
-    grid and returns the results, and each worker runs trials (its `search`
+    grid (`gradwatch.sweep.trials.GridOracle`) and returns the results, and each worker runs trials (its `search`
     returns None). All processes need the same arguments and a shared
     `log_dir`.
 
@@ -203,8 +203,8 @@ class ClippingSweep:
         self._check_fit_kwargs(fit_kwargs)
         fit_args = (x,) if y is None else (x, y)
         role = _role()
-        if role == "worker":
-            self.tuner = self._tuner(hyperparameters=None, max_trials=None)
+        if role == "worker":  # the chief's oracle hands out the trials
+            self.tuner = self._tuner(grid=[], hyperparameters=None)
             self.tuner.search(*fit_args, **fit_kwargs)
             return None
         if self.overwrite:
@@ -214,9 +214,7 @@ class ClippingSweep:
             thresholds = self._resumed_thresholds()
         else:
             thresholds = self._new_sweep(fit_args, fit_kwargs)
-        hyperparameters = self._space(thresholds)
-        count = 1 + sum(len(values) for values in thresholds.values())
-        self.tuner = self._tuner(hyperparameters=hyperparameters, max_trials=count)
+        self.tuner = self._tuner(grid=self._grid(thresholds), hyperparameters=self._space(thresholds))
         self.tuner.search(*fit_args, **fit_kwargs)
         results = results_lib.read_results(self.log_dir)
         if self.verbose:
@@ -320,14 +318,22 @@ class ClippingSweep:
                 hp.Choice(mode, [float(v) for v in thresholds[mode]], ordered=True)
         return hp
 
-    def _tuner(self, hyperparameters, max_trials):
+    def _grid(self, thresholds):
+        """Hyperparameter values of every trial, in order: no clipping, then
+        each mode's thresholds ascending."""
+        grid = [{results_lib.HP_MODE: results_lib.NO_CLIPPING}]
+        for mode in self.modes:
+            grid += [{results_lib.HP_MODE: mode, mode: float(v)} for v in thresholds[mode]]
+        return grid
+
+    def _tuner(self, grid, hyperparameters):
         from gradwatch.sweep import trials
 
-        return trials.SweepTuner(
-            self, hypermodel=None, objective=self.objective, max_trials=max_trials,
-            hyperparameters=hyperparameters, seed=self.seed, directory=self.log_dir,
-            project_name=results_lib.TUNER_PROJECT, overwrite=False,
-            max_retries_per_trial=0)
+        oracle = trials.GridOracle(
+            grid=grid, objective=self.objective, max_trials=len(grid) or None,
+            hyperparameters=hyperparameters, seed=self.seed, max_retries_per_trial=0)
+        return trials.SweepTuner(self, oracle, directory=self.log_dir,
+                                 project_name=results_lib.TUNER_PROJECT, overwrite=False)
 
     def _build(self, mode, threshold):
         """The seeded, compiled model of a trial, with its clipping set."""

@@ -62,12 +62,36 @@ def worst_value(objective):
     return math.inf if objective.direction == "min" else -math.inf
 
 
-class SweepTuner(keras_tuner.GridSearch):
+class GridOracle(keras_tuner.Oracle):
+    """KerasTuner's oracle for a fixed grid: each combination once, in order.
+
+    Which combinations are left is read from the oracle's trials (KerasTuner
+    persists them), so a search interrupted mid-grid resumes where it stopped:
+    KerasTuner's own `GridSearch` loses its place on reload (1.4.8 fails with
+    a KeyError on the trial after an interrupted one). An interrupted trial is
+    retried by KerasTuner itself (its retry queue).
+    """
+
+    def __init__(self, grid=(), **kwargs):
+        super().__init__(**kwargs)
+        self.grid = [dict(values) for values in grid]
+
+    def populate_space(self, trial_id):
+        taken = [trial.hyperparameters.values for trial in self.trials.values()]
+        for values in self.grid:
+            if values not in taken:
+                return {"status": keras_tuner.engine.trial.TrialStatus.RUNNING, "values": dict(values)}
+        if self.ongoing_trials:
+            return {"status": keras_tuner.engine.trial.TrialStatus.IDLE, "values": None}
+        return {"status": keras_tuner.engine.trial.TrialStatus.STOPPED, "values": None}
+
+
+class SweepTuner(keras_tuner.Tuner):
     """The grid of a `ClippingSweep` as a KerasTuner search (see `run_trial`)."""
 
-    def __init__(self, sweep, **kwargs):
+    def __init__(self, sweep, oracle, **kwargs):
         self.sweep = sweep
-        super().__init__(**kwargs)
+        super().__init__(oracle=oracle, hypermodel=None, **kwargs)
 
     def run_trial(self, trial, *fit_args, **fit_kwargs):
         """Trains one trial; returns `{objective, diverged, explosions, steps}`."""
@@ -75,6 +99,9 @@ class SweepTuner(keras_tuner.GridSearch):
         run_dir = os.path.join(self.sweep.log_dir, results_lib.trial_folder(trial.trial_id, mode, threshold))
         shutil.rmtree(run_dir, ignore_errors=True)  # a trial interrupted earlier starts afresh
         callbacks = copy.deepcopy(list(fit_kwargs.pop("callbacks", None) or []))
+        for callback in callbacks:  # Keras' TensorBoard writes next to the trial's gradwatch run
+            if isinstance(callback, keras.callbacks.TensorBoard):
+                callback.log_dir = run_dir
         monitor = self.sweep._monitor(run_dir)
         stop = DivergenceStop()
         hparams = {results_lib.HP_MODE: mode or results_lib.NO_CLIPPING}
