@@ -3,93 +3,15 @@ best on validation", as one call, on KerasTuner."""
 
 import json
 import logging
-import math
 import os
 import shutil
 
 from gradwatch import clipping, tags, validation
+from gradwatch.sweep import arguments
 from gradwatch.sweep import results as results_lib
 from gradwatch.sweep import thresholds as thresholds_lib
 
 logger = logging.getLogger("gradwatch")
-
-_EXTRA_HINT = 'ClippingSweep needs KerasTuner: install it with `pip install "gradwatch[sweep]"` (or `pip install keras-tuner`).'
-
-
-def _keras_tuner():
-    try:
-        import keras_tuner
-    except ImportError as error:
-        raise ImportError(f"{_EXTRA_HINT} ({error})") from error
-    return keras_tuner
-
-
-def _check_objective(objective):
-    keras_tuner = _keras_tuner()
-    from keras_tuner.src.engine import objective as objective_lib
-
-    if isinstance(objective, str) or type(objective) is keras_tuner.Objective:
-        try:
-            return objective_lib.create_objective(objective)
-        except ValueError as error:
-            raise ValueError(f"`objective`: {error} Received: objective={objective!r}") from None
-    raise ValueError("`objective` must be a metric name (e.g. 'val_loss') or one "
-                     f"`keras_tuner.Objective`. Received: objective={objective!r}")
-
-
-def _check_modes(modes):
-    if isinstance(modes, str):
-        modes = (modes,)
-    try:
-        modes = tuple(modes)
-    except TypeError:
-        modes = None
-    if (not modes or any(not isinstance(m, str) or m not in clipping.MODES for m in modes)
-            or len(set(modes)) != len(modes)):
-        raise ValueError(f"`modes` must be a non-empty sequence of distinct modes among "
-                         f"{', '.join(map(repr, clipping.MODES))}. Received: modes={modes!r}")
-    return modes
-
-
-def _check_threshold_list(name, values):
-    if isinstance(values, str) or not hasattr(values, "__iter__"):
-        raise ValueError(f"`{name}` must be a non-empty list of positive numbers. Received: {name}={values!r}")
-    values = list(values)
-    checked = []
-    for value in values:
-        try:
-            checked.append(float(validation.check_clip_threshold(value)))
-        except ValueError:
-            checked = None
-            break
-    if not checked or any(isinstance(v, str) for v in values):
-        raise ValueError(f"`{name}` must be a non-empty list of positive finite numbers. Received: {name}={values!r}")
-    return sorted(set(checked))
-
-
-def _check_thresholds(thresholds, modes):
-    """`"auto"`, or `{mode: sorted distinct thresholds}` for every mode."""
-    if isinstance(thresholds, str):
-        if thresholds == "auto":
-            return thresholds
-        raise ValueError(f"`thresholds` must be 'auto', a list of numbers or a dict mode -> list. "
-                         f"Received: thresholds={thresholds!r}")
-    if isinstance(thresholds, dict):
-        unknown = [m for m in thresholds if m not in modes]
-        missing = [m for m in modes if m not in thresholds]
-        if unknown or missing:
-            raise ValueError(f"`thresholds` as a dict needs exactly the keys of `modes` {list(modes)} "
-                             f"(unknown: {unknown}, missing: {missing}). Received: thresholds={thresholds!r}")
-        return {m: _check_threshold_list(f"thresholds[{m!r}]", thresholds[m]) for m in modes}
-    values = _check_threshold_list("thresholds", thresholds)
-    return {m: list(values) for m in modes}
-
-
-def _role():
-    """`"single"`, `"chief"` or `"worker"`, from KerasTuner's environment variables."""
-    if "KERASTUNER_ORACLE_IP" not in os.environ:
-        return "single"
-    return "chief" if "chief" in os.environ.get("KERASTUNER_TUNER_ID", "") else "worker"
 
 
 class ClippingSweep:
@@ -181,9 +103,9 @@ class ClippingSweep:
                              f"model. Received: build_model={build_model!r}")
         self.build_model = build_model
         self.log_dir = validation.check_log_dir(log_dir)
-        self.objective = _check_objective(objective)
-        self.modes = _check_modes(modes)
-        self.thresholds = _check_thresholds(thresholds, self.modes)
+        self.objective = arguments.check_objective(objective)
+        self.modes = arguments.check_modes(modes)
+        self.thresholds = arguments.check_thresholds(thresholds, self.modes)
         if not validation._is_int(seed):
             raise ValueError(f"`seed` must be an integer. Received: seed={seed!r}")
         self.seed = int(seed)
@@ -202,7 +124,7 @@ class ClippingSweep:
         """
         self._check_fit_kwargs(fit_kwargs)
         fit_args = (x,) if y is None else (x, y)
-        role = _role()
+        role = arguments.role()
         if role == "worker":  # the chief's oracle hands out the trials
             self.tuner = self._tuner(grid=[], hyperparameters=None)
             self.tuner.search(*fit_args, **fit_kwargs)
@@ -310,7 +232,7 @@ class ClippingSweep:
     # -- pieces used by the trials (gradwatch.sweep.trials) -----------------
 
     def _space(self, thresholds):
-        keras_tuner = _keras_tuner()
+        keras_tuner = arguments.keras_tuner_module()
         hp = keras_tuner.HyperParameters()
         hp.Choice(results_lib.HP_MODE, [results_lib.NO_CLIPPING, *self.modes], ordered=False)
         for mode in self.modes:
@@ -344,7 +266,7 @@ class ClippingSweep:
         model = self.build_model()
         optimizer = getattr(model, "optimizer", None) if isinstance(model, keras.Model) else None
         # KerasTuner re-raises its "fatal" errors (others fail one trial, then three in a row stop it).
-        fatal = _keras_tuner().errors.FatalValueError
+        fatal = arguments.keras_tuner_module().errors.FatalValueError
         if optimizer is None:
             raise fatal("`build_model` must return a compiled Keras model (with an optimizer). "
                              f"Received: {model!r}")
