@@ -15,6 +15,14 @@ monitor runs it). Per run it prints:
     python benchmarks/false_alarms.py --cache /tmp/n.npz --sweep   # tune the defaults
 
 `--cache` stores the recorded norms so a sweep does not retrain.
+
+    python benchmarks/false_alarms.py --vanishing [--cache /tmp/v.npy]   # ~4 min
+
+runs the vanishing / dead-gradient detector (`gradwatch.vanishing`) instead,
+on the healthy and constructed runs of `benchmarks/vanishing_cases.py`; per
+run: the worst depth gap held for a whole window (orders of magnitude; it
+alarms at `-orders`), the dead margin (longest zero run / zero run required,
+alarms at 1), and the layers flagged with their first step.
 """
 
 import argparse
@@ -26,6 +34,7 @@ import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
@@ -255,8 +264,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", help="npz file to load/store the recorded norms")
     parser.add_argument("--sweep", action="store_true", help="grid search instead of the defaults table")
+    parser.add_argument("--vanishing", action="store_true", help="the vanishing / dead detector instead")
     args = parser.parse_args()
     start = time.time()
+    if args.vanishing:
+        sys.exit(_vanishing(args.cache))
     labels, norms = collect(args.cache)
     if args.sweep:
         sweep(norms)
@@ -265,6 +277,14 @@ def main():
     print(f"total time {time.time() - start:.0f}s")
     healthy = result["false_alarms"].sum() == 0 and (result["caught"] == result["injected"]).all()
     sys.exit(0 if healthy else 1)
+
+
+def _vanishing(cache):
+    from gradwatch import vanishing
+    import vanishing_cases
+
+    alarms, missed = vanishing_cases.evaluate(vanishing_cases.collect(cache), vanishing.VanishingConfig())
+    return 0 if alarms == 0 and missed == 0 else 1
 
 
 if __name__ == "__main__":

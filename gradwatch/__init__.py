@@ -5,7 +5,7 @@ TensorFlow; the public classes are imported on first use.
 """
 
 __version__ = "0.1.0"
-__all__ = ["GradientMonitor", "Explosion", "ClippingSweep", "__version__"]
+__all__ = ["GradientMonitor", "Explosion", "ClippingSweep", "Vanishing", "VanishingConfig", "__version__"]
 
 
 def __getattr__(name):
@@ -21,4 +21,12 @@ def __getattr__(name):
         from gradwatch.sweep.sweep import ClippingSweep
 
         return ClippingSweep
+    if name == "Vanishing":
+        from gradwatch.vanishing_watch import Vanishing
+
+        return Vanishing
+    if name == "VanishingConfig":
+        from gradwatch.vanishing import VanishingConfig
+
+        return VanishingConfig
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

@@ -48,6 +48,7 @@ class KerasCapture:
         self.capacity = capacity
         self.layer_paths, self.state = None, None
         self.traced = False  # the hook has run: the optimizer is reached
+        self.sparse_layers = frozenset()  # trace time: layers with `IndexedSlices` gradients
         self._skip_pred = None
         self._installed = {}
         self.latest_record = None  # the train function's last record output, if any
@@ -210,6 +211,7 @@ class KerasCapture:
         layer_ids = self._layer_ids()
         if len(layer_ids) != len(grads):
             layer_ids = [num_layers] * len(grads)
+        self.sparse_layers = frozenset(i for i, g in zip(layer_ids, grads) if isinstance(g, tf.IndexedSlices))
         variable_sq = stats.variable_squared_norms(grads)
         layer_sq = stats.sum_by_layer(variable_sq, layer_ids, num_layers + 1)
         global_norm = stats.global_norm(layer_sq)

@@ -32,12 +32,12 @@ from gradwatch import tags
 from gradwatch.eventfile import (  # noqa: F401 -- re-exported
     EVENT_FILE_PREFIX, LogReadError, iter_records, masked_crc32c)
 from gradwatch.rundata import (  # noqa: F401 -- re-exported
-    ClippingEvent, Explosion, RunData, Series, clipping_event_from_doc, explosion_from_doc,
-    to_float)
+    ClippingEvent, Explosion, RunData, Series, VanishingRecord, clipping_event_from_doc,
+    explosion_from_doc, to_float, vanishing_from_doc)
 from gradwatch.runreader import RunReader
 
 __all__ = [
-    "ClippingEvent", "Explosion", "LogReadError", "RunData", "Series",
+    "ClippingEvent", "Explosion", "LogReadError", "RunData", "Series", "VanishingRecord",
     "find_event_folders", "read_logdir", "read_run",
 ]
 
@@ -96,17 +96,17 @@ def _series(parts, dtype, shared_steps):
     return Series(steps=steps, values=values)
 
 
-def _last_per_step(records):
-    """Records sorted by step; of records sharing a step, the last written."""
+def _last_per_step(records, key=None):
+    """Records sorted by step; of records sharing a step (a `key`), the last written."""
     by_step = {}
     for record in records:
-        by_step[record.step] = record
+        by_step[key(record) if key else record.step] = record
     return tuple(by_step[step] for step in sorted(by_step))
 
 
-def _records(path, tag, docs, make):
+def _records(path, tag, docs, make, key=None):
     try:
-        return _last_per_step(make(step, doc) for step, batch in docs for doc in batch)
+        return _last_per_step((make(step, doc) for step, batch in docs for doc in batch), key)
     except (AttributeError, KeyError, OverflowError, TypeError, ValueError) as error:
         raise LogReadError(path, f"unexpected record format in tag {tag!r} ({error!r})")
 
@@ -143,6 +143,8 @@ def read_run(name, event_files):
                      for layer in layers},
         explosions=_records(where, tags.EXPLOSIONS, docs[tags.EXPLOSIONS], explosion_from_doc),
         clipping=_records(where, tags.CLIPPING, docs[tags.CLIPPING], clipping_event_from_doc),
+        vanishing=_records(where, tags.VANISHING, docs[tags.VANISHING], vanishing_from_doc,
+                           key=lambda record: (record.step, record.kind)),
         other_series={tag: _series(tag_parts, np.float64, shared) for tag, tag_parts in parts.items()},
     )
 

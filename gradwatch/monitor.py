@@ -1,5 +1,6 @@
 """`GradientMonitor`: the Keras callback users add to `model.fit`."""
 
+import dataclasses
 import functools
 import logging
 import os
@@ -58,6 +59,11 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             the 90th percentile of the last 512 healthy global norms.
         skip_nonfinite: skip updates whose gradient holds NaN/Inf. Defaults to
             True when `auto_clip` is set, else False.
+        vanishing: detect vanishing and dead gradients on the host, from the
+            recorded layer norms (nothing is added to the step): `True`
+            (default), `False`, or a `gradwatch.vanishing.VanishingConfig` with
+            other settings. Onsets go to `monitor.vanishing` and are logged
+            once per layer until it recovers.
         top_layers: how many layers an alert names.
         verbose: 0 silent, 1 or 2 print alerts to the console (they always go
             to the `"gradwatch"` logger).
@@ -71,8 +77,8 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
     """
 
     def __init__(self, log_dir="logs", *, update_freq=100, explosion_threshold=None,
-                 auto_clip=None, clip_threshold=1.0, skip_nonfinite=None, top_layers=3,
-                 verbose=1):
+                 auto_clip=None, clip_threshold=1.0, skip_nonfinite=None, vanishing=True,
+                 top_layers=3, verbose=1):
         super().__init__()
         self.log_dir = validation.check_log_dir(log_dir)
         self.update_freq = validation.check_update_freq(update_freq)
@@ -83,7 +89,8 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
         self.skip_nonfinite = (auto_clip is not None) if skip is None else skip
         self.top_layers = validation.check_positive_int("top_layers", top_layers)
         self.verbose = validation.check_verbose(verbose)
-        self.explosions = []
+        self.vanishing_config = validation.check_vanishing(vanishing)
+        self.explosions, self.vanishing = [], []
         self.clipping_events = []
         self._recorder = None
         self._layer_paths = []
@@ -100,7 +107,7 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             self._recorder.finish(self._epoch)  # writes what it recorded, removes its hook
             self._recorder = None
             self._role.end()
-        self.explosions, self.clipping_events = [], []
+        self.explosions, self.clipping_events, self.vanishing = [], [], []
         policy = self._policy()
         # Multi-worker: only the chief writes and logs alerts (`multiworker`).
         self._role = multiworker.WorkerRole(self.model.distribute_strategy)
@@ -208,7 +215,17 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
         return {"log_dir": self.log_dir, "update_freq": self.update_freq,
                 "explosion_threshold": self.explosion_threshold, "auto_clip": self.auto_clip,
                 "clip_threshold": self.clip_threshold, "skip_nonfinite": self.skip_nonfinite,
+                "vanishing": _vanishing_setting(self.vanishing_config),
                 "top_layers": self.top_layers, "verbose": self.verbose}
+
+
+def _vanishing_setting(config):
+    """`vanishing=` as `get_config` gives it: a bool, or a dict of non-default settings."""
+    from gradwatch.vanishing import VanishingConfig
+
+    if config is None or config == VanishingConfig():
+        return config is not None
+    return dataclasses.asdict(config)
 
 
 def _optimizer_clipping(optimizer):

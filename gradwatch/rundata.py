@@ -5,7 +5,9 @@ other key is ignored and a missing one becomes None: `step`, `epoch`,
 `global_norm`, `threshold`, `layers` (`[[layer path, norm], ...]`, largest
 first), `action` (one of `gradwatch.tags.ACTIONS`), `nonfinite`. Clipping
 events (`gradwatch/clipping`) are read with `step`, `epoch`, `mode`,
-`threshold`, `cause_step`. Numbers written as the strings "nan", "inf", "-inf"
+`threshold`, `cause_step`. Vanishing / dead-gradient records
+(`gradwatch/vanishing`) with `step`, `epoch`, `kind`, `layers`
+(`[[layer path, norm], ...]`), `detail`. Numbers written as the strings "nan", "inf", "-inf"
 come back as floats.
 """
 
@@ -56,6 +58,17 @@ class ClippingEvent:
 
 
 @dataclasses.dataclass(frozen=True)
+class VanishingRecord:
+    """Layers whose gradient started vanishing (`kind` "vanishing") or died ("dead") at `step`."""
+
+    step: int
+    kind: str
+    epoch: int = None
+    layers: tuple = ()  # ((layer path, norm at that step), ...), model order
+    detail: tuple = ()  # per layer: depth gap in orders of magnitude, or zero steps in a row
+
+
+@dataclasses.dataclass(frozen=True)
 class RunData:
     """Everything gradwatch wrote for one run."""
 
@@ -65,6 +78,7 @@ class RunData:
     layer_norms: dict  # layer path -> Series, in model order
     explosions: tuple = ()
     clipping: tuple = ()
+    vanishing: tuple = ()  # VanishingRecord, by step
     other_series: dict = dataclasses.field(default_factory=dict)  # reserved tag -> Series
 
     @property
@@ -102,6 +116,17 @@ def explosion_from_doc(event_step, doc):
         layers=tuple((str(name), to_float(value)) for name, value in doc.get("layers") or ()),
         action=doc.get("action"),
         nonfinite=bool(doc.get("nonfinite", not math.isfinite(norm))),
+    )
+
+
+def vanishing_from_doc(event_step, doc):
+    """The `VanishingRecord` of one `gradwatch/vanishing` record written at `event_step`."""
+    return VanishingRecord(
+        step=int(doc.get("step", event_step)),
+        kind=str(doc["kind"]),
+        epoch=_optional_int(doc.get("epoch")),
+        layers=tuple((str(name), to_float(value)) for name, value in doc.get("layers") or ()),
+        detail=tuple(to_float(value) for value in doc.get("detail") or ()),
     )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from gradwatch import tags
 from gradwatch.eventfile import LogReadError, iter_records, layout_of, summary_of
 
-_JSON_TAGS = (tags.LAYERS, tags.EXPLOSIONS, tags.CLIPPING)
+_JSON_TAGS = (tags.LAYERS, tags.EXPLOSIONS, tags.CLIPPING, tags.VANISHING)
 _PLUGIN_TAG_PREFIX = tags.PLUGIN_NAME + "/"  # gradwatch/layers, gradwatch/alerts, ...
 
 

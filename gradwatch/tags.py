@@ -26,6 +26,9 @@ Plugin data (plugin "gradwatch", string tensors holding JSON):
 | `gradwatch/layers`     | JSON list of layer paths in model order (written at start)   |
 | `gradwatch/explosions` | JSON list of explosion records since the previous write      |
 | `gradwatch/clipping`   | JSON list of clipping events (switch-on) since previous write|
+| `gradwatch/vanishing`  | JSON list of vanishing / dead-gradient records since the     |
+|                        | previous write: `step`, `epoch`, `kind` ("vanishing" or      |
+|                        | "dead"), `layers` (`[[path, norm], ...]`), `detail`          |
 
 Text (plugin "text", for the Text tab): `gradwatch/alerts`, one markdown line
 per alert or burst summary.
@@ -49,6 +52,7 @@ PLUGIN_NAME = "gradwatch"
 LAYERS = "gradwatch/layers"
 EXPLOSIONS = "gradwatch/explosions"
 CLIPPING = "gradwatch/clipping"
+VANISHING = "gradwatch/vanishing"
 ALERTS_TEXT = "gradwatch/alerts"
 
 # Sub-folder of `log_dir` holding the training run (as Keras' TensorBoard).

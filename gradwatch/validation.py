@@ -110,6 +110,25 @@ def check_optional_bool(name, value):
     raise ValueError(f"`{name}` must be True, False or None. {_received(name, value)}")
 
 
+def check_vanishing(value):
+    """`vanishing=`: True / False, a `VanishingConfig`, or a dict of its fields
+    (as `get_config` returns it); returns a `VanishingConfig` or None (off)."""
+    from gradwatch.vanishing import VanishingConfig
+
+    if isinstance(value, (bool, np.bool_)):
+        return VanishingConfig() if value else None
+    if isinstance(value, VanishingConfig):
+        return value
+    if isinstance(value, dict):
+        try:
+            return VanishingConfig(**value)
+        except TypeError as error:
+            raise ValueError(f"`vanishing` as a dict takes the fields of VanishingConfig ({error}). "
+                             f"{_received('vanishing', value)}") from None
+    raise ValueError("`vanishing` must be True, False or a gradwatch.vanishing.VanishingConfig. "
+                     f"{_received('vanishing', value)}")
+
+
 def check_positive_int(name, value):
     if _is_int(value) and value > 0:
         return int(value)
