@@ -1,6 +1,7 @@
 """The `gradwatch` command: `gradwatch demo` and `gradwatch report LOGDIR`.
 
-Exit status: 0 success; 1 `--fail-on-explosion` and some run exploded; 2 usage
+Exit status: 0 success; 1 `--fail-on-explosion` and some run exploded, or
+`--fail-on-vanishing` and some run had vanishing or dead gradients; 2 usage
 errors, a missing LOGDIR, no gradwatch run under it, or an unreadable event
 file (one line on stderr, `gradwatch: error: ...`, never a traceback).
 
@@ -35,7 +36,18 @@ and infinities are the strings "nan", "inf", "-inf"; absent values are null):
           ],
           "clipping": [                      # clipping switched on, by step
             {"step": 120, "mode": "clipnorm", "threshold": 1.0, "cause_step": 120}
-          ]
+          ],
+          "vanishing": {                     # vanishing / dead-gradient onsets
+            "count": 2,
+            "layers": {                      # layers flagged, model order of first onset
+              "vanishing": [{"layer": "dense", "first_step": 100}],
+              "dead": [{"layer": "branch", "first_step": 250}]
+            },
+            "records": [                     # every onset, by step
+              {"step": 100, "epoch": 0, "kind": "vanishing",   # vanishing | dead
+               "layers": [["dense", 1.5e-09]]}                 # norm at that step
+            ]
+          }
         }
       ]
     }
@@ -100,6 +112,8 @@ def build_parser():
                         help="print a JSON document (schema: `pydoc gradwatch.cli`)")
     report.add_argument("--fail-on-explosion", action="store_true",
                         help="exit with status 1 if any run had a gradient explosion (for CI)")
+    report.add_argument("--fail-on-vanishing", action="store_true",
+                        help="exit with status 1 if any run had vanishing or dead gradients (for CI)")
     report.set_defaults(handler=run_report)
 
     demo = commands.add_parser(
@@ -189,6 +203,14 @@ def run_report(args, out, err):
             explosions = run["explosions"]
             err.write(f"{PROG}: run {run['run']!r} exploded: {explosions['count']} "
                       f"explosion(s), first at step {explosions['first_step']}\n")
+        return EXIT_EXPLODED
+    vanished = [run for run in document["runs"] if run["vanishing"]["count"]]
+    if getattr(args, "fail_on_vanishing", False) and vanished:
+        for run in vanished:
+            flagged = run["vanishing"]["layers"]
+            err.write(f"{PROG}: run {run['run']!r} had "
+                      + "; ".join(f"{kind} gradients in {', '.join(f['layer'] for f in found)}"
+                                  for kind, found in flagged.items() if found) + "\n")
         return EXIT_EXPLODED
     return EXIT_OK
 

@@ -87,6 +87,21 @@ def _clipping(run):
              "cause_step": c.cause_step} for c in run.clipping]
 
 
+def _vanishing(run):
+    """Vanishing / dead-gradient onsets, and the layers flagged of each kind (first onset)."""
+    records = [{"step": r.step, "epoch": r.epoch, "kind": r.kind,
+                "layers": [[name, json_safe(norm)] for name, norm in r.layers]}
+               for r in getattr(run, "vanishing", ())]
+    first = {"vanishing": {}, "dead": {}}
+    for record in records:
+        for name, _ in record["layers"]:
+            first.setdefault(record["kind"], {}).setdefault(name, record["step"])
+    return {"count": len(records),
+            "layers": {kind: [{"layer": name, "first_step": step} for name, step in found.items()]
+                       for kind, found in first.items()},
+            "records": records}
+
+
 def summarize_run(run):
     """The report entry of one `RunData`."""
     return {
@@ -96,6 +111,7 @@ def summarize_run(run):
         "explosions": _explosions(run),
         "top_layers": _top_layers(run),
         "clipping": _clipping(run),
+        "vanishing": _vanishing(run),
     }
 
 
@@ -209,6 +225,10 @@ def _run_details(run):
                  t["nonfinite"]] for t in run["top_layers"]]
         lines += _table(["layer", "explosions led", "max norm", "median norm", "non-finite"],
                         rows, indent="    ")
+    for kind, found in run.get("vanishing", {}).get("layers", {}).items():
+        if found:
+            names = ", ".join(f"{f['layer']} (step {f['first_step']})" for f in found)
+            lines.append(f"  {kind} gradients: {names}")
     for event in run["clipping"]:
         lines.append(f"  clipping: {event['mode']} switched on at step {event['step']}, "
                      f"threshold {_num(event['threshold'])}")

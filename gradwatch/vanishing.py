@@ -74,7 +74,7 @@ class VanishingConfig:
     """
 
     orders: float = 3.0
-    window: int = 100
+    window: int = 50
     dead_steps: int = 50
     dead_chance: float = 1e-6
 

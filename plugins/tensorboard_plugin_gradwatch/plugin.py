@@ -8,6 +8,7 @@ Routes (under `/data/plugin/gradwatch/`):
   /alerts?run=R&limit=N                        explosion records and clipping events
   /ranking?run=R&limit=N                       layers ranked by alerts led
   /compare?run=R1&run=R2...&points=N          global norms of several runs, one step grid
+  /vanishing?run=R                             vanishing / dead-gradient records (`vanishing_view`)
 Unknown run: 404 (for /compare: listed in "missing"). Missing or malformed parameter: 400 with a message.
 """
 
@@ -20,7 +21,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from tensorboard_plugin_gradwatch import compare, metadata, reader, views
+from tensorboard_plugin_gradwatch import compare, metadata, reader, vanishing_view, views
 
 _STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _JSON = "application/json"
@@ -67,6 +68,7 @@ class GradwatchPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context):
         self._reader = reader.RunReader(context.data_provider)
+        self._vanishing_app = vanishing_view.app(context.data_provider)
 
     def get_plugin_apps(self):
         apps = {route: self._static_app(path, mimetype)
@@ -83,6 +85,7 @@ class GradwatchPlugin(base_plugin.TBPlugin):
                 data, int_param(request, "limit"))),
             "/compare": self._serve_compare,
         })
+        apps["/vanishing"] = self._vanishing_app
         return apps
 
     def is_active(self):

@@ -3,7 +3,7 @@
 import {COLORS, COLOR_TABLE, colorAt, decadeLabel, decadeTicks, fmt, fmtStep, setupCanvas, stepTicks} from './format.js';
 
 const MISSING = -1;  // server marker: no stored sample in this bin
-const TOP = 18;
+export const TOP = 18;
 const AXIS = 34;
 
 /** Float32Array of the base64 little-endian cells sent by /heatmap. */

@@ -9,6 +9,7 @@ import {renderAlerts, renderRanking} from './tables.js';
 import {buildLayout, globalLegend, showTooltip, hideTooltip} from './layout.js';
 import {compareLayout, compareLegend, drawCompareChart} from './compare.js';
 import {buildRunList, colorOf, selectedRuns, setRuns} from './runs.js';
+import {loadVanishing, markVanishing, renderVanishing, vanishingCard} from './vanishing.js';
 
 const MAX_HEATMAP_CELLS = 150000;  // keeps /heatmap responses small for deep models
 const MAX_COMPARED = 100;  // runs per /compare request (the server's limit)
@@ -83,18 +84,19 @@ async function loadRun(run) {
   try {
     const layers = (state.runs.find((r) => r.name === run) || {}).layers || 1;
     const columns = Math.max(1, Math.min(plotWidth, Math.floor(MAX_HEATMAP_CELLS / Math.max(1, layers))));
-    const [heatmap, global, alerts, ranking] = await Promise.all([
+    const [heatmap, global, alerts, ranking, vanishing] = await Promise.all([
       fetchJSON(`./heatmap?${q}&columns=${columns}`),
       fetchJSON(`./global?${q}&points=${Math.max(10, plotWidth)}`),
       fetchJSON(`./alerts?${q}&limit=2000`),
       fetchJSON(`./ranking?${q}&limit=10`),
+      loadVanishing(run),
     ]);
     if (token !== state.token) return;
     if (heatmap.empty || global.empty) {
       setStatus('empty', 'no gradwatch data in this run');
       return;
     }
-    state.data = {heatmap, cells: decodeCells(heatmap.cells), global, alerts, ranking};
+    state.data = {heatmap, cells: decodeCells(heatmap.cells), global, alerts, ranking, vanishing};
     setStatus('ready');
     renderTables();
     drawCharts();
@@ -122,6 +124,7 @@ function drawCharts() {
   globalLegend(ui.globalLegend, global);
   state.hoverGlobal = drawGlobalChart(ui.global, global, layout, state.selected);
   state.hitHeatmap = drawHeatmap(ui.heatmap, heatmap, cells, layout, state.selected);
+  markVanishing(ui.heatmap, heatmap, layout, state.data.vanishing);
   drawLegend(ui.heatmapLegend, heatmap, layout.width);
   ui.heatmapLegend.style.marginLeft = `${layout.left - 10}px`;
 }
@@ -187,6 +190,7 @@ function drawCompare() {
 function renderTables() {
   renderAlerts(ui.alerts, state.data.alerts, state.selected, select);
   renderRanking(ui.ranking, state.data.ranking);
+  renderVanishing(ui.vanishing, state.data.vanishing);
 }
 
 /** Marks `step` (or clears the mark when clicked again) in both charts and the table. */
@@ -237,6 +241,7 @@ export async function render() {
     state.compare.timer = setTimeout(loadCompare, 150);
   });
   ui = buildLayout(document.body, runList);
+  ui.vanishing = vanishingCard(ui.content, ui.heatmap);
   wireEvents();
   try {
     await loadRuns();
