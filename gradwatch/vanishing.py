@@ -10,8 +10,9 @@ loss).
 `log10(rms) - mean(log10(rms) of the layers after it)`: how many orders of
 magnitude the layer sits below the layers nearer the loss (their geometric
 mean). A layer vanishes when its gap is at most `-orders` for `window`
-consecutive steps at which it had a gradient; it recovers after `window`
-consecutive steps above. Layers whose gradient is sparse (`tf.IndexedSlices`:
+consecutive steps at which it had a gradient (times 2**k after k earlier
+onsets: a layer that keeps crossing the bound alerts less and less often); it
+recovers after `window` consecutive steps above. Layers whose gradient is sparse (`tf.IndexedSlices`:
 embeddings, whose untouched rows dilute the RMS) are neither judged nor used as
 a reference. Steps where a layer's gradient is zero, NaN/Inf, or a row is not a
 step (loss-scale overflow), change nothing for it.
@@ -25,8 +26,9 @@ fraction `p` of its steps since its first gradient, estimated as
 `dead_chance` of the time: `p ** run <= dead_chance`. A layer that is
 legitimately off on some steps (a rarely used head or expert, a gate) so needs a
 longer silence: at `p = 0.9`, 132 steps. It recovers at its first non-zero
-step; its zero steps then raise its `p`, so a layer that keeps going off and on
-alerts less and less often. A layer that never had a gradient (frozen,
+step; after k earlier deaths it needs `dead_steps * 2**k` zero steps (and its
+zero steps raised its `p`), so a layer that keeps going off and on alerts less
+and less often. A layer that never had a gradient (frozen,
 disconnected) is never flagged.
 
 The defaults come from `benchmarks/false_alarms.py --vanishing`; see
@@ -105,6 +107,8 @@ class VanishingState(NamedTuple):
     zero_run: np.ndarray  # int64: consecutive zero steps now
     zero_steps: np.ndarray  # int64: zero steps in the zero runs that ended
     dead: np.ndarray  # bool: flagged dead
+    vanishing_onsets: np.ndarray  # int64: times flagged vanishing so far
+    dead_onsets: np.ndarray  # int64: times flagged dead so far
 
 
 class Event(NamedTuple):
@@ -125,7 +129,7 @@ def init(num_layers):
     zeros = np.zeros(num_layers, np.int64)
     return VanishingState(below=zeros, above=zeros, vanishing=np.zeros(num_layers, bool), seen=zeros,
                           typical=np.zeros(num_layers), zero_run=zeros, zero_steps=zeros,
-                          dead=np.zeros(num_layers, bool))
+                          dead=np.zeros(num_layers, bool), vanishing_onsets=zeros, dead_onsets=zeros)
 
 
 def depth_gaps(norms, sizes, usable):
@@ -183,8 +187,9 @@ def scan(state, norms, sizes, sparse, config, steps_ok=None):
         s.zero_run[zero] += 1
         recovered = s.dead & nonzero
         s.dead[recovered] = False
-        died = zero & ~s.dead & (s.zero_run >= required_zero_run(s.zero_steps, s.seen, config))
+        died = zero & ~s.dead & (s.zero_run >= required_zero_run(s.zero_steps, s.seen, config, s.dead_onsets))
         s.dead[died] = True
+        s.dead_onsets[died] += 1
         weight = np.maximum(1.0 / (s.seen + 1), 1.0 - _TYPICAL_DECAY)
         s.typical[nonzero] += weight[nonzero] * (log_norm[nonzero] - s.typical[nonzero])
         s.seen[nonzero] += 1
@@ -204,19 +209,26 @@ def scan(state, norms, sizes, sparse, config, steps_ok=None):
         s.below[above] = 0
         s.above[above] += 1
         s.above[below] = 0
-        onset = ~s.vanishing & (s.below >= config.window)
+        onset = ~s.vanishing & (s.below >= config.window * _backoff(s.vanishing_onsets))
         cleared = s.vanishing & (s.above >= config.window)
         s.vanishing[onset] = True
+        s.vanishing_onsets[onset] += 1
         s.vanishing[cleared] = False
         _note(events, row, VANISHING, onset, cleared, gap)
     return s, events
 
 
-def required_zero_run(zero_steps, nonzero_steps, config):
-    """Zero steps in a row that make a layer dead, given its history (arrays)."""
+def required_zero_run(zero_steps, nonzero_steps, config, onsets=0):
+    """Zero steps in a row that make a layer dead, given its history (arrays):
+    zero and non-zero steps so far, and how often it was flagged dead before."""
     off = (np.asarray(zero_steps) + 1.0) / (np.asarray(zero_steps) + np.asarray(nonzero_steps) + 2.0)
     by_chance = np.ceil(math.log(config.dead_chance) / np.log(off))
-    return np.maximum(config.dead_steps, by_chance)
+    return np.maximum(config.dead_steps * _backoff(onsets), by_chance)
+
+
+def _backoff(onsets):
+    """2**onsets (capped): the persistence asked of a layer flagged `onsets` times before."""
+    return 2.0 ** np.minimum(np.asarray(onsets), 40)
 
 
 def _note(events, row, kind, onset, cleared, values):
