@@ -53,8 +53,8 @@ class Recorder:
         self._layer_tags = None
         self._records_read = 0
         self._alert_log = alerts.AlertLog(print_fn)
-        config = monitor.vanishing_config
-        self._vanishing = config and vanishing_watch.VanishingWatch(config, capture, self._alert_log)
+        self._vanishing = monitor.vanishing_config and vanishing_watch.VanishingWatch(
+            monitor.vanishing_config, capture, self._alert_log, monitor.vanishing)
         self._warned = set()
         self._layers_step = None  # step of the last `gradwatch/layers` written
         capture.recorder = self
@@ -197,9 +197,11 @@ class Recorder:
                                     "use a smaller `update_freq`.")
         if len(steps):
             explosions, switches, lines = self._react(steps, rows, epoch)
-            found, more_lines = self._guard("vanishing", lambda: self._watch_vanishing(steps, rows, epoch), ([], []))
             events += writing.batch_events(steps, rows, self._layer_tags, self.capture.policy.clip_mode,
-                                           explosions, switches, lines + more_lines, found)
+                                           explosions, switches, lines)
+        if self._vanishing:
+            events += writing.vanishing_events(*self._guard(
+                "vanishing", lambda: self._vanishing.feed(steps, rows, epoch, flush), ([], [])))
         if events or flush:
             self._output.write(events, flush=flush)
 
@@ -219,14 +221,6 @@ class Recorder:
         switches = self._guard("clipping", lambda: self._clipping_switches(steps, rows, explosions, epoch), [])
         lines += self._guard("alerts", lambda: self._alert_log.feed(steps[cut:], rows[cut:], by_step), [])
         return explosions, switches, lines
-
-    def _watch_vanishing(self, steps, rows, epoch):
-        """`(vanishing / dead records, alert lines)` of drained records (`gradwatch.vanishing_watch`)."""
-        if not self._vanishing:
-            return [], []
-        found, lines = self._vanishing.feed(steps, rows, epoch)
-        self.monitor.vanishing.extend(found)
-        return found, lines
 
     def _clipping_switches(self, steps, rows, explosions, epoch):
         switched = state.has_flag(rows[:, state.FLAGS], state.CLIP_SWITCHED_ON)

@@ -14,12 +14,13 @@ consecutive steps at which it had a gradient (times 2**k after k earlier
 onsets: a layer that keeps crossing the bound alerts less and less often); it
 recovers after `window` consecutive steps above. Layers whose gradient is sparse (`tf.IndexedSlices`:
 embeddings, whose untouched rows dilute the RMS) are neither judged nor used as
-a reference. Steps where a layer's gradient is zero, NaN/Inf, or a row is not a
-step (loss-scale overflow), change nothing for it.
+a reference. Steps where a layer's gradient is zero or NaN/Inf, or a row is not a step
+(loss-scale overflow), change nothing for it.
 
-**Dead.** A layer dies when, after having had a gradient, its norm is zero --
-or below float32 resolution, `DEAD_RESOLUTION` (2**-24) times its typical norm
-(an EMA of log10 of its non-zero norms) -- for `dead_steps` consecutive steps,
+**Dead.** A layer's gradient is *zero* at a step when its norm is 0 or below
+float32 resolution of that step's gradient: `DEAD_RESOLUTION` (2**-24) times
+the global norm (it adds nothing to the update that float32 can represent). A
+layer dies when, after a non-zero step, it is zero for `dead_steps` consecutive steps,
 and for long enough that a layer as often off as this one was before (a
 fraction `p` of its steps since its first gradient, estimated as
 `(zero steps + 1) / (steps + 2)`) would be off that long by chance at most
@@ -28,7 +29,8 @@ legitimately off on some steps (a rarely used head or expert, a gate) so needs a
 longer silence: at `p = 0.9`, 132 steps. It recovers at its first non-zero
 step; after k earlier deaths it needs `dead_steps * 2**k` zero steps (and its
 zero steps raised its `p`), so a layer that keeps going off and on alerts less
-and less often. A layer that never had a gradient (frozen,
+and less often. A layer flagged vanishing is not flagged dead as well (and
+the other way round) until it recovers. A layer that never had a gradient (frozen,
 disconnected) is never flagged.
 
 The defaults come from `benchmarks/false_alarms.py --vanishing`; see
@@ -53,10 +55,9 @@ import numpy as np
 
 VANISHING, DEAD = "vanishing", "dead"
 KINDS = (VANISHING, DEAD)
-# float32's relative resolution: a norm this many times below a layer's typical
-# norm no longer moves its weights.
+# float32's relative resolution: a layer norm this many times below the step's
+# global norm adds nothing float32 can represent.
 DEAD_RESOLUTION = 2.0 ** -24
-_TYPICAL_DECAY = 0.95  # EMA of a layer's log10 norm (time constant 20 steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +101,9 @@ class VanishingState(NamedTuple):
     """Per-layer arrays (length = number of layers)."""
 
     below: np.ndarray  # int64: consecutive gradient steps at least `orders` below
-    above: np.ndarray  # int64: consecutive gradient steps above (while vanishing)
+    above: np.ndarray  # int64: consecutive gradient steps above
     vanishing: np.ndarray  # bool: flagged vanishing
     seen: np.ndarray  # int64: non-zero steps seen (0: never had a gradient)
-    typical: np.ndarray  # float64: EMA of log10 of the non-zero norms
     zero_run: np.ndarray  # int64: consecutive zero steps now
     zero_steps: np.ndarray  # int64: zero steps in the zero runs that ended
     dead: np.ndarray  # bool: flagged dead
@@ -126,10 +126,9 @@ class Event(NamedTuple):
 
 def init(num_layers):
     """The state before any step."""
-    zeros = np.zeros(num_layers, np.int64)
-    return VanishingState(below=zeros, above=zeros, vanishing=np.zeros(num_layers, bool), seen=zeros,
-                          typical=np.zeros(num_layers), zero_run=zeros, zero_steps=zeros,
-                          dead=np.zeros(num_layers, bool), vanishing_onsets=zeros, dead_onsets=zeros)
+    zeros, false = np.zeros(num_layers, np.int64), np.zeros(num_layers, bool)
+    return VanishingState(below=zeros, above=zeros, vanishing=false, seen=zeros, zero_run=zeros,
+                          zero_steps=zeros, dead=false, vanishing_onsets=zeros, dead_onsets=zeros)
 
 
 def depth_gaps(norms, sizes, usable):
@@ -142,12 +141,34 @@ def depth_gaps(norms, sizes, usable):
     with np.errstate(divide="ignore", invalid="ignore"):
         log_rms = np.log10(norms) - 0.5 * np.log10(np.asarray(sizes, np.float64))
     values = np.where(usable, log_rms, 0.0)
-    # Sums over the layers after each one: reversed cumulative sums, shifted by one.
+    # Sums over the layers after each one: reversed cumulative sums, minus the layer itself.
     after_sum = np.cumsum(values[:, ::-1], axis=1)[:, ::-1] - values
     after_count = np.cumsum(usable[:, ::-1], axis=1)[:, ::-1] - usable
     with np.errstate(divide="ignore", invalid="ignore"):
         gaps = log_rms - after_sum / after_count
     return np.where(usable & (after_count > 0), gaps, np.nan)
+
+
+class _Cells(NamedTuple):
+    """`[steps, layers]` masks of one scan (cells of rows that are steps, finite)."""
+
+    live: np.ndarray  # a non-zero gradient
+    quiet: np.ndarray  # a zero gradient (or below float32 resolution of the step's)
+    below: np.ndarray  # judged for vanishing, at least `orders` below
+    above: np.ndarray  # judged for vanishing, not below
+    gaps: np.ndarray
+
+
+def _cells(norms, sizes, sparse, config, steps_ok):
+    ok = np.isfinite(norms) & steps_ok[:, None]
+    finite = np.where(ok, norms, 0.0)
+    scale = np.sqrt(np.sum(finite * finite, axis=1, keepdims=True))  # the step's global norm
+    live = ok & (norms > 0) & (norms > DEAD_RESOLUTION * scale)
+    judged = ok & (norms > 0) & ~np.asarray(sparse, bool)[None, :]
+    gaps = depth_gaps(norms, sizes, judged)
+    counted = judged & ~np.isnan(gaps)
+    below = counted & (gaps <= -config.orders)
+    return _Cells(live=live, quiet=ok & ~live, below=below, above=counted & ~below, gaps=gaps)
 
 
 def scan(state, norms, sizes, sparse, config, steps_ok=None):
@@ -163,58 +184,75 @@ def scan(state, norms, sizes, sparse, config, steps_ok=None):
             loss-scale overflow); default all True.
 
     Returns:
-        `(new state, [Event])`, events in row order.
+        `(new state, [Event])`, events in row order. Scanning a sequence in
+        pieces gives the same events as at once.
     """
     norms = np.asarray(norms, np.float64)
     if norms.ndim != 2 or norms.shape[1] != len(state.seen):
         raise ValueError(f"`norms` must be [steps, {len(state.seen)}]. Received shape {norms.shape}")
     steps_ok = np.ones(len(norms), bool) if steps_ok is None else np.asarray(steps_ok, bool)
-    finite = np.isfinite(norms) & steps_ok[:, None]
-    judged = ~np.asarray(sparse, bool)
+    cells = _cells(norms, sizes, sparse, config, steps_ok)
+    quick = _without_changes(state, cells, config)
+    if quick is not None:
+        return quick, []
+    return _row_by_row(state, cells, config)
+
+
+def _without_changes(state, cells, config):
+    """The state after `cells` computed at once, or None if some layer may change flag."""
+    index = np.arange(len(cells.live))[:, None]
+    alive = (state.seen > 0) | (np.cumsum(cells.live, axis=0) - cells.live > 0)
+    zero = cells.quiet & alive
+    live_count, zero_count = cells.live.sum(0), zero.sum(0)
+    below_count, above_count = cells.below.sum(0), cells.above.sum(0)
+    if ((state.dead & (live_count > 0))
+            | (~state.dead & (state.zero_run + zero_count >= config.dead_steps * _backoff(state.dead_onsets)))
+            | (~state.vanishing & (state.below + below_count >= config.window * _backoff(state.vanishing_onsets)))
+            | (state.vanishing & (state.above + above_count >= config.window))).any():
+        return None
+
+    def run_at_end(hits, breaks, carried, count):
+        last_break = np.where(breaks, index, -1).max(0)
+        return np.where(last_break >= 0, (hits & (index > last_break)).sum(0), carried + count)
+
+    zero_run = run_at_end(zero, cells.live, state.zero_run, zero_count)
+    return state._replace(
+        below=run_at_end(cells.below, cells.above, state.below, below_count),
+        above=run_at_end(cells.above, cells.below, state.above, above_count),
+        seen=state.seen + live_count, zero_run=zero_run,
+        zero_steps=state.zero_steps + state.zero_run + zero_count - zero_run)
+
+
+def _row_by_row(state, cells, config):
     s = state._replace(**{k: v.copy() for k, v in state._asdict().items()})
     events = []
-    gaps = None
-    for row in range(len(norms)):
-        norm, ok = norms[row], finite[row]
-        with np.errstate(divide="ignore"):
-            log_norm = np.log10(np.where(ok, norm, 1.0))
-        zero = ok & (s.seen > 0) & ((norm <= 0) | (log_norm < s.typical + math.log10(DEAD_RESOLUTION)))
-        nonzero = ok & (norm > 0) & ~zero
-        # -- dead --
-        ended = nonzero & (s.zero_run > 0)
-        s.zero_steps[ended] += s.zero_run[ended]
-        s.zero_run[ended] = 0
-        s.zero_run[zero] += 1
-        recovered = s.dead & nonzero
-        s.dead[recovered] = False
-        died = zero & ~s.dead & (s.zero_run >= required_zero_run(s.zero_steps, s.seen, config, s.dead_onsets))
-        s.dead[died] = True
-        s.dead_onsets[died] += 1
-        weight = np.maximum(1.0 / (s.seen + 1), 1.0 - _TYPICAL_DECAY)
-        s.typical[nonzero] += weight[nonzero] * (log_norm[nonzero] - s.typical[nonzero])
-        s.seen[nonzero] += 1
-        _note(events, row, DEAD, died, recovered, s.zero_run)
-        # -- vanishing -- (gaps of the whole batch at once, the first time needed)
-        usable = nonzero & judged
-        if not usable.any():
-            continue
-        if gaps is None:
-            ok_all = finite & (norms > 0) & judged
-            gaps = depth_gaps(norms, sizes, ok_all)
-        gap = gaps[row]
-        counted = usable & ~np.isnan(gap)
-        below = counted & (gap <= -config.orders)
-        above = counted & ~below
+    for row in range(len(cells.live)):  # vanishing first: of both at once, vanishing is reported
+        below, above = cells.below[row], cells.above[row]
         s.below[below] += 1
         s.below[above] = 0
         s.above[above] += 1
         s.above[below] = 0
-        onset = ~s.vanishing & (s.below >= config.window * _backoff(s.vanishing_onsets))
-        cleared = s.vanishing & (s.above >= config.window)
+        counted = below | above  # flags change only at steps where the layer is judged
+        onset = counted & ~s.vanishing & ~s.dead & (s.below >= config.window * _backoff(s.vanishing_onsets))
+        cleared = counted & s.vanishing & (s.above >= config.window)
         s.vanishing[onset] = True
         s.vanishing_onsets[onset] += 1
         s.vanishing[cleared] = False
-        _note(events, row, VANISHING, onset, cleared, gap)
+        _note(events, row, VANISHING, onset, cleared, cells.gaps[row])
+        live = cells.live[row]
+        zero = cells.quiet[row] & (s.seen > 0)
+        ended = live & (s.zero_run > 0)
+        s.zero_steps[ended] += s.zero_run[ended]
+        s.zero_run[ended] = 0
+        s.zero_run[zero] += 1
+        recovered = s.dead & live
+        s.dead[recovered] = False
+        died = zero & ~s.dead & ~s.vanishing & (
+            s.zero_run >= required_zero_run(s.zero_steps, s.seen, config, s.dead_onsets))
+        s.dead[died] = True
+        s.dead_onsets[died] += 1
+        s.seen[live] += 1
+        _note(events, row, DEAD, died, recovered, s.zero_run)
     return s, events
 
 

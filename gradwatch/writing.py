@@ -35,11 +35,10 @@ _OPENS_PER_CALL = 4
 # -- building events -------------------------------------------------------------
 
 
-def batch_events(steps, rows, layer_tags, clip_mode, explosions, switches, lines, vanishing=()):
+def batch_events(steps, rows, layer_tags, clip_mode, explosions, switches, lines):
     """`[(step or None, write(writer))]` of one drained batch, in order.
 
-    `switches` are the clipping events of the batch, `vanishing` its vanishing /
-    dead-gradient records, `lines` its alert text."""
+    `switches` are the clipping events of the batch, `lines` its alert text."""
     events, overflows = [], 0
     for step, row in zip(steps, rows):
         if int(row[state.FLAGS]) & state.OVERFLOW:
@@ -57,10 +56,16 @@ def batch_events(steps, rows, layer_tags, clip_mode, explosions, switches, lines
         events.append((None, lambda writer: writer.write_json(last, tags.EXPLOSIONS, docs)))
     if switches:
         events.append((None, lambda writer: writer.write_json(last, tags.CLIPPING, switches)))
-    if vanishing:
-        vanishing_docs = [record.to_json() for record in vanishing]
-        events.append((None, lambda writer: writer.write_json(last, tags.VANISHING, vanishing_docs)))
     return events + text_events(lines, last)
+
+
+def vanishing_events(records, lines):
+    """The events writing vanishing / dead-gradient `records` and their alert
+    `lines`, at the last record's step (none without records)."""
+    if not records:
+        return []
+    last, docs = records[-1].step, [record.to_json() for record in records]
+    return [(None, lambda writer: writer.write_json(last, tags.VANISHING, docs))] + text_events(lines, last)
 
 
 def text_events(lines, step):
