@@ -235,3 +235,22 @@ def test_plugin_view_skips_malformed_records():
     assert [(r["step"], r["kind"]) for r in view["records"]] == [(5, "dead"), (7, "vanishing")]
     assert view["marks"] == [{"layer": "a", "kind": "dead", "step": 5}, {"layer": "b", "kind": "dead", "step": 5},
                              {"layer": "a", "kind": "vanishing", "step": 7}]
+
+
+@pytest.mark.parametrize("load_fast", ["false", "true"])
+def test_dashboard_marks_and_lists_the_vanishing_layers(sigmoid_run, load_fast):
+    from tensorboard_plugin_gradwatch import screenshot
+
+    if not screenshot.chromium_available():
+        pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver")
+    from selenium.webdriver.common.by import By
+
+    log_dir, monitor, _, _, _ = sigmoid_run
+    marks = len({(p, r.kind) for r in monitor.vanishing for p, _ in r.layers})
+    with screenshot.tensorboard(log_dir, load_fast=load_fast) as (base, _), screenshot.chromium() as driver:
+        root = screenshot.open_dashboard(driver, base)
+        assert root.get_attribute("data-state") == "ready"
+        assert driver.find_element(By.ID, "gw-heatmap").get_attribute("data-vanishing-marks") == str(marks)
+        items = driver.find_elements(By.CSS_SELECTOR, "#gw-vanishing-list li")
+        assert len(items) == len(monitor.vanishing)
+        assert items[0].text.startswith("vanishing gradient at step 50: s0 (")

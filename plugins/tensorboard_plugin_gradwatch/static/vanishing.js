@@ -4,6 +4,8 @@ import {el, fmt, fmtStep} from './format.js';
 import {TOP, rowHeight} from './heatmap.js';
 
 export const MARK_COLORS = {vanishing: '#f29900', dead: '#202124'};
+// Outlines inside the plot: a dead row is at the dark end of the colour scale, so white.
+const OUTLINE_COLORS = {vanishing: '#f29900', dead: '#ffffff'};
 const LABELS = {vanishing: 'vanishing gradient', dead: 'dead gradient'};
 
 /** {records, marks} of the run; empty lists if the route fails (older plugin data, errors). */
@@ -30,7 +32,7 @@ export function markVanishing(canvas, heatmap, layout, data) {
     ctx.fillStyle = MARK_COLORS[mark.kind];
     ctx.fillRect(layout.left - 5, y, 3, Math.max(1, rowH));
     const x = Math.max(layout.left, Math.min(right, layout.xOfStep(mark.step)));
-    ctx.strokeStyle = MARK_COLORS[mark.kind];
+    ctx.strokeStyle = OUTLINE_COLORS[mark.kind];
     ctx.lineWidth = 1;
     ctx.setLineDash(mark.kind === 'dead' ? [2, 2] : []);
     ctx.strokeRect(x + 0.5, y + 0.5, Math.max(1, right - x - 1), Math.max(1, rowH - 1));
@@ -49,7 +51,8 @@ export function renderVanishing(container, data) {
   }
   container.appendChild(el('p', 'gw-caption',
     'Layers whose gradient vanished (orders of magnitude below the layers nearer the loss) or died ' +
-    '(zero for a sustained run of steps). Marked on the heat map from that step on.'));
+    '(zero for a sustained run of steps). Marked on the heat map from that step on: a bar left of ' +
+    'the row, an amber outline (vanishing) or a dashed white one (dead).'));
   const list = el('ul', 'gw-vanishing-list');
   list.id = 'gw-vanishing-list';
   for (const record of records) {
