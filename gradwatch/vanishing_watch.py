@@ -20,9 +20,10 @@ from gradwatch import state, stats, vanishing
 logger = logging.getLogger("gradwatch")
 _NAMED_IN_LINE = 10  # layers named in one log line (the record has them all)
 # Rows are scanned once this many are waiting, or when the recorder flushes
-# (epoch ends, the end of training): ~5 us a step on a 13-layer model where
-# scanning each step alone would cost ~150 us. Alerts wait at most this long.
-SCAN_ROWS = 64
+# (epoch ends, the end of training): a few us a step where scanning each step
+# alone would cost ~150 us. With `update_freq=1`, alerts so wait at most as
+# long as with the default `update_freq=100`.
+SCAN_ROWS = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,7 @@ class VanishingWatch:
     def __init__(self, config, capture, alert_log, found):
         self.config, self.capture, self.alert_log, self.found = config, capture, alert_log, found
         self.state = None
-        self._pending = []  # (steps, rows, epoch) not scanned yet
+        self._pending, self._pending_rows = [], 0  # (steps, rows, epochs) not scanned yet
 
     def _start(self):
         paths = list(self.capture.layer_paths)
@@ -106,10 +107,11 @@ class VanishingWatch:
         scanned now: when `SCAN_ROWS` are waiting, or at a `flush`."""
         if len(steps):
             self._pending.append((steps, rows, np.full(len(steps), int(epoch))))
-        if not self._pending or (not flush and sum(len(p[0]) for p in self._pending) < SCAN_ROWS):
+            self._pending_rows += len(steps)
+        if not self._pending or (not flush and self._pending_rows < SCAN_ROWS):
             return [], []
         steps, rows, epochs = (np.concatenate(parts) for parts in zip(*self._pending))
-        self._pending = []
+        self._pending, self._pending_rows = [], 0
         if self.state is None:
             self._start()
         sparse = np.zeros(len(self.paths), bool)
