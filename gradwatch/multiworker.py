@@ -14,7 +14,8 @@ import logging
 import shutil
 import tempfile
 
-_ALERT_KEYS = ("gradwatch_explosion", "gradwatch_burst", "gradwatch_clipping")
+_ALERT_KEYS = ("gradwatch_explosion", "gradwatch_burst", "gradwatch_clipping", "gradwatch_vanishing",
+               "gradwatch_recovered")
 
 
 def is_chief(strategy):

@@ -123,8 +123,9 @@ class VanishingWatch:
         for event in events:
             step = int(steps[event.row])
             if not event.onset:
-                logger.info("gradwatch: the gradient of %s is no longer %s at step %d.",
-                            ", ".join(self.paths[i] for i in event.layers), event.kind, step)
+                names = [self.paths[i] for i in event.layers]
+                logger.info("gradwatch: the gradient of %s is no longer %s at step %d.", ", ".join(names),
+                            event.kind, step, extra={"gradwatch_recovered": (event.kind, step, names)})
                 continue
             record = Vanishing(step=step, epoch=int(epochs[event.row]), kind=event.kind,
                                layers=tuple((self.paths[i], float(norms[event.row, i])) for i in event.layers),

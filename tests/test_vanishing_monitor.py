@@ -254,3 +254,24 @@ def test_dashboard_marks_and_lists_the_vanishing_layers(sigmoid_run, load_fast):
         items = driver.find_elements(By.CSS_SELECTOR, "#gw-vanishing-list li")
         assert len(items) == len(monitor.vanishing)
         assert items[0].text.startswith("vanishing gradient at step 50: s0 (")
+
+
+def test_a_branch_that_comes_back_is_logged_as_recovered(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gradwatch")
+
+    class Reopen(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 80:
+                self.model.get_layer("gate").gate.assign(1.0)
+
+    keras.utils.set_random_seed(1)
+    model = gated_model()
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    x, y = regression(100)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[CloseGate(10), Reopen(), monitor],
+              verbose=0)
+    assert [(r.step, r.kind) for r in monitor.vanishing] == [(60, "dead")]
+    recovered = [r for r in caplog.records if hasattr(r, "gradwatch_recovered")]
+    assert [r.levelno for r in recovered] == [logging.INFO]
+    assert recovered[0].getMessage() == "gradwatch: the gradient of branch_b1, branch_b2 is no longer dead at step 81."
