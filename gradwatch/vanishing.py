@@ -12,26 +12,27 @@ magnitude the layer sits below the layers nearer the loss (their geometric
 mean). A layer vanishes when its gap is at most `-orders` for `window`
 consecutive steps at which it had a gradient (times 2**k after k earlier
 onsets: a layer that keeps crossing the bound alerts less and less often); it
-recovers after `window` consecutive steps above. Layers whose gradient is sparse (`tf.IndexedSlices`:
-embeddings, whose untouched rows dilute the RMS) are neither judged nor used as
-a reference. Steps where a layer's gradient is zero or NaN/Inf, or a row is not a step
-(loss-scale overflow), change nothing for it.
+recovers after `window` consecutive steps above. Layers whose gradient is
+sparse (`tf.IndexedSlices`: embeddings, whose untouched rows dilute the RMS)
+are neither judged nor used as a reference. Steps where a layer's gradient is
+exactly zero or NaN/Inf, and rows that are not steps (loss-scale overflow),
+change nothing for it.
 
 **Dead.** A layer's gradient is *zero* at a step when its norm is 0 or below
 float32 resolution of that step's gradient: `DEAD_RESOLUTION` (2**-24) times
-the global norm (it adds nothing to the update that float32 can represent). A
-layer dies when, after a non-zero step, it is zero for `dead_steps` consecutive steps,
-and for long enough that a layer as often off as this one was before (a
-fraction `p` of its steps since its first gradient, estimated as
-`(zero steps + 1) / (steps + 2)`) would be off that long by chance at most
-`dead_chance` of the time: `p ** run <= dead_chance`. A layer that is
-legitimately off on some steps (a rarely used head or expert, a gate) so needs a
-longer silence: at `p = 0.9`, 132 steps. It recovers at its first non-zero
-step; after k earlier deaths it needs `dead_steps * 2**k` zero steps (and its
-zero steps raised its `p`), so a layer that keeps going off and on alerts less
-and less often. A layer flagged vanishing is not flagged dead as well (and
-the other way round) until it recovers. A layer that never had a gradient (frozen,
-disconnected) is never flagged.
+the global norm. A layer dies when, after a non-zero step, it is zero for
+`dead_steps` consecutive steps, and for long enough that a layer as often off
+as this one was before (a fraction `p` of its steps since its first gradient,
+estimated as `(zero steps + 1) / (steps + 2)`) would be off that long by chance
+at most `dead_chance` of the time: `p ** run <= dead_chance`. A layer that is
+legitimately off on some steps (a rarely used head or expert, a gate) so needs
+a longer silence: at `p = 0.9`, 132 steps. It recovers at its first non-zero
+step; after k earlier deaths it needs `dead_steps * 2**k` zero steps, so a
+layer that keeps going off and on alerts less and less often.
+
+A layer flagged vanishing is not flagged dead as well (and the other way round)
+until it recovers; when both rules fire at one step, vanishing is reported. A
+layer that never had a gradient (frozen, disconnected) is never flagged.
 
 The defaults come from `benchmarks/false_alarms.py --vanishing`; see
 `VanishingConfig`.
@@ -74,6 +75,14 @@ class VanishingConfig:
             consecutive zero-gradient steps ...
         dead_chance: ... and once a zero run this long would happen by
             chance at most this often, given how often the layer was off.
+
+    Defaults, from `benchmarks/false_alarms.py --vanishing` (60 healthy runs:
+    deep ReLU/GELU MLPs with and without normalisation, residual blocks,
+    frozen layers, a 20k-word embedding, a transformer, LSTMs, a GRU, a CNN, a
+    head trained on 10% of the batches): 0 alarms, the lowest depth gap held
+    for 50 steps -1.67, the longest silence 0.70 of the one required; every
+    constructed case caught (deep sigmoid MLP, a branch gated off, dying
+    ReLUs after a learning-rate jump).
     """
 
     orders: float = 3.0
