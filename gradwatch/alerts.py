@@ -147,6 +147,19 @@ def _worse(norm, than):
     return math.isnan(norm) or (not math.isnan(than) and norm > than)
 
 
+# The `extra` keys of the monitor's alert log records: explosions, bursts,
+# clipping switches, vanishing/dead layers and their recoveries.
+ALERT_KEYS = ("gradwatch_explosion", "gradwatch_burst", "gradwatch_clipping", "gradwatch_vanishing",
+              "gradwatch_recovered")
+
+
+class MuteAlerts(logging.Filter):
+    """A `logging.Filter` that drops the monitor's alert records (`ALERT_KEYS`)."""
+
+    def filter(self, record):
+        return not any(hasattr(record, key) for key in ALERT_KEYS)
+
+
 class AlertLog:
     """Turns the drained records into log lines, rate-limiting bursts.
 

@@ -14,8 +14,7 @@ import logging
 import shutil
 import tempfile
 
-_ALERT_KEYS = ("gradwatch_explosion", "gradwatch_burst", "gradwatch_clipping", "gradwatch_vanishing",
-               "gradwatch_recovered")
+from gradwatch import alerts
 
 
 def is_chief(strategy):
@@ -54,7 +53,7 @@ class WorkerRole:
     def begin(self):
         """Drops alert records on a non-chief worker."""
         if not self.chief and self._filter is None:
-            self._filter = _MuteFilter()
+            self._filter = alerts.MuteAlerts()
             logging.getLogger("gradwatch").addFilter(self._filter)
 
     def end(self):
@@ -66,7 +65,3 @@ class WorkerRole:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
 
-
-class _MuteFilter(logging.Filter):
-    def filter(self, record):
-        return not any(hasattr(record, key) for key in _ALERT_KEYS)

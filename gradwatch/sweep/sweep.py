@@ -75,7 +75,7 @@ class ClippingSweep:
         overwrite: start afresh, deleting a previous sweep's files in `log_dir`
             (else a previous sweep there is resumed).
         verbose: 0 silent; 1 prints the thresholds and the results table, and
-            keeps the trials' explosion alerts off the `"gradwatch"` logger
+            keeps the trials' alerts (explosions, vanishing) off the `"gradwatch"` logger
             (they are in each trial's run, and counted in the table); 2 lets
             them through too.
 

@@ -19,7 +19,7 @@ import keras_tuner
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
-from gradwatch import tags
+from gradwatch import alerts, tags
 from gradwatch.sweep import results as results_lib
 
 logger = logging.getLogger("gradwatch")
@@ -129,19 +129,14 @@ class SweepTuner(keras_tuner.Tuner):
         return metrics
 
 
-class _NoExplosionAlerts(logging.Filter):
-    def filter(self, record):
-        return not (hasattr(record, "gradwatch_explosion") or hasattr(record, "gradwatch_burst"))
-
-
 @contextlib.contextmanager
 def _alerts_kept_off_the_log(enabled):
-    """A trial's explosion alerts stay in its run (and its count in the table),
+    """A trial's alerts stay in its run (explosions also counted in the table),
     off the "gradwatch" logger; other gradwatch warnings still pass."""
     if not enabled:
         yield
         return
-    quiet = _NoExplosionAlerts()
+    quiet = alerts.MuteAlerts()
     logger.addFilter(quiet)
     try:
         yield
