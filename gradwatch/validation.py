@@ -129,6 +129,12 @@ def check_vanishing(value):
                      f"{_received('vanishing', value)}")
 
 
+def check_int(name, value):
+    if _is_int(value):
+        return int(value)
+    raise ValueError(f"`{name}` must be an integer. {_received(name, value)}")
+
+
 def check_positive_int(name, value):
     if _is_int(value) and value > 0:
         return int(value)

@@ -183,9 +183,11 @@ def test_explicit_thresholds_list_applies_to_every_mode(tmp_path):
     assert sorted((t.mode or "", t.threshold or 0) for t in results.trials) == [
         ("", 0), ("clipnorm", 0.1), ("clipnorm", 1.0), ("clipvalue", 0.1), ("clipvalue", 1.0)]
     assert not os.path.exists(tmp_path / results_lib.PROBE_RUN)  # no probe for given thresholds
-    with pytest.raises(ValueError, match="other settings"):
-        gradwatch.ClippingSweep(Builder(), log_dir=str(tmp_path), modes=("clipnorm", "clipvalue"),
-                                thresholds=[2.0], verbose=0).search(x, y, validation_data=val)
+    for changed in (dict(thresholds=[2.0]), dict(thresholds=[1.0, 0.1], seed=1),
+                    dict(thresholds=[1.0, 0.1], objective="loss")):
+        args = dict(log_dir=str(tmp_path), modes=("clipnorm", "clipvalue"), verbose=0, **changed)
+        with pytest.raises(ValueError, match="other settings"):
+            gradwatch.ClippingSweep(Builder(), **args).search(x, y, validation_data=val)
 
 
 def test_hparams_plugin_lists_every_trial(auto_sweep):

@@ -106,9 +106,7 @@ class ClippingSweep:
         self.objective = arguments.check_objective(objective)
         self.modes = arguments.check_modes(modes)
         self.thresholds = arguments.check_thresholds(thresholds, self.modes)
-        if not validation._is_int(seed):
-            raise ValueError(f"`seed` must be an integer. Received: seed={seed!r}")
-        self.seed = int(seed)
+        self.seed = validation.check_int("seed", seed)
         self.probe_steps = validation.check_positive_int("probe_steps", probe_steps)
         self.overwrite = validation.check_optional_bool("overwrite", overwrite) or False
         self.verbose = validation.check_verbose(verbose)
@@ -156,7 +154,6 @@ class ClippingSweep:
 
     def _new_sweep(self, fit_args, fit_kwargs):
         os.makedirs(self.log_dir, exist_ok=True)
-        described = {}
         if self.thresholds == "auto":
             thresholds, described = self._auto_thresholds(fit_args, fit_kwargs)
         else:
@@ -182,6 +179,8 @@ class ClippingSweep:
             problems.append(f"objective {settings['objective']['name']!r}")
         if list(settings.get("modes", [])) != list(self.modes):
             problems.append(f"modes {settings.get('modes')}")
+        if settings.get("seed") != self.seed:
+            problems.append(f"seed {settings.get('seed')!r}")
         if self.thresholds != "auto" and stored != self.thresholds:
             problems.append(f"thresholds {stored}")
         if problems:
