@@ -47,8 +47,11 @@ and infinities are the strings "nan", "inf", "-inf"; absent values are null):
               {"step": 100, "epoch": 0, "kind": "vanishing",   # vanishing | dead
                "layers": [["dense", 1.5e-09]]}                 # norm at that step
             ]
-          }
-        }
+          },
+          "notes": [                         # what was skipped while reading, one line each:
+            "<file>: record cut short at byte 1234 ..."   # a truncated last record (live or
+          ]                                  # interrupted write), JSON records refused as too
+        }                                    # large or too deeply nested
       ]
     }
 
@@ -73,6 +76,13 @@ and infinities are the strings "nan", "inf", "-inf"; absent values are null):
         {"value": 0.3, "rule": "p10", "clipped_fraction": 0.9}]}   # or "rule": "given"
     }
 
+`epoch` counts from 0 in the JSON (like `Explosion.epoch` and callbacks' `epoch`
+argument) and from 1 in the text report (like the log lines and Keras' progress
+bar). Every string in both formats has its control, format (bidi) and
+separator characters escaped (U+202E as `\\u202e` in both), so a
+hostile run or layer name cannot move the terminal's cursor or reorder text.
+Notes (truncated tails, refused records) are also printed to stderr.
+
 New keys may be added within version 1; renaming or removing one bumps the version.
 Importing this module or running `report` does not import TensorFlow.
 """
@@ -80,6 +90,7 @@ Importing this module or running `report` does not import TensorFlow.
 import argparse
 import json
 import os
+import re
 import sys
 import unicodedata
 
@@ -167,13 +178,37 @@ def _load_runs(logdir):
     return sorted(runs, key=lambda run: run.name)
 
 
+def _invisible(char):
+    return unicodedata.category(char)[0] == "C" or unicodedata.category(char) in ("Zl", "Zp")
+
+
 def _escape(text):
-    """`text` with control and other invisible characters as escapes (run and
-    layer names come from folder names and event files: no terminal escapes)."""
+    """`text` with control, format (bidi), separator and other invisible
+    characters as escapes (run and layer names come from folder names and
+    event files: no terminal escapes, no reordered text)."""
     if not isinstance(text, str):
         return text
-    return "".join(char if unicodedata.category(char)[0] != "C"
+    return "".join(char if not _invisible(char)
                    else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
+_NON_ASCII = re.compile("[\x7f-\U0010ffff]")  # json.dumps already escapes controls below 0x20
+
+
+def _json_escape_invisible(text):
+    """JSON text with its invisible characters written as `\\uXXXX` escapes (same value)."""
+    def escape(match):
+        char = match.group()
+        if not _invisible(char):
+            return char
+        units = (ord(char),) if ord(char) < 0x10000 else _surrogates(ord(char))
+        return "".join("\\u%04x" % unit for unit in units)
+    return _NON_ASCII.sub(escape, text)
+
+
+def _surrogates(code):
+    code -= 0x10000
+    return (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
 
 
 def _printable(value):
@@ -193,23 +228,27 @@ def run_report(args, out, err):
     document["sweep"], problem = report.sweep_summary(args.logdir)
     if problem:
         err.write(f"{PROG}: warning: {_escape(problem)}\n")
+    for run in document["runs"]:
+        for note in run["notes"]:
+            err.write(f"{PROG}: note: run {_escape(run['run'])!r}: {_escape(note)}\n")
     if args.json:
-        out.write(json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+        text = json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False)
+        out.write(_json_escape_invisible(text) + "\n")
     else:
         out.write(report.format_text(_printable(document)))
     exploded = [run for run in document["runs"] if run["explosions"]["count"]]
     if args.fail_on_explosion and exploded:
         for run in exploded:
             explosions = run["explosions"]
-            err.write(f"{PROG}: run {run['run']!r} exploded: {explosions['count']} "
+            err.write(f"{PROG}: run {_escape(run['run'])!r} exploded: {explosions['count']} "
                       f"explosion(s), first at step {explosions['first_step']}\n")
         return EXIT_EXPLODED
     vanished = [run for run in document["runs"] if run["vanishing"]["count"]]
     if getattr(args, "fail_on_vanishing", False) and vanished:
         for run in vanished:
             flagged = run["vanishing"]["layers"]
-            err.write(f"{PROG}: run {run['run']!r} had "
-                      + "; ".join(f"{kind} gradients in {', '.join(f['layer'] for f in found)}"
+            err.write(f"{PROG}: run {_escape(run['run'])!r} had "
+                      + "; ".join(f"{kind} gradients in {', '.join(_escape(f['layer']) for f in found)}"
                                   for kind, found in flagged.items() if found) + "\n")
         return EXIT_EXPLODED
     return EXIT_OK
@@ -233,13 +272,17 @@ def main(argv=None):
     try:
         return args.handler(args, sys.stdout, sys.stderr)
     except _ReportError as error:
-        sys.stderr.write(f"{PROG}: error: {error}\n")
+        sys.stderr.write(f"{PROG}: error: {_escape(str(error))}\n")
         return EXIT_ERROR
     except BrokenPipeError:  # e.g. `gradwatch report LOGDIR | head`
         _silence_stdout()
         return EXIT_OK
     except KeyboardInterrupt:
         return 130
+    except (Exception, RecursionError) as error:  # never a traceback, never exit 1 by accident
+        message = f"{type(error).__name__}: {error}"[:500]
+        sys.stderr.write(f"{PROG}: error: could not {args.command}: {_escape(message)}\n")
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

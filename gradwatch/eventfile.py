@@ -55,28 +55,44 @@ def masked_crc32c(data):
 _HEADER = struct.Struct("<QI")  # record length, masked CRC32C of the length
 
 
-def iter_records(path):
-    """Yields `(byte offset, payload)` of each TFRecord in the file at `path`."""
+class TruncatedTail(Exception):
+    """The file ends inside its last record (a live or interrupted write)."""
+
+
+def iter_records(path, on_truncated_tail=None):
+    """Yields `(byte offset, payload)` of each TFRecord in the file at `path`.
+
+    A record cut short by the end of the file (a write in progress, or one
+    interrupted by a full disk or a crash) ends the iteration: with
+    `on_truncated_tail`, it is called with the record's byte offset; without,
+    `LogReadError` is raised. Damage before the end of the file (a bad length
+    checksum) is always a `LogReadError` naming the file and the byte offset.
+    """
     with open(path, "rb") as stream:
         size = os.fstat(stream.fileno()).st_size
         offset = 0
-        while header := stream.read(_HEADER.size):
-            if len(header) < _HEADER.size:
-                raise LogReadError(path, f"truncated record header at byte {offset}")
-            length, length_crc = _HEADER.unpack(header)
-            if masked_crc32c(header[:8]) != length_crc:
-                raise LogReadError(
-                    path, f"corrupt record at byte {offset} (bad length checksum; "
-                    "is it a TensorBoard event file?)")
-            if length + 4 > size - stream.tell():  # never allocate more than the file holds
-                size = os.fstat(stream.fileno()).st_size  # it may be growing
-                if length + 4 > size - stream.tell():
-                    raise LogReadError(path, f"truncated record at byte {offset}")
-            payload = stream.read(length + 4)  # data, then its masked CRC32C
-            if len(payload) < length + 4:
-                raise LogReadError(path, f"truncated record at byte {offset}")
-            yield offset, payload[:length]
-            offset += _HEADER.size + length + 4
+        try:
+            while header := stream.read(_HEADER.size):
+                if len(header) < _HEADER.size:
+                    raise TruncatedTail(f"truncated record header at byte {offset}")
+                length, length_crc = _HEADER.unpack(header)
+                if masked_crc32c(header[:8]) != length_crc:
+                    raise LogReadError(
+                        path, f"corrupt record at byte {offset} (bad length checksum; "
+                        "is it a TensorBoard event file?)")
+                if length + 4 > size - stream.tell():  # never allocate more than the file holds
+                    size = os.fstat(stream.fileno()).st_size  # it may be growing
+                    if length + 4 > size - stream.tell():
+                        raise TruncatedTail(f"truncated record at byte {offset}")
+                payload = stream.read(length + 4)  # data, then its masked CRC32C
+                if len(payload) < length + 4:
+                    raise TruncatedTail(f"truncated record at byte {offset}")
+                yield offset, payload[:length]
+                offset += _HEADER.size + length + 4
+        except TruncatedTail as tail:
+            if on_truncated_tail is None:
+                raise LogReadError(path, str(tail))
+            on_truncated_tail(offset)
 
 
 # -- wire-level fast path -----------------------------------------------------

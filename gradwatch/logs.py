@@ -19,6 +19,11 @@ last wins, for scalar series and for explosion and clipping records alike.
 Explosion and clipping records are read as `gradwatch.rundata` describes; a
 record that is not of that shape raises `LogReadError`.
 
+A record cut short at the end of a file (a live or interrupted write) is
+skipped and noted in `RunData.notes`, as are JSON records too large or too deep
+(refused before parsing); damage before the end of a file is a `LogReadError`
+naming the file and byte offset.
+
 Scalars are kept as numpy arrays (layer norms as float32, as written; tags
 written together share one steps array): a 100k-step x 200-layer run takes
 about 100 MB and reads in seconds.
@@ -112,12 +117,13 @@ def _records(path, tag, docs, make, key=None):
 
 
 def _layer_order(written, seen):
-    """Layer paths: the last `gradwatch/layers` order first, then as first seen."""
+    """Layer paths: the last `gradwatch/layers` order first, then as first seen (linear time)."""
     seen = [layer for layer in seen if layer is not None]
     lists = [doc for _, doc in written if isinstance(doc, list)]  # anything else is ignored
-    listed = [str(layer) for layer in lists[-1]] if lists else []
-    return [layer for layer in listed if layer in seen] + [
-        layer for layer in seen if layer not in listed]
+    listed = list(dict.fromkeys(str(layer) for layer in lists[-1])) if lists else []
+    seen_set, listed_set = set(seen), set(listed)
+    return [layer for layer in listed if layer in seen_set] + [
+        layer for layer in seen if layer not in listed_set]
 
 
 def read_run(name, event_files):
@@ -146,6 +152,7 @@ def read_run(name, event_files):
         vanishing=_records(where, tags.VANISHING, docs[tags.VANISHING], vanishing_from_doc,
                            key=lambda record: (record.step, record.kind)),
         other_series={tag: _series(tag_parts, np.float64, shared) for tag, tag_parts in parts.items()},
+        notes=reader.notes,
     )
 
 

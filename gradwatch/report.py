@@ -112,6 +112,7 @@ def summarize_run(run):
         "top_layers": _top_layers(run),
         "clipping": _clipping(run),
         "vanishing": _vanishing(run),
+        "notes": list(run.notes),
     }
 
 
@@ -187,6 +188,11 @@ def _numeric(text):
         return text == "-"
 
 
+def _epoch_text(epoch):
+    """Epochs count from 1 in the text, like the log lines and Keras' progress bar."""
+    return str(epoch + 1) if isinstance(epoch, int) else "-"
+
+
 def _steps_text(steps):
     if not steps["count"]:
         return "-"
@@ -211,7 +217,7 @@ def _run_details(run):
                      f"worst {_num(explosions['worst'])} at step {explosions['worst_step']}, "
                      f"{explosions['nonfinite']} non-finite)")
         shown = explosions["records"][:SHOWN_EXPLOSIONS]
-        rows = [[e["step"], _num(e["epoch"]), _num(e["global_norm"]), _num(e["threshold"]),
+        rows = [[e["step"], _epoch_text(e["epoch"]), _num(e["global_norm"]), _num(e["threshold"]),
                  e["action"] or "-", e["layers"][0][0] if e["layers"] else "-"] for e in shown]
         lines += _table(["step", "epoch", "global norm", "threshold", "action", "top layer"],
                         rows, indent="    ")
@@ -232,6 +238,8 @@ def _run_details(run):
     for event in run["clipping"]:
         lines.append(f"  clipping: {event['mode']} switched on at step {event['step']}, "
                      f"threshold {_num(event['threshold'])}")
+    for note in run.get("notes", ()):
+        lines.append(f"  note: {note}")
     return lines
 
 

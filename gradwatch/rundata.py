@@ -12,9 +12,15 @@ come back as floats.
 """
 
 import dataclasses
+import json
 import math
 
 import numpy as np
+
+# JSON records larger or deeper than this are refused when read (a record the
+# monitor writes is a flat list of small objects: depth 4).
+MAX_JSON_BYTES = 16 * 2**20
+MAX_JSON_DEPTH = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +86,7 @@ class RunData:
     clipping: tuple = ()
     vanishing: tuple = ()  # VanishingRecord, by step
     other_series: dict = dataclasses.field(default_factory=dict)  # reserved tag -> Series
+    notes: tuple = ()  # what was skipped while reading (a truncated tail, a refused record)
 
     @property
     def first_step(self):
@@ -92,6 +99,47 @@ class RunData:
     @property
     def step_count(self):
         return len(self.global_norm)
+
+
+def json_nesting(raw):
+    """Deepest nesting of `[`/`{` in JSON bytes outside strings, in linear time (numpy)."""
+    text = np.frombuffer(raw, np.uint8)
+    if text.size == 0:
+        return 0
+    positions = np.arange(text.size, dtype=np.int32)
+    last_plain = np.maximum.accumulate(np.where(text != 0x5C, positions, -1))  # not a backslash
+    quotes = np.flatnonzero(text == 0x22)
+    before = np.maximum(quotes - 1, 0)
+    backslashes = np.where(quotes > 0, quotes - 1 - last_plain[before], 0)
+    toggles = np.zeros(text.size, np.int32)
+    toggles[quotes[backslashes % 2 == 0]] = 1  # unescaped quotes open and close strings
+    outside = (np.cumsum(toggles, dtype=np.int32) & 1) == 0
+    steps = (outside & ((text == 0x5B) | (text == 0x7B))).astype(np.int32) - (
+        outside & ((text == 0x5D) | (text == 0x7D))).astype(np.int32)
+    return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
+
+
+class RefusedRecord(ValueError):
+    """A JSON record refused before parsing: too large or too deeply nested."""
+
+
+def parse_json_record(raw):
+    """The JSON document in `raw` (bytes or str).
+
+    Raises `RefusedRecord` if it is larger than `MAX_JSON_BYTES` or nested
+    deeper than `MAX_JSON_DEPTH` (checked before parsing, so no deep
+    recursion anywhere later), and `ValueError` if it is not JSON.
+    """
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if not isinstance(raw, bytes):
+        raise ValueError(f"not a string but {type(raw).__name__}")
+    if len(raw) > MAX_JSON_BYTES:
+        raise RefusedRecord(f"{len(raw)} bytes, more than {MAX_JSON_BYTES}")
+    depth = json_nesting(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise RefusedRecord(f"nested {depth} deep, more than {MAX_JSON_DEPTH}")
+    return json.loads(raw.decode("utf-8"))
 
 
 def to_float(value):

@@ -3,17 +3,20 @@
 Plain scalar events go through the numpy fast path of `gradwatch.eventfile`;
 any other event is parsed with TensorBoard's protos (imported on first use,
 never TensorFlow). A payload that no longer parses as an `Event` is reported as
-corrupt (`LogReadError`).
+corrupt (`LogReadError`). A record cut short at the end of a file (a live or
+interrupted write) is skipped with a note, and so is a JSON record refused as
+too large or too deep (`gradwatch.rundata.parse_json_record`): one note per
+file or tag, in `notes`.
 """
 
 import array
-import json
 import struct
 
 import numpy as np
 
 from gradwatch import tags
 from gradwatch.eventfile import LogReadError, iter_records, layout_of, summary_of
+from gradwatch.rundata import RefusedRecord, parse_json_record
 
 _JSON_TAGS = (tags.LAYERS, tags.EXPLOSIONS, tags.CLIPPING, tags.VANISHING)
 _PLUGIN_TAG_PREFIX = tags.PLUGIN_NAME + "/"  # gradwatch/layers, gradwatch/alerts, ...
@@ -30,13 +33,28 @@ class RunReader:
         self.layouts = {}  # summary length -> [Layout]
         self.columns = {}  # tag -> (steps, values) of slowly parsed events
         self.other_plugin_data = False  # e.g. gradwatch/alerts text
+        self._refused = {}  # tag -> [count, first reason]
+        self._tails = []  # notes on truncated last records
+
+    @property
+    def notes(self):
+        """One line per file with a truncated tail and per tag with refused records."""
+        refused = [
+            f"{count} JSON record(s) of tag {tag!r} refused ({reason})" if count > 1
+            else f"a JSON record of tag {tag!r} refused ({reason})"
+            for tag, (count, reason) in self._refused.items()]
+        return tuple(self._tails + refused)
 
     def read_file(self, path):
         """Adds the values of the event file at `path`, after those read before."""
         from google.protobuf.message import DecodeError
         from tensorboard.compat.proto import event_pb2
 
-        for offset, payload in iter_records(path):
+        def truncated(offset):
+            self._tails.append(f"{path}: record cut short at byte {offset} (a write in progress or "
+                               "interrupted) skipped; the records before it are read")
+
+        for offset, payload in iter_records(path, on_truncated_tail=truncated):
             if self._add_fast(payload):
                 continue
             try:
@@ -69,7 +87,11 @@ class RunReader:
         for value in event.summary.value:
             tag = value.tag
             if tag in self.json_docs:
-                self.json_docs[tag].append((step, _parse_json(path, tag, step, value)))
+                try:
+                    self.json_docs[tag].append((step, _parse_json(path, tag, step, value)))
+                except RefusedRecord as refused:
+                    entry = self._refused.setdefault(tag, [0, f"step {step}: {refused}"])
+                    entry[0] += 1
             elif tag.startswith(_PLUGIN_TAG_PREFIX):
                 self.other_plugin_data = True
             elif tag.startswith(tags.PREFIX):
@@ -128,6 +150,8 @@ def _parse_json(path, tag, step, value):
     if not strings:
         raise LogReadError(path, f"tag {tag!r} at step {step} holds no JSON string")
     try:
-        return json.loads(strings[0].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # deep nesting too
+        return parse_json_record(strings[0])
+    except RefusedRecord:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise LogReadError(path, f"malformed JSON in tag {tag!r} at step {step} ({error})")

@@ -155,12 +155,26 @@ def test_symlinks_escaping_logdir_are_ignored(tmp_path):
     assert [run.name for run in logs.read_logdir(str(logdir))] == ["inside"]
 
 
-def test_truncated_file_raises_log_read_error(tmp_path):
-    write_run(tmp_path / "r")
+def test_truncated_tail_is_skipped_with_a_note(tmp_path):
+    written = write_run(tmp_path / "r")
     path = only_event_file(tmp_path / "r")
     with open(path, "r+b") as stream:
-        stream.truncate(os.path.getsize(path) - 7)
-    with pytest.raises(logs.LogReadError, match="truncated") as info:
+        stream.truncate(os.path.getsize(path) - 7)  # inside the last record: step 40's norms
+    (run,) = logs.read_logdir(str(tmp_path))
+    assert run.global_norm.steps.tolist() == sorted(written)[:-1]
+    np.testing.assert_array_equal(run.global_norm.values, [written[step] for step in range(1, 40)])
+    (note,) = run.notes
+    assert path in note and "cut short at byte" in note
+
+
+def test_damage_before_the_end_is_an_error_naming_file_and_offset(tmp_path):
+    write_run(tmp_path / "r")
+    path = only_event_file(tmp_path / "r")
+    offsets = [offset for offset, _ in logs.iter_records(path)]
+    with open(path, "r+b") as stream:
+        stream.seek(offsets[5] + 2)
+        stream.write(b"\xff")  # the length of record 5 no longer matches its checksum
+    with pytest.raises(logs.LogReadError, match=f"corrupt record at byte {offsets[5]}") as info:
         logs.read_logdir(str(tmp_path))
     assert info.value.path == path
 

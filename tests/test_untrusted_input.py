@@ -50,12 +50,11 @@ def test_record_claiming_a_huge_length_is_refused_without_allocating(capsys, tmp
     write_run(tmp_path / "r")
     path = only_event_file(tmp_path / "r")
     append_record(path, b"", length=2**62)  # the length checksum is right: only the size lies
-    status, _, err = report(capsys, str(tmp_path))
-    assert status == 2 and "truncated record" in err and path in err
+    status, out, err = report(capsys, str(tmp_path))  # as a record cut short at the end: skipped
+    assert status == 0 and "cut short at byte" in err and path in err and "1..40 (40)" in out
 
 
 @pytest.mark.parametrize("payload, reason", [
-    (json_event(5, tags.EXPLOSIONS, "[" * 100000 + "]" * 100000), "malformed JSON"),  # RecursionError
     (json_event(5, tags.EXPLOSIONS, '[{"step": 1e400}]'), "unexpected record format"),  # int(inf)
     (json_event(5, tags.EXPLOSIONS, '[{"step": 3, "layers": 7}]'), "unexpected record format"),
     (json_event(5, tags.CLIPPING, '"not a list"'), "unexpected record format"),
