@@ -47,17 +47,30 @@ def _metadata(plugin_name, data_class):
 
 
 _SCALAR_METADATA = _metadata("scalars", _DATA_CLASS_SCALAR)
+_BLOCK_METADATA = _metadata(tags.PLUGIN_NAME, _DATA_CLASS_TENSOR)
 _FLOAT = struct.Struct("<f")
-# TensorProto{dtype: DT_FLOAT, tensor_shape: {}, float_val: [packed 4 bytes]}
-_FLOAT_TENSOR_HEAD = _field(1, 0) + _varint(1) + _length_delimited(2, b"") + _field(5, 2) + _varint(4)
 
 
 def encode_scalar_value(tag, value, with_metadata):
-    """`Summary.Value` bytes of a rank-0 float32 scalar (TF2 style)."""
+    """`Summary.Value` bytes of a float32 scalar: `simple_value` (5 bytes, where a
+    rank-0 tensor takes 12), with the scalars plugin's metadata if asked. Both
+    TensorBoard loaders read it as a scalar of the Scalars tab."""
     body = _length_delimited(1, tag.encode())
     if with_metadata:
         body += _length_delimited(9, _SCALAR_METADATA)
-    tensor = _FLOAT_TENSOR_HEAD + struct.pack("<f", value)
+    return body + _field(2, 5) + _FLOAT.pack(value)
+
+
+def encode_block_value(tag, matrix, with_metadata):
+    """`Summary.Value` bytes of a float32 matrix (rows x columns) owned by the gradwatch plugin."""
+    rows, columns = matrix.shape
+    shape = (_length_delimited(2, _field(1, 0) + _varint(rows))
+             + _length_delimited(2, _field(1, 0) + _varint(columns)))
+    content = matrix.astype("<f4", copy=False).tobytes()
+    tensor = _field(1, 0) + _varint(1) + _length_delimited(2, shape) + _length_delimited(4, content)
+    body = _length_delimited(1, tag.encode())
+    if with_metadata:
+        body += _length_delimited(9, _BLOCK_METADATA)
     return body + _length_delimited(8, tensor)
 
 
@@ -135,6 +148,13 @@ class EventWriter:
             else:
                 encoded.append(prefix + _FLOAT.pack(value))
         self._write(step, b"".join(encoded), wall_time)
+
+    def write_block(self, first_step, matrix):
+        """Writes `gradwatch/norms`: float32 rows of consecutive steps from `first_step`
+        (column 0 the global norm, then the layers in `gradwatch/layers` order)."""
+        first = tags.NORMS not in self._value_prefixes
+        self._value_prefixes.setdefault(tags.NORMS, b"")
+        self._write(first_step, _length_delimited(1, encode_block_value(tags.NORMS, matrix, first)), None)
 
     def write_json(self, step, tag, obj):
         """A JSON document as a string tensor owned by the gradwatch plugin."""

@@ -29,6 +29,11 @@ Plugin data (plugin "gradwatch", string tensors holding JSON):
 | `gradwatch/vanishing`  | JSON list of vanishing / dead-gradient records since the     |
 |                        | previous write: `step`, `epoch`, `kind` ("vanishing" or      |
 |                        | "dead"), `layers` (`[[path, norm], ...]`), `detail`          |
+| `gradwatch/norms`      | a block of consecutive steps (float32 tensor, rows x columns): |
+|                        | the event's step is the block's first step, row i is step     |
+|                        | first + i; column 0 the global norm, then one column per layer |
+|                        | in `gradwatch/layers` order. The plugin reads every step from  |
+|                        | these (TensorBoard keeps every gradwatch tensor, not a sample) |
 
 Text (plugin "text", for the Text tab): `gradwatch/alerts`, one markdown line
 per alert or burst summary.
@@ -53,6 +58,7 @@ LAYERS = "gradwatch/layers"
 EXPLOSIONS = "gradwatch/explosions"
 CLIPPING = "gradwatch/clipping"
 VANISHING = "gradwatch/vanishing"
+NORMS = "gradwatch/norms"
 ALERTS_TEXT = "gradwatch/alerts"
 
 # Sub-folder of `log_dir` holding the training run (as Keras' TensorBoard).

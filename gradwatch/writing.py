@@ -17,6 +17,8 @@ import math
 import os
 import time
 
+import numpy as np
+
 from gradwatch import state, summaries, tags
 
 logger = logging.getLogger("gradwatch")
@@ -39,17 +41,19 @@ def batch_events(steps, rows, layer_tags, clip_mode, explosions, switches, lines
     """`[(step or None, write(writer))]` of one drained batch, in order.
 
     `switches` are the clipping events of the batch, `lines` its alert text."""
-    events, overflows = [], 0
-    for step, row in zip(steps, rows):
+    events, overflows, normal = [], 0, []
+    for index, (step, row) in enumerate(zip(steps, rows)):
         if int(row[state.FLAGS]) & state.OVERFLOW:
             overflows += 1  # the loss-scale optimizer skipped it: no norms
             continue
+        normal.append(index)
         values = row_values(row, layer_tags, clip_mode)
         if overflows:
             values[tags.OVERFLOW], overflows = float(overflows), 0
         events.append(scalars_event(int(step), values))
     if overflows:  # skipped steps not yet followed by an update
         events.append(scalars_event(int(steps[-1]), {tags.OVERFLOW: float(overflows)}))
+    events += block_events(np.asarray(steps)[normal], np.asarray(rows)[normal])
     last = int(steps[-1])
     if explosions:
         docs = [e.to_json() for e in explosions]
@@ -66,6 +70,19 @@ def vanishing_events(records, lines):
         return []
     last, docs = records[-1].step, [record.to_json() for record in records]
     return [(None, lambda writer: writer.write_json(last, tags.VANISHING, docs))] + text_events(lines, last)
+
+
+def block_events(steps, rows):
+    """`gradwatch/norms` events of norm rows: one block per run of consecutive steps."""
+    if not len(steps):
+        return []
+    steps = np.asarray(steps, np.int64)
+    matrix = np.concatenate(
+        [rows[:, state.GLOBAL:state.GLOBAL + 1], rows[:, state.LAYERS_START:]], axis=1).astype(np.float32)
+    breaks = np.flatnonzero(np.diff(steps) != 1) + 1
+    starts, ends = np.r_[0, breaks], np.r_[breaks, steps.size]
+    return [(None, lambda writer, s=s, e=e: writer.write_block(int(steps[s]), matrix[s:e]))
+            for s, e in zip(starts, ends)]
 
 
 def text_events(lines, step):

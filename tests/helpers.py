@@ -10,12 +10,22 @@ from tensorboard.backend.event_processing import event_accumulator
 
 
 def read_tags(log_dir, run="train"):
-    """`{tag: {step: value}}` of every tensor-valued series in a run."""
+    """`{tag: {step: value}}` of every series in a run: scalars (`simple_value`) and
+    one-value tensors (JSON strings), not the `gradwatch/norms` blocks."""
     acc = event_accumulator.EventAccumulator(
-        os.path.join(log_dir, run), size_guidance={event_accumulator.TENSORS: 0})
+        os.path.join(log_dir, run),
+        size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0})
     acc.Reload()
     series = {}
+    for tag in acc.Tags()["scalars"]:
+        values = {}
+        for event in acc.Scalars(tag):
+            assert event.step not in values, f"duplicate step {event.step} in {tag}"
+            values[event.step] = float(np.float32(event.value))
+        series[tag] = values
     for tag in acc.Tags()["tensors"]:
+        if tag == "gradwatch/norms":  # blocks of steps (matrices), not one value per step
+            continue
         values = {}
         for event in acc.Tensors(tag):
             array = tf.make_ndarray(event.tensor_proto)

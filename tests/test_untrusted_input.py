@@ -172,7 +172,7 @@ def test_plugin_keeps_the_valid_part_of_a_truncated_file(hostile_client):
 def test_plugin_skips_records_of_the_wrong_shape(hostile_client):
     _, body = get(hostile_client, "/alerts?run=garbled")
     assert [row["step"] for row in body["alerts"]] == [1, 2, 3]
-    assert all(row["top_layers"] == [] or row["top_layers"] == [["a", "NaN"]] for row in body["alerts"])
+    assert all(row["top_layers"] == [] or row["top_layers"] == [["a", "nan"]] for row in body["alerts"])
     assert body["alerts"][2]["action"] is None
     _, body = get(hostile_client, "/heatmap?run=garbled")
     assert body["layers"] == ["a"]

@@ -9,9 +9,13 @@ Routes (under `/data/plugin/gradwatch/`):
   /ranking?run=R&limit=N                       layers ranked by alerts led
   /compare?run=R1&run=R2...&points=N          global norms of several runs, one step grid
   /vanishing?run=R                             vanishing / dead-gradient records (`vanishing_view`)
-Unknown run: 404 (for /compare: listed in "missing"). Missing or malformed parameter: 400 with a message.
+Unknown run: 404 (for /compare: listed in "missing"). Missing or malformed
+parameter: 400 with a message. Data no check foresaw: 422 with a message
+(logged), never a 500. Responses are bounded: see `views.MAX_ROWS`,
+`views.MAX_CELLS`, `compare.MAX_VALUES`, `records`.
 """
 
+import logging
 import mimetypes
 import os
 
@@ -23,13 +27,14 @@ from werkzeug import wrappers
 
 from tensorboard_plugin_gradwatch import compare, metadata, reader, vanishing_view, views
 
+logger = logging.getLogger("gradwatch")
 _STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _JSON = "application/json"
 # name -> (default, smallest, largest) of the integer query parameters.
 _INT_PARAMS = {
     "columns": (400, 1, 4000),
     "points": (1000, 10, 10000),
-    "limit": (1000, 1, 100000),
+    "limit": (1000, 1, 10000),
 }
 
 
@@ -122,8 +127,11 @@ class GradwatchPlugin(base_plugin.TBPlugin):
             return http_util.Respond(request, {"error": str(error)}, _JSON, code=400)
         ctx = plugin_util.context(request.environ)
         eid = plugin_util.experiment_id(request.environ)
-        named = self._reader.load_globals(ctx, eid, runs)
-        return http_util.Respond(request, compare.compare_view(named, points), _JSON)
+        try:
+            named = self._reader.load_globals(ctx, eid, runs)
+            return http_util.Respond(request, compare.compare_view(named, points), _JSON)
+        except Exception as error:  # see _run_route
+            return _unreadable(request, runs[0] if len(runs) == 1 else "one of %d runs" % len(runs), error)
 
     def _run_route(self, build):
         """A WSGI app answering `build(run_data, request)` for the `run` parameter."""
@@ -142,7 +150,16 @@ class GradwatchPlugin(base_plugin.TBPlugin):
                 return http_util.Respond(request, build(data, request), _JSON)
             except BadRequest as error:
                 return http_util.Respond(request, {"error": str(error)}, _JSON, code=400)
+            except Exception as error:  # a file no check foresaw: a 4xx with a message, never a 500
+                return _unreadable(request, run, error)
         return serve
+
+
+def _unreadable(request, run, error):
+    """422 naming the run, for data no check foresaw; the traceback goes to the log."""
+    logger.warning("gradwatch: could not serve %s for run %r", request.path, run, exc_info=True)
+    message = "could not read the gradwatch data of run %r (%s)" % (run, type(error).__name__)
+    return http_util.Respond(request, {"error": message}, _JSON, code=422)
 
 
 class GradwatchPluginLoader(base_plugin.TBLoader):

@@ -7,19 +7,24 @@ and re-read only when the run's data changed.
 """
 
 import collections
-import json
+import logging
 import threading
 
 import numpy as np
 from tensorboard.data import provider
 
 from gradwatch import tags
-from tensorboard_plugin_gradwatch import metadata
+from gradwatch.rundata import RefusedRecord, parse_json_record
+from tensorboard_plugin_gradwatch import blocks, metadata, records
+
+logger = logging.getLogger("gradwatch")
 
 # "Downsample to at most this many points": larger than any run, so every
 # sample TensorBoard kept is returned.
 _ALL_POINTS = 10**9
 _CACHED_RUNS = 4
+_POINTS_PER_READ = 2_000_000  # scalar points per read: ~60 MB through the fast loader's gRPC
+_JSON_TAGS = (tags.LAYERS, tags.EXPLOSIONS, tags.CLIPPING)
 _CACHED_GLOBALS = 256  # a run's global series only: small, and a sweep has many runs
 # The series the run comparison reads: global norms and explosion flags only.
 COMPARE_TAGS = (tags.GLOBAL, tags.GLOBAL_CLIPPED, tags.EXPLOSION)
@@ -51,6 +56,7 @@ class RunReader:
         self._cache = collections.OrderedDict()  # run -> (fingerprint, RunData)
         self._globals = collections.OrderedDict()  # run -> (fingerprint, RunData), global tags only
         self._lock = threading.Lock()
+        self._warned = set()
 
     def _list(self, ctx, experiment_id, run=None):
         """(scalar listing, tensor listing), each run -> tag -> time series."""
@@ -102,7 +108,7 @@ class RunReader:
             if cached is not None and cached[0] == fingerprint:
                 self._cache.move_to_end(run)
                 return cached[1]
-        data = self._read(ctx, experiment_id, run, list(scalar_series), list(tensor_series))
+        data = self._read(ctx, experiment_id, run, scalar_series, list(tensor_series))
         with self._lock:
             self._cache[run] = (fingerprint, data)
             self._cache.move_to_end(run)
@@ -144,29 +150,75 @@ class RunReader:
             found.append((run, cached[1]))
         return found
 
-    def _read(self, ctx, experiment_id, run, scalar_tags, tensor_tags):
+    def _read(self, ctx, experiment_id, run, scalar_series, tensor_tags):
+        json_tags = [tag for tag in tensor_tags if tag in _JSON_TAGS]
+        documents = {}
+        if json_tags:
+            read = self._provider.read_tensors(
+                ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
+                downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, json_tags))
+            for tag, data in read.get(run, {}).items():
+                documents[tag] = [self._json_of(run, tag, datum) for datum in data]
+        declared = _declared_layers(documents.get(tags.LAYERS, []))
         series = {}
-        if scalar_tags:
+        if tags.NORMS in tensor_tags and declared:
+            read = self._provider.read_tensors(
+                ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
+                downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, [tags.NORMS]))
+            series = blocks.series_of_blocks(read.get(run, {}).get(tags.NORMS, []), declared)
+        # Scalars for what the blocks do not hold, tag by tag in bounded reads (the
+        # fast loader's data server refuses answers over 256 MiB).
+        wanted = {tag: ts for tag, ts in scalar_series.items() if tag not in series}
+        for group in _bounded_groups(wanted):
             read = self._provider.read_scalars(
                 ctx, experiment_id=experiment_id,
                 plugin_name=metadata.SCALARS_PLUGIN_NAME,
-                downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, scalar_tags))
+                downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, group))
             for tag, data in read.get(run, {}).items():
                 series[tag] = _series_arrays(data)
-        documents = {}
-        if tensor_tags:
-            read = self._provider.read_tensors(
-                ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
-                downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, tensor_tags))
-            for tag, data in read.get(run, {}).items():
-                documents[tag] = [_json_of(datum) for datum in data]
-        layers = _layer_order(documents.get(tags.LAYERS, []), series)
+        layers = _layer_order(declared, series)
         return RunData(
             layers=layers,
             series=series,
-            explosions=_merged_records(documents.get(tags.EXPLOSIONS, [])),
-            clipping=_merged_records(documents.get(tags.CLIPPING, [])),
+            explosions=_merged_records(documents.get(tags.EXPLOSIONS, []), records.explosion),
+            clipping=_merged_records(documents.get(tags.CLIPPING, []), records.clipping),
         )
+
+    def _json_of(self, run, tag, datum):
+        """The JSON document of a string-tensor datum, or None (refused or unreadable: one warning)."""
+        try:
+            raw = datum.numpy.item() if datum.numpy.size == 1 else None
+            if not isinstance(raw, (bytes, str)):
+                raise ValueError("not one string")
+            return parse_json_record(raw)
+        except RefusedRecord as refused:
+            self._warn_once((run, tag, "refused"), "gradwatch: a JSON record of tag %r in run %r "
+                            "was refused (%s)", tag, run, refused)
+        except Exception as error:  # anything a hand-made file holds
+            self._warn_once((run, tag, "unreadable"), "gradwatch: an unreadable record of tag %r in "
+                            "run %r was skipped (%s)", tag, run, error)
+        return None
+
+    def _warn_once(self, key, message, *args):
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logger.warning(message, *args)
+
+
+def _bounded_groups(series_by_tag):
+    """Tags in groups whose points (bounded by each tag's step span) fit one read."""
+    group, points = [], 0
+    for tag in sorted(series_by_tag):
+        count = max(1, int(series_by_tag[tag].max_step) + 1)
+        if group and points + count > _POINTS_PER_READ:
+            yield group
+            group, points = [], 0
+        group.append(tag)
+        points += count
+    if group:
+        yield group
 
 
 def _series_arrays(data):
@@ -179,21 +231,17 @@ def _series_arrays(data):
     return steps, values
 
 
-def _json_of(datum):
-    """The JSON document held by a string-tensor datum, or None if unreadable."""
-    try:
-        raw = datum.numpy.item()
-        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):  # deep nesting too
-        return None
-
-
-def _layer_order(layer_documents, series):
-    """Layer paths in model order: the last `gradwatch/layers` list, then any extra layers."""
+def _declared_layers(layer_documents):
+    """The last `gradwatch/layers` list (unique names), or []."""
     declared = []
     for document in layer_documents:
         if isinstance(document, list):
-            declared = [str(path) for path in document]
+            declared = list(dict.fromkeys(str(path) for path in document))
+    return declared
+
+
+def _layer_order(declared, series):
+    """Layer paths in model order: the declared ones, then any extra layers (linear time)."""
     seen = set(declared)
     extra = sorted(
         path for path in (tags.layer_of_tag(tag) for tag in series)
@@ -202,13 +250,14 @@ def _layer_order(layer_documents, series):
     return declared + extra
 
 
-def _merged_records(documents):
-    """All records of a list of JSON lists, one per step (the latest wins), by step."""
+def _merged_records(documents, clean):
+    """All records of a list of JSON lists, cleaned by `clean`, one per step (the latest wins), by step."""
     by_step = {}
     for document in documents:
         if not isinstance(document, list):
             continue
         for record in document:
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
+            record = clean(record)
+            if record is not None:
                 by_step[record["step"]] = record
     return [by_step[step] for step in sorted(by_step)]

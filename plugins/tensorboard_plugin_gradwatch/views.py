@@ -12,9 +12,14 @@ import math
 import numpy as np
 
 from gradwatch import tags
+from tensorboard_plugin_gradwatch import records
 
 MISSING = -1.0  # heat-map cell with no stored sample (norms are never negative)
 TOP_LAYERS_PER_ALERT = 3
+# Response bounds: the heat map shows at most MAX_ROWS layers (the first, in
+# model order) and MAX_CELLS cells (fewer columns for many layers), and says so.
+MAX_ROWS = 2000
+MAX_CELLS = 1_000_000
 
 
 def as_float(value):
@@ -83,14 +88,20 @@ def heatmap_view(run_data, columns):
     if step_range is None or not run_data.layers:
         return {"layers": [], "columns": 0, "empty": True}
     first, last, stored = step_range
+    shown = run_data.layers[:MAX_ROWS]
+    asked = columns
+    columns = max(1, min(columns, MAX_CELLS // len(shown)))
     width, count = step_grid(first, last, columns, stored)
-    matrix = np.full((len(run_data.layers), count), MISSING, dtype=np.float32)
-    for row, path in enumerate(run_data.layers):
+    matrix = np.full((len(shown), count), MISSING, dtype=np.float32)
+    for row, path in enumerate(shown):
         steps, values = run_data.series.get(tags.layer_tag(path), (np.zeros(0, np.int64), None))
         bins, maxima, _ = max_per_bin(steps, values, first, width)
         matrix[row, bins] = maxima
     return {
-        "layers": list(run_data.layers),
+        "layers": [records.short_name(path) for path in shown],
+        "layers_total": len(run_data.layers),
+        "layers_capped": len(shown) < len(run_data.layers),
+        "columns_capped": columns < asked,
         "first_step": first,
         "last_step": last,
         "bin_width": width,
@@ -180,26 +191,15 @@ def _value_at(run_data, tag, step):
     return None
 
 
-def _layer_pairs(record):
-    """The record's `[layer, norm]` pairs; anything else in a hand-made file is skipped."""
-    layers = record.get("layers")
-    if not isinstance(layers, list):
-        return []
-    return [pair for pair in layers if isinstance(pair, list) and len(pair) == 2
-            and isinstance(pair[0], str)]
-
-
 def _alert_row(record):
-    layers = _layer_pairs(record)
     return {
         "step": record["step"],
         "epoch": record.get("epoch"),
         "global_norm": record.get("global_norm"),
         "threshold": record.get("threshold"),
-        "top_layers": layers[:TOP_LAYERS_PER_ALERT],
-        "layer_count": len(layers),
-        "action": record.get("action") if isinstance(record.get("action"), str)
-        and record.get("action") in tags.ACTIONS else None,
+        "top_layers": record.get("layers", [])[:TOP_LAYERS_PER_ALERT],
+        "layer_count": record.get("layer_count", 0),
+        "action": record.get("action"),
     }
 
 
@@ -223,7 +223,7 @@ def _layer_stats(path, steps_values, times_top):
     peak = float(finite.max()) if finite.size else None
     median = float(np.median(finite)) if finite.size else None
     return {
-        "layer": path,
+        "layer": records.short_name(path),
         "times_top": times_top,
         "nonfinite": int(values.size - finite.size),
         "peak": peak,
@@ -236,11 +236,11 @@ def ranking_view(run_data, limit):
     """Layers ranked by alerts led (largest norm at an explosion), then non-finite count, then peak."""
     times_top = {}
     for record in run_data.explosions:
-        layers = _layer_pairs(record)
+        layers = record["layers"]
         if layers:
             times_top[layers[0][0]] = times_top.get(layers[0][0], 0) + 1
     rows = [
-        _layer_stats(path, run_data.series[tags.layer_tag(path)], times_top.get(path, 0))
+        _layer_stats(path, run_data.series[tags.layer_tag(path)], times_top.get(records.short_name(path), 0))
         for path in run_data.layers if tags.layer_tag(path) in run_data.series
     ]
     rows.sort(key=lambda row: (-row["times_top"], -row["nonfinite"], -(row["peak"] or 0.0)))
