@@ -151,21 +151,15 @@ class RunReader:
         return found
 
     def _read(self, ctx, experiment_id, run, scalar_series, tensor_tags):
-        json_tags = [tag for tag in tensor_tags if tag in _JSON_TAGS]
         documents = {}
-        if json_tags:
-            read = self._provider.read_tensors(
-                ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
-                downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, json_tags))
-            for tag, data in read.get(run, {}).items():
-                documents[tag] = [self._json_of(run, tag, datum) for datum in data]
+        for tag in [tag for tag in tensor_tags if tag in _JSON_TAGS]:  # one bad tag loses only itself
+            documents[tag] = [self._json_of(run, tag, datum)
+                              for datum in self._read_tensor_tag(ctx, experiment_id, run, tag)]
         declared = _declared_layers(documents.get(tags.LAYERS, []))
         series = {}
         if tags.NORMS in tensor_tags and declared:
-            read = self._provider.read_tensors(
-                ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
-                downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, [tags.NORMS]))
-            series = blocks.series_of_blocks(read.get(run, {}).get(tags.NORMS, []), declared)
+            series = blocks.series_of_blocks(
+                self._read_tensor_tag(ctx, experiment_id, run, tags.NORMS), declared)
         # Scalars for what the blocks do not hold, tag by tag in bounded reads (the
         # fast loader's data server refuses answers over 256 MiB).
         wanted = {tag: ts for tag, ts in scalar_series.items() if tag not in series}
@@ -183,6 +177,20 @@ class RunReader:
             explosions=_merged_records(documents.get(tags.EXPLOSIONS, []), records.explosion),
             clipping=_merged_records(documents.get(tags.CLIPPING, []), records.clipping),
         )
+
+    def _read_tensor_tag(self, ctx, experiment_id, run, tag):
+        """The `TensorDatum`s of one gradwatch tag; [] (and one warning) if the loader cannot
+        convert them (TensorBoard's own conversion fails on some hand-made tensors)."""
+        try:
+            read = self._provider.read_tensors(
+                ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
+                downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, [tag]))
+        except Exception as error:
+            self._warn_once((run, tag, "tensors"), "gradwatch: the records of tag %r in run %r "
+                            "could not be read and are skipped (%s: %s)", tag, run,
+                            type(error).__name__, error)
+            return []
+        return read.get(run, {}).get(tag, [])
 
     def _json_of(self, run, tag, datum):
         """The JSON document of a string-tensor datum, or None (refused or unreadable: one warning)."""

@@ -1,7 +1,7 @@
 // Comparison chart: the global norm of several runs overlaid, one colour per run, with a legend.
 
 import {AXIS, PLOT_HEIGHT, TOP, drawAxes, drawLine, logRange, points, valueAt} from './chart.js';
-import {el, fmt, fmtStep, setupCanvas} from './format.js';
+import {el, fmt, fmtStep, printable, setupCanvas} from './format.js';
 
 const MAX_TOOLTIP_ROWS = 12;
 
@@ -62,7 +62,7 @@ export function compareLegend(container, data, colorOf, onPick) {
     const item = el('button', 'gw-legend-item gw-compare-item');
     item.type = 'button';
     item.dataset.run = run.name;
-    item.title = `${run.name}: ${run.explosions} explosion(s); click to show its details below`;
+    item.title = `${printable(run.name)}: ${run.explosions} explosion(s); click to show its details below`;
     const swatch = el('span', 'gw-swatch gw-swatch-line');
     swatch.style.setProperty('--gw-color', colorOf(run.name));
     const name = el('span', 'gw-compare-name', run.name);

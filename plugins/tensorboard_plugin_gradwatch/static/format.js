@@ -102,10 +102,31 @@ export function setupCanvas(canvas, width, height) {
   return ctx;
 }
 
-/** Creates an element with a class name and optional text. */
+/** `text` with control, format (bidi overrides), separator and unassigned characters shown as
+ * `\\u{...}` escapes: names from event files and folders can neither hide nor reorder text. */
+export function printable(text) {
+  return String(text).replace(/[\p{C}\u2028\u2029]/gu, (c) => `\\u{${c.codePointAt(0).toString(16)}}`);
+}
+
+/** Creates an element with a class name and optional text (always as text, escaped by printable). */
 export function el(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
+  if (text !== undefined) node.textContent = printable(text);
   return node;
+}
+
+const LABEL_CHARS = 300;  // no label this wide fits a row label: measure only this tail
+
+/** `text`, or '…' + its longest tail narrower than `maxWidth` (binary search: ~9 measureText calls). */
+export function shortenLabel(ctx, text, maxWidth) {
+  if (text.length <= LABEL_CHARS && ctx.measureText(text).width <= maxWidth) return text;
+  const tail = text.slice(-LABEL_CHARS);
+  let lo = 0;
+  let hi = tail.length;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (ctx.measureText('…' + tail.slice(-mid)).width <= maxWidth) lo = mid; else hi = mid - 1;
+  }
+  return '…' + tail.slice(tail.length - lo);
 }

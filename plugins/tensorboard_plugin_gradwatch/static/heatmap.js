@@ -1,6 +1,7 @@
 // Heat map: layers (model order, top to bottom) x step bins, colored by log10 of the max norm.
 
-import {COLORS, COLOR_TABLE, colorAt, decadeLabel, decadeTicks, fmt, fmtStep, setupCanvas, stepTicks} from './format.js';
+import {COLORS, COLOR_TABLE, colorAt, decadeLabel, decadeTicks, fmt, fmtStep, printable, setupCanvas, shortenLabel,
+  stepTicks} from './format.js';
 
 const MISSING = -1;  // server marker: no stored sample in this bin
 export const TOP = 18;
@@ -52,8 +53,7 @@ function drawRowLabels(ctx, layers, layout, rowH) {
   ctx.textBaseline = 'middle';
   layers.forEach((layer, row) => {
     if (row % stride) return;
-    let label = layer;
-    while (label.length > 4 && ctx.measureText(label).width > layout.left - 12) label = '…' + label.slice(2);
+    const label = shortenLabel(ctx, printable(layer), layout.left - 12);
     ctx.fillText(label, layout.left - 8, TOP + (row + 0.5) * rowH);
   });
 }

@@ -4,7 +4,7 @@
 
 import {drawGlobalChart} from './chart.js';
 import {decodeCells, drawHeatmap, drawLegend} from './heatmap.js';
-import {el, fmtStep} from './format.js';
+import {el, fmtStep, printable} from './format.js';
 import {renderAlerts, renderRanking} from './tables.js';
 import {buildLayout, globalLegend, showTooltip, hideTooltip} from './layout.js';
 import {compareLayout, compareLegend, drawCompareChart} from './compare.js';
@@ -33,7 +33,8 @@ async function fetchJSON(url) {
 function makeLayout(layers) {
   const measure = document.createElement('canvas').getContext('2d');
   measure.font = '11px Roboto, "Helvetica Neue", Arial, sans-serif';
-  const longest = Math.max(60, ...layers.map((name) => measure.measureText(name).width));
+  let longest = 60;  // a loop, not Math.max(...): tens of thousands of layers overflow the argument list
+  for (const name of layers) longest = Math.max(longest, measure.measureText(printable(name.slice(-80))).width);
   const width = plotWidthNow();  // page and card paddings
   const left = Math.round(Math.min(220, longest + 18));
   const plotWidth = width - left - 24;
@@ -52,14 +53,18 @@ function setStatus(mode, message) {
   ui.loading.hidden = mode !== 'loading';
   ui.empty.hidden = mode !== 'empty' && mode !== 'error';
   ui.content.hidden = mode !== 'ready';
-  if (message) ui.empty.textContent = message;
+  if (message) ui.empty.textContent = printable(message);
 }
 
 async function loadRuns() {
   setStatus('loading');
   const {runs} = await fetchJSON('./runs');
   state.runs = runs;
-  ui.runSelect.replaceChildren(...runs.map((run) => el('option', '', run.name)));
+  ui.runSelect.replaceChildren(...runs.map((run) => {
+    const option = el('option', '', run.name);  // shown escaped; the value is the real name
+    option.value = run.name;
+    return option;
+  }));
   setRuns(runList, runs.map((run) => run.name));
   ui.compareCard.hidden = runs.length < 2;
   if (runs.length >= 2) loadCompare();
@@ -110,9 +115,13 @@ async function loadRun(run) {
 function describeSampling(heatmap) {
   const total = heatmap.last_step - heatmap.first_step + 1;
   const bins = heatmap.bin_width > 1 ? ` Each column is the max over ${fmtStep(heatmap.bin_width)} steps.` : '';
-  if (!heatmap.sampled) return `${heatmap.layers.length} layers × ${fmtStep(total)} steps.${bins}`;
-  return `${heatmap.layers.length} layers; sampled: TensorBoard kept ${fmtStep(heatmap.stored_steps)} of ` +
-    `${fmtStep(total)} steps (start it with --samples_per_plugin=scalars=0 to keep all).${bins}`;
+  const capped = heatmap.layers_capped ? ` Showing the first ${fmtStep(heatmap.layers.length)} of ` +
+    `${fmtStep(heatmap.layers_total)} layers (model order): the heat map is capped.` : '';
+  const narrowed = heatmap.columns_capped ? ' Fewer columns than asked, to bound the response.' : '';
+  const notes = `${bins}${capped}${narrowed}`;
+  if (!heatmap.sampled) return `${heatmap.layers_total ?? heatmap.layers.length} layers × ${fmtStep(total)} steps.${notes}`;
+  return `${heatmap.layers_total ?? heatmap.layers.length} layers; sampled: TensorBoard kept ${fmtStep(heatmap.stored_steps)} of ` +
+    `${fmtStep(total)} steps (start it with --samples_per_plugin=scalars=0 to keep all).${notes}`;
 }
 
 /** Redraws both canvases (after loading, a selection or a resize). */
@@ -120,7 +129,7 @@ function drawCharts() {
   const {heatmap, cells, global} = state.data;
   const layout = makeLayout(heatmap.layers);
   ui.sampling.textContent = describeSampling(heatmap);
-  ui.sampling.classList.toggle('gw-warn', heatmap.sampled);
+  ui.sampling.classList.toggle('gw-warn', heatmap.sampled || Boolean(heatmap.layers_capped));
   globalLegend(ui.globalLegend, global);
   state.hoverGlobal = drawGlobalChart(ui.global, global, layout, state.selected);
   state.hitHeatmap = drawHeatmap(ui.heatmap, heatmap, cells, layout, state.selected);
@@ -154,7 +163,7 @@ async function loadCompare() {
     drawCompare();
   } catch (error) {
     if (token !== state.compare.token) return;
-    ui.compareNote.textContent = `Could not load the comparison: ${error.message}`;
+    ui.compareNote.textContent = printable(`Could not load the comparison: ${error.message}`);
   }
 }
 
@@ -179,7 +188,7 @@ function drawCompare() {
   }
   const color = (name) => colorOf(runList, name);
   ui.compare.hidden = false;
-  ui.compareNote.textContent = describeCompare(data, state.compare.asked);
+  ui.compareNote.textContent = printable(describeCompare(data, state.compare.asked));
   compareLegend(ui.compareLegend, data, color, (name) => {
     ui.runSelect.value = name;
     loadRun(name);

@@ -1,7 +1,7 @@
 // Run selection for the comparison chart: a filterable checkbox list with select all / none,
 // and one colour per run (a fixed palette, then golden-angle hue rotation: distinct for 20+ runs).
 
-import {el} from './format.js';
+import {el, printable} from './format.js';
 
 const PALETTE = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd',
   '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf'];
@@ -80,7 +80,7 @@ function renderItems(list) {
   list.items.replaceChildren(...shown.map((name) => {
     const item = el('label', 'gw-run-item');
     item.dataset.run = name;
-    item.title = name;
+    item.title = printable(name);
     const box = el('input');
     box.type = 'checkbox';
     box.checked = list.selected.has(name);

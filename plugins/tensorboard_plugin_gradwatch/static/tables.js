@@ -1,6 +1,6 @@
 // Alerts table (one row per explosion) and the per-layer ranking.
 
-import {el, fmt, fmtStep} from './format.js';
+import {el, fmt, fmtStep, printable} from './format.js';
 
 const ACTION_LABELS = {
   none: 'alert only',
@@ -20,7 +20,7 @@ function table(id, headers) {
 
 function cell(row, text, className) {
   const td = row.insertCell();
-  td.textContent = text;
+  td.textContent = printable(text);
   if (className) td.className = className;
   return td;
 }
