@@ -8,7 +8,7 @@ import sys
 
 import keras
 
-from gradwatch import capture_tf_keras, clipping, multiworker, summaries, tags, validation
+from gradwatch import capture_tf_keras, clipping, multiworker, runfolder, summaries, tags, validation
 from gradwatch.policy import StepPolicy
 from gradwatch.recorder import Recorder
 
@@ -111,7 +111,7 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
         policy = self._policy()
         # Multi-worker: only the chief writes and logs alerts (`multiworker`).
         self._role = multiworker.WorkerRole(self.model.distribute_strategy)
-        writer = _open_writer(self._role.run_dir(os.path.join(self.log_dir, tags.TRAIN_RUN)))
+        writer = _open_writer(self._run_dir())
         capture, hooked_function = self._reusable_capture(policy)
         if capture is None:  # Keras 3 or tf_keras, from the model's class
             capture = capture_tf_keras.capture_class(self.model)(
@@ -161,6 +161,21 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             self._layer_paths = list(recorder.layer_paths)
             self._role.end()
             self._last_run = (recorder.capture, recorder.hooked_function, self.model.train_function)
+
+    def _run_dir(self):
+        """`log_dir/train`, or `train_1`, ... if this fit restarts at step 1 below steps
+        already there (`gradwatch.runfolder`)."""
+        run_dir = self._role.run_dir(os.path.join(self.log_dir, tags.TRAIN_RUN))
+        if not self._role.chief:
+            return run_dir
+        try:
+            first_step = int(self.model.optimizer.iterations.numpy()) + 1
+        except Exception:  # no optimizer variable yet: a fresh one
+            first_step = 1
+        run_dir, warning = runfolder.run_dir_for(run_dir, first_step)
+        if warning:
+            logger.warning(warning)
+        return run_dir
 
     def _reusable_capture(self, policy):
         """`(capture, traced train function)` of this monitor's previous `fit()`

@@ -229,3 +229,29 @@ def test_report_read_while_a_fit_writes(capsys, tmp_path):
     assert reads >= 3 and 0 in statuses
     status, out, _ = report(capsys, str(tmp_path), "--json")
     assert status == 0 and json.loads(out)["runs"][0]["steps"] == {"first": 1, "last": 768, "count": 768}
+
+
+def test_a_restart_at_step_1_writes_to_a_new_run(tmp_path, caplog):
+    import keras
+
+    import gradwatch
+    from helpers import read_tags
+
+    def model():
+        built = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2), keras.layers.Dense(1)])
+        built.compile(optimizer="sgd", loss="mse")
+        return built
+
+    x, y = np.ones((32, 4), "float32"), np.zeros((32, 1), "float32")
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0)
+    first = model()
+    first.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[monitor])
+    first.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])  # steps 9-12: same run
+    assert not [r for r in caplog.records if "starts again at step 1" in r.getMessage()]
+    model().fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])  # steps 1-4 again
+    (warning,) = [r.getMessage() for r in caplog.records if "starts again at step 1" in r.getMessage()]
+    assert str(tmp_path / "train_1") in warning and "steps up to 12" in warning
+    assert sorted(read_tags(str(tmp_path))[tags.GLOBAL]) == list(range(1, 13))
+    assert sorted(read_tags(str(tmp_path), run="train_1")[tags.GLOBAL]) == [1, 2, 3, 4]
+    model().fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    assert sorted(read_tags(str(tmp_path), run="train_2")[tags.GLOBAL]) == [1, 2, 3, 4]
