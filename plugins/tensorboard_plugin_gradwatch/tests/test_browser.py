@@ -113,3 +113,52 @@ def test_compare_overlays_every_selected_run_with_a_legend(driver, sweep_board):
     from selenium.webdriver.support.ui import WebDriverWait
     WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "gw-root").get_attribute("data-state") == "ready"
                                     and d.find_element(By.ID, "gw-run").get_attribute("value") == shown[3])
+
+
+EVIL_RUN = "evil\u202e\u009b<img src=x onerror=window.__gw_xss=1>"
+EVIL_LAYER = "\u202eevil\u200f<script>window.__gw_xss=2</script>"
+
+
+def write_small_run(run_dir, layers, steps=20, explode_step=10):
+    from gradwatch import summaries, tags
+
+    writer = summaries.EventWriter(run_dir)
+    writer.write_json(0, tags.LAYERS, layers)
+    for step in range(1, steps + 1):
+        norm = 1000.0 if step == explode_step else 1.0 + step / 10
+        writer.write_scalars(step, dict({tags.layer_tag(name): norm for name in layers}, **{tags.GLOBAL: norm}))
+    writer.write_json(steps, tags.EXPLOSIONS, [{"step": explode_step, "epoch": 0, "global_norm": 1000.0,
+                                                "threshold": 10.0, "layers": [[layers[1], 1000.0]],
+                                                "action": "none"}])
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def hostile_board(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile_browser")
+    write_small_run(str(root / EVIL_RUN), ["lstm", EVIL_LAYER, "embed"])
+    write_small_run(str(root / "long_names"), ["lstm", "n" * 20_000, "x" * 1_000_000 + "tail"])
+    with screenshot.tensorboard(str(root), load_fast="true") as (base, _):
+        yield base
+
+
+def test_hostile_names_render_as_text_and_long_names_draw(driver, hostile_board):
+    from urllib.parse import quote
+
+    from selenium.webdriver.common.by import By
+
+    root = screenshot.open_dashboard(driver, hostile_board, fragment="#run=" + quote(EVIL_RUN))
+    assert root.get_attribute("data-state") == "ready"
+    assert driver.execute_script("return window.__gw_xss === undefined && !document.querySelector('img, script[src]')")
+    options = [option.text for option in driver.find_elements(By.CSS_SELECTOR, "#gw-run option")]
+    assert "evil\\u{202e}\\u{9b}<img src=x onerror=window.__gw_xss=1>" in options
+    legend = driver.find_elements(By.CSS_SELECTOR, "#gw-compare-legend .gw-compare-name")
+    assert "evil\\u{202e}\\u{9b}<img src=x onerror=window.__gw_xss=1>" in [item.text for item in legend]
+    ranking = [cell.text for cell in driver.find_elements(By.CSS_SELECTOR, "#gw-ranking td.gw-layer-name")]
+    assert "\\u{202e}evil\\u{200f}<script>window.__gw_xss=2</script>" in ranking
+    chips = driver.find_elements(By.CSS_SELECTOR, "#gw-alerts .gw-layer-name")
+    assert chips[0].text == "\\u{202e}evil\\u{200f}<script>window.__gw_xss=2</script>"
+    root = screenshot.open_dashboard(driver, hostile_board, fragment="#run=long_names")
+    assert root.get_attribute("data-state") == "ready"
+    assert driver.find_element(By.ID, "gw-heatmap").get_attribute("data-drawn") == "true"
+    assert driver.execute_script("return window.__gw_xss === undefined")
