@@ -24,6 +24,9 @@ Two parts:
     python benchmarks/resources.py               # ~6-8 min on 2 cores
     python benchmarks/resources.py --quick       # 20k synthetic steps, 1000 real
     python benchmarks/resources.py --part synthetic --steps 100000
+    python benchmarks/resources.py --part tensorboard   # 3. TensorBoard at 100k x 200 (~15 min)
+
+3. **TensorBoard** (`tensorboard`, issue 15): see `tensorboard_scale.py`.
 """
 
 import argparse
@@ -338,7 +341,10 @@ def real_part(args, log_root):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("all", "synthetic", "real"), default="all")
+    parser.add_argument("--part", choices=("all", "synthetic", "real", "tensorboard"), default="all")
+    parser.add_argument("--tb-time-limit", type=int, default=300, help="seconds per fast-loader TensorBoard")
+    parser.add_argument("--python-time-limit", type=int, default=600, help="seconds for the Python loader")
+    parser.add_argument("--rss-limit-gb", type=float, default=8.0, help="TensorBoard is stopped past this RSS")
     parser.add_argument("--steps", type=int, default=None, help="synthetic steps (default 100000)")
     parser.add_argument("--traced-steps", type=int, default=None,
                         help="steps of the tracemalloc pass (default: --steps)")
@@ -367,6 +373,10 @@ def main(argv=None):
             print(flush=True)
         if args.part in ("all", "real"):
             print(real_part(args, log_root), flush=True)
+        if args.part == "tensorboard":  # not in "all": long, and it needs ~10 GB of memory
+            import tensorboard_scale
+
+            print(tensorboard_scale.tensorboard_part(args, log_root, run_synthetic, common), flush=True)
     finally:
         shutil.rmtree(log_root, ignore_errors=True)
 
