@@ -43,7 +43,9 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
 
     Args:
         log_dir: folder of the TensorBoard logs; events go to `log_dir/train`,
-            the run of Keras' `TensorBoard` callback for the same `log_dir`.
+            the run of Keras' `TensorBoard` callback for the same `log_dir`
+            (`train_1`, `train_2`, ... for a `fit()` that starts again at step 1
+            where `train` already holds steps: see `gradwatch.runfolder`).
         update_freq: how often, in steps, the callback reads the recorded steps
             from the device and writes them, or `"epoch"`. Every step is
             written whatever the value: nothing is averaged or dropped; a larger
