@@ -26,6 +26,7 @@ _CACHED_RUNS = 4
 _POINTS_PER_READ = 2_000_000  # scalar points per read: ~60 MB through the fast loader's gRPC
 _JSON_TAGS = (tags.LAYERS, tags.EXPLOSIONS, tags.CLIPPING)
 _CACHED_GLOBALS = 256  # a run's global series only: small, and a sweep has many runs
+_COMPARE_BLOCK_CELLS = 20_000_000  # compare: read a run's blocks (every step) up to this many cells
 # The series the run comparison reads: global norms and explosion flags only.
 COMPARE_TAGS = (tags.GLOBAL, tags.GLOBAL_CLIPPED, tags.EXPLOSION)
 
@@ -119,26 +120,43 @@ class RunReader:
     def load_globals(self, ctx, experiment_id, runs):
         """[(run, RunData of its `COMPARE_TAGS` series, or None)] for each of `runs`.
 
-        One listing for all runs, then one read per run whose data changed (so
-        a read stays small whatever the number of runs).
+        One listing for all runs, then one read per run whose data changed. A run
+        with `gradwatch/norms` blocks of at most `_COMPARE_BLOCK_CELLS` cells gives
+        every step (its blocks are read through `load`); others their scalars
+        (sampled by TensorBoard's default flags).
         """
+        run_filter = provider.RunTagFilter(runs=list(runs))
         listing = self._provider.list_scalars(
             ctx, experiment_id=experiment_id, plugin_name=metadata.SCALARS_PLUGIN_NAME,
-            run_tag_filter=provider.RunTagFilter(runs=list(runs), tags=list(COMPARE_TAGS)))
+            run_tag_filter=run_filter)
+        blocks_listing = self._provider.list_tensors(
+            ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
+            run_tag_filter=provider.RunTagFilter(runs=list(runs), tags=[tags.NORMS]))
         found = []
         for run in runs:
-            by_tag = listing.get(run, {})
-            if tags.GLOBAL not in by_tag:
+            all_tags = listing.get(run, {})
+            by_tag = {tag: ts for tag, ts in all_tags.items() if tag in COMPARE_TAGS}
+            norms = blocks_listing.get(run, {}).get(tags.NORMS)
+            if tags.GLOBAL not in by_tag and norms is None:
                 found.append((run, None))
                 continue
+            layer_count = sum(1 for tag in all_tags if tags.layer_of_tag(tag))
+            use_blocks = norms is not None and (
+                (int(norms.max_step) + 1) * (layer_count + 1) <= _COMPARE_BLOCK_CELLS)
             fingerprint = tuple(sorted((tag, ts.max_step, ts.max_wall_time) for tag, ts in by_tag.items()))
+            if use_blocks:
+                fingerprint += ((tags.NORMS, norms.max_step, norms.max_wall_time),)
             with self._lock:
                 cached = self._globals.get(run)
             if cached is None or cached[0] != fingerprint:
-                read = self._provider.read_scalars(
-                    ctx, experiment_id=experiment_id, plugin_name=metadata.SCALARS_PLUGIN_NAME,
-                    downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, list(by_tag)))
-                series = {tag: _series_arrays(data) for tag, data in read.get(run, {}).items()}
+                if use_blocks:
+                    full = self.load(ctx, experiment_id, run)
+                    series = {tag: full.series[tag] for tag in COMPARE_TAGS if full and tag in full.series}
+                else:
+                    read = self._provider.read_scalars(
+                        ctx, experiment_id=experiment_id, plugin_name=metadata.SCALARS_PLUGIN_NAME,
+                        downsample=_ALL_POINTS, run_tag_filter=_run_filter(run, list(by_tag)))
+                    series = {tag: _series_arrays(data) for tag, data in read.get(run, {}).items()}
                 cached = (fingerprint, RunData(layers=[], series=series, explosions=[], clipping=[]))
                 with self._lock:
                     self._globals[run] = cached

@@ -61,7 +61,7 @@ export function renderAlerts(container, data, selectedStep, onSelect) {
     row.dataset.step = String(alert.step);
     if (alert.step === selectedStep) row.classList.add('gw-selected');
     cell(row, fmtStep(alert.step), 'gw-num');
-    cell(row, alert.epoch == null ? '—' : String(alert.epoch), 'gw-num');
+    cell(row, alert.epoch == null ? '—' : String(alert.epoch + 1), 'gw-num');  // from 1, like the log lines
     cell(row, fmt(alert.global_norm), 'gw-num gw-strong');
     cell(row, alert.threshold == null ? '—' : fmt(alert.threshold), 'gw-num');
     topLayersCell(row, alert);

@@ -40,7 +40,11 @@ def long_run(tmp_path_factory):
     return str(root), norms, global_norm
 
 
-def check(heatmap, global_view, norms, global_norm):
+def check(heatmap, global_view, norms, global_norm, compared=None):
+    if compared is not None:  # the comparison of runs shows every step too
+        (run,) = compared["runs"]
+        assert not compared["sampled"] and not run["sampled"] and run["stored_steps"] == STEPS
+        np.testing.assert_array_equal(np.float32(run["pre_clip"]["values"]), global_norm)
     assert (heatmap["bin_width"], heatmap["columns"], heatmap["sampled"]) == (1, STEPS, False)
     cells = np.frombuffer(base64.b64decode(heatmap["cells"]), "<f4").reshape(len(LAYERS), STEPS)
     np.testing.assert_array_equal(cells, norms.T)
@@ -57,7 +61,8 @@ def test_python_loader_default_flags(long_run):
         assert response.status_code == 200
         return json.loads(response.get_data(as_text=True))
 
-    check(get("/heatmap?run=train&columns=4000"), get("/global?run=train&points=10000"), norms, global_norm)
+    check(get("/heatmap?run=train&columns=4000"), get("/global?run=train&points=10000"), norms, global_norm,
+          get("/compare?run=train&points=10000"))
 
 
 @pytest.mark.skipif(not screenshot.chromium_available(), reason="runs with the browser tests")
@@ -65,4 +70,5 @@ def test_fast_loader_default_flags(long_run):
     logdir, norms, global_norm = long_run
     with screenshot.tensorboard(logdir, load_fast="true") as (base, _):
         get = lambda path: screenshot.fetch_json(base + PREFIX + path, timeout=60)  # noqa: E731
-        check(get("/heatmap?run=train&columns=4000"), get("/global?run=train&points=10000"), norms, global_norm)
+        check(get("/heatmap?run=train&columns=4000"), get("/global?run=train&points=10000"), norms, global_norm,
+              get("/compare?run=train&points=10000"))
