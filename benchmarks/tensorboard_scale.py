@@ -99,7 +99,6 @@ def measure(logdir, steps, load_fast, extra_args, time_limit, rss_limit):
                 first, body, size = timed_get(board.base + PREFIX + route, timeout=120)
                 again, _, _ = timed_get(board.base + PREFIX + route, timeout=120)
                 result[route.split("?")[0]] = (first, again, size)
-            result["heatmap_columns"] = None
             _, heat, _ = timed_get(board.base + PREFIX + ROUTES[0], timeout=120)
             result["heatmap_sampled"] = heat["sampled"]
             result["rss_after_routes"] = group_rss(board.process.pid)

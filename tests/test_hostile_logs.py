@@ -255,3 +255,16 @@ def test_a_restart_at_step_1_writes_to_a_new_run(tmp_path, caplog):
     assert sorted(read_tags(str(tmp_path), run="train_1")[tags.GLOBAL]) == [1, 2, 3, 4]
     model().fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
     assert sorted(read_tags(str(tmp_path), run="train_2")[tags.GLOBAL]) == [1, 2, 3, 4]
+
+
+def test_an_unforeseen_failure_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
+    from gradwatch import report as report_module
+
+    write_run(tmp_path / "r", explode={3})
+
+    def deep(*args):
+        return deep(*args)  # RecursionError, as deep data once gave
+    monkeypatch.setattr(report_module, "summarize", deep)
+    status, out, err = report(capsys, str(tmp_path), "--fail-on-explosion")
+    assert status == 2 and out == "" and err.startswith("gradwatch: error: could not report: RecursionError")
+    assert err.count("\n") == 1
