@@ -19,7 +19,8 @@ from test_logs import only_event_file, write_run
 from test_untrusted_input import append_record
 
 PREFIX = "/data/plugin/gradwatch"
-ROUTES = ("/heatmap?columns=4000", "/global?points=10000", "/alerts?limit=10000", "/ranking?limit=10000")
+ROUTES = ("/heatmap?columns=4000", "/global?points=10000", "/alerts?limit=10000", "/ranking?limit=10000",
+          "/vanishing?")
 MAX_RESPONSE = 8_000_000  # bytes: the caps of the routes (views.MAX_CELLS, names cut to 512 chars)
 EVIL_RUN = "evil\u202e\u009b<img src=x onerror=window.__gw_xss=1>"
 WIDE = 100_000
@@ -61,10 +62,16 @@ def write_hostile(root):
     write_run(root / "empty_string_tensor", steps=range(1, 11))
     append_record(only_event_file(root / "empty_string_tensor"),
                   tensor_event(11, tags.EXPLOSIONS, tensor_pb2.TensorProto(dtype=7)))
+    write_run(root / "vanishing_non_string", steps=range(1, 11))
+    append_record(only_event_file(root / "vanishing_non_string"),
+                  tensor_event(11, tags.VANISHING, tensor_pb2.TensorProto(dtype=7)))  # empty string tensor
+    append_record(only_event_file(root / "vanishing_non_string"),
+                  tensor_event(12, tags.VANISHING, tensor_pb2.TensorProto(dtype=1, float_val=[3.0])))
     write_run(root / "deep_json", steps=range(1, 11))
     for depth in (700, 900):
-        append_record(only_event_file(root / "deep_json"),
-                      encode_event(10, 0.0, _string_tensor_value(tags.EXPLOSIONS, deep_json(depth), tags.PLUGIN_NAME)))
+        for tag in (tags.EXPLOSIONS, tags.VANISHING):
+            append_record(only_event_file(root / "deep_json"),
+                          encode_event(10, 0.0, _string_tensor_value(tag, deep_json(depth), tags.PLUGIN_NAME)))
     wide = EventWriter(str(root / "wide"))  # ~1.3 MB declaring 100k layers, 2500 of them with norms
     layers = ["l%d" % i for i in range(WIDE)]
     wide.write_json(0, tags.LAYERS, layers)
@@ -152,12 +159,13 @@ def test_truncated_tail_is_served_up_to_the_cut(hostile):
     ("non_string_tensor", 2, "holds no JSON string"),
     ("empty_string_tensor", 2, "holds no JSON string"),
     ("deep_json", 0, "2 JSON record(s) of tag 'gradwatch/explosions' refused (step 10: nested 702 deep"),
+    ("vanishing_non_string", 2, "holds no JSON string"),
     ("truncated_tail", 0, "record cut short at byte"),
 ])
 def test_report_exit_status_and_one_line_message(capsys, hostile, tmp_path, run, status, message):
     shutil.copytree(hostile[0] / run, tmp_path / run)
     got, out, err = report(capsys, str(tmp_path), "--json")
-    assert got == status and message in err and err.count("\n") == 1
+    assert got == status and message in err and err.count("\n") == (2 if run == "deep_json" else 1)  # one per tag
     if status == 0:
         assert json.loads(out)["runs"][0]["notes"]
     got, _, err = report(capsys, str(tmp_path), "--fail-on-explosion")

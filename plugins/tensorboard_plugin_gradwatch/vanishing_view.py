@@ -11,7 +11,7 @@ Missing `run` parameter: 400; a run without gradwatch vanishing data answers
 empty lists (the dashboard's other routes say whether the run exists).
 """
 
-import json
+import logging
 
 from tensorboard import plugin_util
 from tensorboard.backend import http_util
@@ -19,7 +19,11 @@ from tensorboard.data import provider
 from werkzeug import wrappers
 
 from gradwatch import tags
+from gradwatch.rundata import parse_json_record
 from tensorboard_plugin_gradwatch import metadata
+from tensorboard_plugin_gradwatch import records as records_lib
+
+logger = logging.getLogger("gradwatch")
 
 KINDS = ("vanishing", "dead")
 _ALL_POINTS = 10**9
@@ -35,10 +39,11 @@ def _records(documents):
             if not (isinstance(record, dict) and isinstance(record.get("step"), int)
                     and record.get("kind") in KINDS and isinstance(record.get("layers"), list)):
                 continue
-            layers = [[str(pair[0]), pair[1]] for pair in record["layers"]
+            layers = [[records_lib.short_name(str(pair[0])), records_lib._number(pair[1])]
+                      for pair in record["layers"][:records_lib.MAX_LAYER_PAIRS]
                       if isinstance(pair, list) and len(pair) == 2]
             by_key[(record["step"], record["kind"])] = {
-                "step": record["step"], "epoch": record.get("epoch"), "kind": record["kind"], "layers": layers}
+                "step": record["step"], "epoch": records_lib._int(record.get("epoch")), "kind": record["kind"], "layers": layers}
     return [by_key[key] for key in sorted(by_key)]
 
 
@@ -55,18 +60,23 @@ def vanishing_view(documents):
 
 
 def _json_of(datum):
+    """The JSON document of a string-tensor datum, or None (refused as too large or deep, or unreadable)."""
     try:
-        raw = datum.numpy.item()
-        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
+        raw = datum.numpy.item() if datum.numpy.size == 1 else None
+        return parse_json_record(raw)
+    except Exception:  # anything a hand-made file holds
         return None
 
 
 def read_documents(data_provider, ctx, experiment_id, run):
-    """The decoded `gradwatch/vanishing` documents of `run`, in step order."""
+    """The decoded `gradwatch/vanishing` documents of `run`, in step order ([] if unreadable)."""
     run_filter = provider.RunTagFilter(runs=[run], tags=[tags.VANISHING])
-    read = data_provider.read_tensors(ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
-                                      downsample=_ALL_POINTS, run_tag_filter=run_filter)
+    try:
+        read = data_provider.read_tensors(ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
+                                          downsample=_ALL_POINTS, run_tag_filter=run_filter)
+    except Exception:  # TensorBoard's own conversion fails on some hand-made tensors
+        logger.warning("gradwatch: the vanishing records of run %r could not be read", run, exc_info=True)
+        return []
     data = read.get(run, {}).get(tags.VANISHING, [])
     return [_json_of(datum) for datum in data]
 
@@ -81,6 +91,11 @@ def app(data_provider):
                                      "application/json", code=400)
         ctx = plugin_util.context(request.environ)
         eid = plugin_util.experiment_id(request.environ)
-        view = vanishing_view(read_documents(data_provider, ctx, eid, run))
+        try:
+            view = vanishing_view(read_documents(data_provider, ctx, eid, run))
+        except Exception as error:  # never a 500 (see plugin.py)
+            logger.warning("gradwatch: could not serve /vanishing for run %r", run, exc_info=True)
+            return http_util.Respond(request, {"error": "could not read the vanishing records of run %r (%s)"
+                                               % (run, type(error).__name__)}, "application/json", code=422)
         return http_util.Respond(request, view, "application/json")
     return serve
