@@ -108,19 +108,27 @@ def explosion_message(record):
     return text + _ACTION_TEXT[record.action]
 
 
-def switch_message(event, cause, auto_threshold):
-    """The line logged when clipping switches on (`event` from the recorder)."""
-    from gradwatch import clipping
-
-    how = ""
-    if auto_threshold:
-        how = (f" (the {clipping.AUTO_PERCENTILE:g}th percentile of the last "
-               f"{clipping.AUTO_HISTORY} healthy global norms)")
+def switch_message(event, cause, auto):
+    """The line logged when clipping switches on (`event` from the recorder);
+    `auto`: the `clipping.AutoThreshold` of `clip_threshold="auto"`, or None."""
+    how = f" ({auto_description(event['mode'], auto)})" if auto is not None else ""
     text = (f"switched on {event['mode']}={event['threshold']:.4g}{how} at step "
             f"{event['step']} (that step included)")
     if cause is not None:
         text += f", after the gradient explosion at step {cause.step} (global norm {cause.global_norm:.3g})"
     return text
+
+
+def auto_description(mode, auto):
+    """What the "auto" threshold is, in words."""
+    statistic = {"clipnorm": "each variable's gradient norm" if auto.per_variable else "the variables' gradient norms",
+                 "global_clipnorm": "the global norm",
+                 "clipvalue": "the largest gradient entry"}[mode]
+    where = ("per variable, " if mode == "clipnorm" and auto.per_variable else "")
+    if not auto.follow:
+        return f"{where}the {auto.percentile:g}th percentile of {statistic} over the last {auto.window} healthy steps"
+    return (f"it follows the run: {where}the {auto.percentile:g}th percentile of {statistic} over the last "
+            f"{auto.window} healthy steps, updated every step")
 
 
 @dataclasses.dataclass

@@ -67,10 +67,15 @@ class KerasCapture:
         if self.ready:
             return
         self.layer_paths, self._layer_of_variable = stats.layer_paths(self.model)
+        # The "auto" window has a column per trainable variable (model order) or one.
+        self._column_of_variable = {id(v): i for i, v in enumerate(self.model.trainable_variables)}
+        auto_shape = None
+        if self.policy.is_auto:
+            auto_shape = (self.policy.auto.window, self.policy.auto_columns(len(self._column_of_variable)))
         with tf.init_scope():
             self.state = state.DeviceState(
                 self.model.distribute_strategy, len(self.layer_paths), self.capacity,
-                clipping.AUTO_HISTORY, self.policy.initial_adaptive_state())
+                self.policy.initial_adaptive_state(), auto_shape)
         if self.policy.clip_mode is not None and not self.policy.auto_switch:
             self.state.set_clip_state(True, float(self.policy.clip_threshold))
 
@@ -225,24 +230,49 @@ class KerasCapture:
 
     def _decide(self, grads, variable_sq, global_norm, nonfinite):
         """In-graph: detection, clipping and skipping; `(new grads, record head)`."""
-        step_result = self.policy.decide(self.state, global_norm, nonfinite)
+        policy = self.policy
+        auto_values, columns = None, None
+        if policy.is_auto:
+            auto_values = clipping.auto_statistic(policy.clip_mode, grads, variable_sq)
+            columns = self._auto_columns(len(grads))
+            if columns is not None:  # not every variable has a gradient: to model order
+                auto_values = tf.scatter_nd(columns[:, None], auto_values,
+                                            [self.state.auto_window.shape[1]])
+        step_result = policy.decide(self.state, global_norm, nonfinite, auto_values)
         new_grads, clipped_norm = grads, global_norm
-        if self.policy.clip_mode is not None:
+        if policy.clip_mode is not None:
+            threshold = step_result.clip_threshold
+            if columns is not None:
+                threshold = tf.gather(threshold, columns)
+            if policy.clip_mode != "clipnorm" or threshold.shape[0] == 1:
+                threshold = threshold[0]
             new_grads = clipping.clip_gradients(
-                grads, self.policy.clip_mode, step_result.clip_threshold,
-                step_result.clip_active)
+                grads, policy.clip_mode, threshold, step_result.clip_active)
             clipped_norm = _clipped_global_norm(
-                self.policy.clip_mode, new_grads, variable_sq, step_result)
-        self._skip_pred = step_result.skip if self.policy.skip_nonfinite else None
+                policy.clip_mode, new_grads, variable_sq, threshold, step_result.clip_active)
+        self._skip_pred = step_result.skip if policy.skip_nonfinite else None
+        recorded = policy.recorded_threshold(step_result.clip_threshold)
         return new_grads, [global_norm, clipped_norm, step_result.threshold,
-                           tf.where(step_result.clip_active, step_result.clip_threshold, 0.0),
+                           tf.where(step_result.clip_active, recorded, 0.0),
                            step_result.flags]
 
+    def _auto_columns(self, num_grads):
+        """Trace time: the window column of each gradient (a constant), or None
+        when they are all the model's variables in order (or the window has one column)."""
+        if self.policy.clip_mode != "clipnorm":
+            return None
+        variables = getattr(self, "_current_variables", None) or []
+        ids = [self._column_of_variable.get(id(v)) for v in variables]
+        if len(ids) != num_grads or None in ids:  # unknown mapping: by position
+            ids = list(range(num_grads))
+        if ids == list(range(self.state.auto_window.shape[1])):
+            return None
+        return tf.constant(ids, tf.int32)
 
-def _clipped_global_norm(mode, clipped_grads, variable_sq, step_result):
+
+def _clipped_global_norm(mode, clipped_grads, variable_sq, threshold, active):
     if mode == "clipvalue":
         return tf.sqrt(tf.reduce_sum(stats.variable_squared_norms(clipped_grads)))
-    threshold, active = step_result.clip_threshold, step_result.clip_active
     if mode == "global_clipnorm":
         total = tf.reduce_sum(variable_sq)
         return tf.sqrt(total) * clipping.norm_clip_factor(total, threshold, active)

@@ -8,21 +8,52 @@ for bit on one device -- but on the all-reduced gradient.
 
 Example:
 
->>> import tensorflow as tf
+>>> import dataclasses
+
+import dataclasses
+
+import tensorflow as tf
 >>> g = [tf.constant([3.0, 4.0])]
 >>> clipped = clip_gradients(g, "global_clipnorm", 1.0, tf.constant(True))
 >>> [round(float(x), 3) for x in clipped[0]]
 [0.6, 0.8]
 """
 
+import dataclasses
+
 import tensorflow as tf
 
 MODES = ("clipnorm", "global_clipnorm", "clipvalue")
 
-# "auto" threshold: this percentile of the recent healthy global norms.
-AUTO_PERCENTILE = 90.0
-# How many recent healthy global norms the "auto" threshold looks at.
-AUTO_HISTORY = 512
+
+@dataclasses.dataclass(frozen=True)
+class AutoThreshold:
+    """How `clip_threshold="auto"` sets the clipping threshold (AutoClip-like).
+
+    Every healthy step (not exploded, finite) adds its statistic to a window
+    of the last `window` values: each variable's gradient norm for
+    `clipnorm`, the global norm for `global_clipnorm`, the largest absolute
+    gradient entry for `clipvalue`. From the switch on, the threshold of each
+    step is the `percentile`-th percentile of that window, this step
+    included: it follows the run.
+
+    Attributes:
+        percentile: the percentile of the window (nearest rank), in (0, 100].
+        window: how many recent healthy values the percentile looks at.
+        per_variable: `clipnorm` only: one threshold per variable, from that
+            variable's own norms; else one threshold from all variables' norms.
+        follow: update the threshold every step after the switch; False
+            freezes it at the switch (the rule before issue 13, kept for the
+            benchmark).
+    """
+
+    percentile: float = 10.0
+    window: int = 256
+    per_variable: bool = True
+    follow: bool = True
+
+
+AUTO = AutoThreshold()
 
 
 def _scale(grad, factor):
@@ -82,13 +113,49 @@ def _clip_value(grad, threshold, active):
     return tf.where(active, tf.clip_by_value(grad, -limit, limit), grad)
 
 
-def percentile(history, count, q):
-    """The `q`-th percentile (nearest rank) of the first `min(count, size)`
-    entries of a ring buffer `history`; NaN when it is empty."""
-    size = tf.shape(history)[0]
+def auto_statistic(mode, grads, variable_sq_norms, per_variable=True):
+    """The float32 vector one step adds to the "auto" window (see `AutoThreshold`).
+
+    `clipnorm`: each variable's norm (`[len(grads)]`); `global_clipnorm`: the
+    global norm (`[1]`); `clipvalue`: the largest absolute entry (`[1]`).
+    """
+    if mode == "clipnorm":
+        return tf.sqrt(tf.cast(variable_sq_norms, tf.float32))
+    if mode == "global_clipnorm":
+        return tf.reshape(tf.sqrt(tf.reduce_sum(tf.cast(variable_sq_norms, tf.float32))), [1])
+    if mode == "clipvalue":  # an empty variable's max is -inf: the floor 0 covers it
+        largest = [tf.cast(tf.reduce_max(tf.abs(_dense(g))), tf.float32) for g in grads if g is not None]
+        return tf.reshape(tf.maximum(tf.reduce_max(tf.stack(largest + [tf.constant(0.0)])), 0.0), [1])
+    raise ValueError(f"Unknown clipping mode: {mode!r}. Expected one of {MODES}.")
+
+
+def _dense(grad):
+    return tf.convert_to_tensor(grad) if isinstance(grad, tf.IndexedSlices) else grad
+
+
+def window_percentile(history, count, q, pooled=False):
+    """The `q`-th percentile (nearest rank) of each column of the valid rows of
+    a ring buffer `history` `[window, k]`, holding `count` rows so far (the
+    first `min(count, window)` rows are valid); NaN where there is none.
+
+    `pooled`: one percentile of all valid entries, repeated over the `k` columns.
+
+    >>> history = tf.constant([[1.0, 10.0], [3.0, 30.0], [2.0, 20.0], [0.0, 0.0]])
+    >>> window_percentile(history, 3, 50.0).numpy().tolist()
+    [2.0, 20.0]
+    >>> window_percentile(history, 3, 50.0, pooled=True).numpy().tolist()
+    [3.0, 3.0]
+    """
+    history = tf.convert_to_tensor(history, tf.float32)
+    size, columns = tf.shape(history)[0], tf.shape(history)[1]
     valid = tf.minimum(tf.cast(count, tf.int32), size)
-    masked = tf.where(tf.range(size) < valid, history, tf.fill([size], float("inf")))
-    ordered = tf.sort(masked)
+    rows = tf.range(size)[:, None] < valid
+    masked = tf.where(rows, history, float("inf"))
+    if pooled:
+        masked = tf.reshape(masked, [-1, 1])
+        valid = valid * columns
+    ordered = tf.sort(masked, axis=0)
     rank = tf.cast(tf.math.ceil(q / 100.0 * tf.cast(valid, tf.float32)), tf.int32) - 1
-    rank = tf.clip_by_value(rank, 0, size - 1)
-    return tf.where(valid > 0, ordered[rank], float("nan"))
+    rank = tf.clip_by_value(rank, 0, tf.shape(masked)[0] - 1)
+    chosen = tf.broadcast_to(ordered[rank], [columns])
+    return tf.where(valid > 0, chosen, float("nan"))

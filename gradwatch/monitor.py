@@ -213,6 +213,7 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             explosion_threshold=self.explosion_threshold,
             clip_mode=self.auto_clip or own_mode,
             clip_threshold=own_threshold if own_mode else self.clip_threshold,
+            auto=clipping.AUTO,
             auto_switch=self.auto_clip is not None and own_mode is None,
             skip_nonfinite=self.skip_nonfinite and not hasattr(optimizer, "inner_optimizer"))
 

@@ -25,7 +25,7 @@ class StepResult(NamedTuple):
     threshold: tf.Tensor  # explosion threshold in force (inf in warm-up)
     exploded: tf.Tensor
     clip_active: tf.Tensor  # clipping applies to this step
-    clip_threshold: tf.Tensor
+    clip_threshold: tf.Tensor  # per column of the "auto" window (`[1]` unless per variable)
     skip: tf.Tensor  # the update is skipped (non-finite gradient)
     flags: tf.Tensor  # float32 bit set, see `state`
 
@@ -40,6 +40,7 @@ class StepPolicy:
         clip_mode: the clipping gradwatch applies (`auto_clip`, or the
             optimizer's own clipping, which gradwatch takes over), or None.
         clip_threshold: a number, or "auto".
+        auto: how "auto" sets the threshold (`clipping.AutoThreshold`).
         auto_switch: switch clipping on at the first finite explosion.
         skip_nonfinite: skip updates whose gradient holds NaN/Inf.
     """
@@ -48,6 +49,7 @@ class StepPolicy:
     adaptive: detection.AdaptiveConfig = detection.AdaptiveConfig()
     clip_mode: Optional[str] = None
     clip_threshold: Union[float, str] = 1.0
+    auto: clipping.AutoThreshold = clipping.AUTO
     auto_switch: bool = False
     skip_nonfinite: bool = False
 
@@ -60,35 +62,74 @@ class StepPolicy:
     def initial_adaptive_state(self):
         return detection.initial_adaptive_state()
 
-    def decide(self, device_state, global_norm, nonfinite):
+    @property
+    def is_auto(self):
+        return self.clip_mode is not None and self.clip_threshold == "auto"
+
+    def auto_columns(self, num_variables):
+        """Columns of the "auto" window: one per variable for per-variable (or
+        pooled) `clipnorm` statistics, else one."""
+        return num_variables if self.clip_mode == "clipnorm" else 1
+
+    def recorded_threshold(self, clip_threshold):
+        """The one number recorded for a step's clipping threshold(s): the
+        threshold itself; for per-variable `clipnorm` thresholds, the bound
+        they put on the clipped global norm, sqrt(sum of squares)."""
+        if self.is_auto and self.clip_mode == "clipnorm" and self.auto.per_variable:
+            return tf.sqrt(tf.reduce_sum(tf.square(clip_threshold)))
+        return clip_threshold[0]
+
+    def decide(self, device_state, global_norm, nonfinite, auto_values=None):
+        """`auto_values`: with `clip_threshold="auto"`, this step's statistic
+        (`clipping.auto_statistic`, one entry per column of the window)."""
         threshold = self._threshold(device_state)
         exploded = detection.is_explosion(global_norm, threshold)
         if self.explosion_threshold is None:
             _update_adaptive(device_state, self.adaptive, global_norm, exploded)
         if self.clip_mode is None:  # monitor only: no clipping state to read or keep
             false = tf.constant(False)
-            clip_active, switching, clip_threshold = false, false, tf.constant(0.0)
+            clip_active, switching, clip_threshold = false, false, tf.constant([0.0])
         else:
             clip_active, switching, clip_threshold = self._update_clipping(
-                device_state, global_norm, threshold, exploded, nonfinite)
+                device_state, auto_values, threshold, exploded, nonfinite)
         skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
         flags = _flags(exploded, nonfinite, skip, switching, clip_active)
         return StepResult(threshold, exploded, clip_active, clip_threshold, skip, flags)
 
-    def _update_clipping(self, device_state, global_norm, threshold, exploded, nonfinite):
+    def _update_clipping(self, device_state, auto_values, threshold, exploded, nonfinite):
         """In-graph: `(clip_active, switching, clip_threshold)` of this step."""
         was_active = device_state.clip_active.read_value()
         finite_explosion = tf.logical_and(exploded, tf.logical_not(nonfinite))
         switching = tf.logical_and(tf.constant(self.auto_switch),
                                    tf.logical_and(tf.logical_not(was_active), finite_explosion))
         clip_active = tf.logical_or(was_active, switching)
-        clip_threshold = self._clip_threshold(device_state, switching, threshold)
-        device_state.clip_active.assign(clip_active)
-        device_state.clip_threshold.assign(clip_threshold)
         if self.clip_threshold == "auto":
             healthy = tf.logical_not(tf.logical_or(exploded, nonfinite))
-            device_state.remember_healthy(global_norm, healthy)
+            device_state.remember(auto_values, healthy)
+            clip_threshold = self._auto_threshold(device_state, clip_active, switching, threshold)
+        else:
+            clip_threshold = tf.constant([float(self.clip_threshold)], tf.float32)
+        device_state.clip_active.assign(clip_active)
+        device_state.clip_threshold.assign(clip_threshold)
         return clip_active, switching, clip_threshold
+
+    def _auto_threshold(self, device_state, clip_active, switching, explosion_threshold):
+        """The percentile of the window, computed (sorted) only while clipping is on;
+        with `follow=False` only at the switch."""
+        auto = self.auto
+        old = device_state.clip_threshold.read_value()
+
+        def from_window():
+            pooled = self.clip_mode == "clipnorm" and not auto.per_variable
+            chosen = clipping.window_percentile(device_state.auto_window.read_value(),
+                                                device_state.auto_count.read_value(), auto.percentile, pooled)
+            # No healthy step seen yet (a fixed `explosion_threshold` crossed at
+            # the first step): the explosion threshold, else 1.
+            fallback = tf.where(tf.math.is_finite(explosion_threshold), explosion_threshold, 1.0)
+            return tf.where(tf.math.is_nan(chosen), fallback, chosen)
+
+        compute = clip_active if auto.follow else switching
+        return tf.cond(compute, from_window, lambda: old)
 
     def _threshold(self, device_state):
         if self.explosion_threshold is not None:
@@ -101,16 +142,6 @@ class StepPolicy:
         # adaptive detector has no baseline yet).
         bound = tf.minimum(threshold, CLIP_EXPLOSION_FACTOR * float(self.clip_threshold))
         return tf.where(device_state.clip_active.read_value(), threshold, bound)
-
-    def _clip_threshold(self, device_state, switching, explosion_threshold):
-        if self.clip_threshold != "auto":
-            return tf.constant(float(self.clip_threshold), tf.float32)
-        from_history = clipping.percentile(
-            device_state.healthy_norms.read_value(), device_state.healthy_count.read_value(),
-            clipping.AUTO_PERCENTILE)
-        fallback = tf.where(tf.math.is_finite(explosion_threshold), explosion_threshold, 1.0)
-        chosen = tf.where(tf.math.is_nan(from_history), fallback, from_history)
-        return tf.where(switching, chosen, device_state.clip_threshold.read_value())
 
 
 def _update_adaptive(device_state, config, global_norm, exploded):

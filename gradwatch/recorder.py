@@ -234,7 +234,8 @@ class Recorder:
             events.append(event)
             self.monitor.clipping_events.append(event)
             cause = next((e for e in explosions if e.step == step), None)
-            self._alert_log.emit(alerts.switch_message(event, cause, self.capture.policy.clip_threshold == "auto"),
+            policy = self.capture.policy
+            self._alert_log.emit(alerts.switch_message(event, cause, policy.auto if policy.is_auto else None),
                                  {"gradwatch_clipping": event})
         return events
 

@@ -37,7 +37,7 @@ class DeviceState:
     step costs one scatter and the host one read.
     """
 
-    def __init__(self, strategy, num_layers, capacity, history_size, adaptive_state):
+    def __init__(self, strategy, num_layers, capacity, adaptive_state, auto_shape=None):
         self.num_layers = num_layers
         self.capacity = capacity
         with strategy.scope():
@@ -47,9 +47,14 @@ class DeviceState:
             self.record_count = make(tf.zeros([], tf.int64))
             self.adaptive = make(tf.stack([tf.cast(t, tf.float32) for t in adaptive_state]))
             self.clip_active = make(tf.constant(False))
-            self.clip_threshold = make(tf.zeros([], tf.float32))
-            self.healthy_norms = make(tf.zeros([history_size], tf.float32))
-            self.healthy_count = make(tf.zeros([], tf.int64))
+            # `clip_threshold="auto"`: the window of recent healthy statistics
+            # `[window, columns]` (`clipping.AutoThreshold`) and the threshold
+            # per column; else the threshold alone, `[1]`.
+            columns = auto_shape[1] if auto_shape else 1
+            self.clip_threshold = make(tf.zeros([columns], tf.float32))
+            if auto_shape:
+                self.auto_window = make(tf.zeros(auto_shape, tf.float32))
+                self.auto_count = make(tf.zeros([], tf.int64))
 
     def append(self, step, row):
         """In-graph: writes one record at the next ring-buffer slot; returns
@@ -67,15 +72,15 @@ class DeviceState:
         slot = tf.cast((self.record_count.read_value() - 1) % self.capacity, tf.int32)
         return self.records.sparse_read(slot)
 
-    def remember_healthy(self, global_norm, healthy):
-        """In-graph: appends `global_norm` to the history when `healthy`."""
-        count = self.healthy_count.read_value()
-        size = self.healthy_norms.shape[0]
+    def remember(self, values, healthy):
+        """In-graph: appends the row `values` to the "auto" window when `healthy`."""
+        count = self.auto_count.read_value()
+        size = self.auto_window.shape[0]
         slot = tf.reshape(tf.cast(count % size, tf.int32), [1, 1])
-        old = tf.gather_nd(self.healthy_norms.read_value(), slot)
-        new = tf.where(healthy, tf.reshape(global_norm, [1]), old)
-        _local(self.healthy_norms).scatter_nd_update(slot, new)
-        self.healthy_count.assign(count + tf.cast(healthy, tf.int64))
+        old = tf.gather_nd(self.auto_window.read_value(), slot)
+        new = tf.where(healthy, tf.reshape(values, [1, -1]), old)
+        _local(self.auto_window).scatter_nd_update(slot, new)
+        self.auto_count.assign(count + tf.cast(healthy, tf.int64))
 
     def read_since(self, already_read, latest=None):
         """Host: `(steps, rows, total, lost)` of the records after the first
@@ -107,7 +112,7 @@ class DeviceState:
 
     def set_clip_state(self, active, threshold):
         self.clip_active.assign(bool(active))
-        self.clip_threshold.assign(float(threshold))
+        self.clip_threshold.assign(tf.fill(self.clip_threshold.shape, float(threshold)))
 
 
 def is_distributed(strategy):
