@@ -50,6 +50,7 @@ class KerasCapture:
         self.traced = False  # the hook has run: the optimizer is reached
         self.sparse_layers = frozenset()  # trace time: layers with `IndexedSlices` gradients
         self._skip_pred = None
+        self._reset_pred = None  # trace time: clipping switches on at this step (reset_momentum)
         self._installed = {}
         self.latest_record = None  # the train function's last record output, if any
         self.last_stored = None  # trace time: the record tensor `_process` appended
@@ -135,7 +136,7 @@ class KerasCapture:
         self._wrap(self.optimizer, "_all_reduce_sum_gradients", self._on_all_reduced)
         self._wrap(self.optimizer, "_backend_update_step", self._on_update_step)
         self._wrap(self.optimizer, "_clip_gradients", lambda original: (lambda grads: grads))
-        if self.policy.skip_nonfinite:
+        if self.policy.skip_nonfinite or self.policy.reset_momentum:
             self._wrap(self.optimizer, "_distributed_tf_update_step", self._on_distributed_update)
         if self.loss_scaled:
             self._wrap(self.outer, "_stateful_handle_non_finite_grads", self._on_overflow)
@@ -181,6 +182,9 @@ class KerasCapture:
 
     def _on_distributed_update(self, original):
         def distributed_update(distribution, grads_and_vars, learning_rate):
+            if self._reset_pred is not None:  # here the slots can be written under any strategy
+                for slot in momentum_slots(self.optimizer):
+                    distribution.extended.update(slot, _zero_if, args=(self._reset_pred,), group=False)
             skip = self._skip_pred
             if skip is None:
                 return original(distribution, grads_and_vars, learning_rate)
@@ -251,6 +255,7 @@ class KerasCapture:
             clipped_norm = _clipped_global_norm(
                 policy.clip_mode, new_grads, variable_sq, threshold, step_result.clip_active)
         self._skip_pred = step_result.skip if policy.skip_nonfinite else None
+        self._reset_pred = step_result.switching if policy.reset_momentum else None
         recorded = policy.recorded_threshold(step_result.clip_threshold)
         return new_grads, [global_norm, clipped_norm, step_result.threshold,
                            tf.where(step_result.clip_active, recorded, 0.0),
@@ -268,6 +273,24 @@ class KerasCapture:
         if ids == list(range(self.state.auto_window.shape[1])):
             return None
         return tf.constant(ids, tf.int32)
+
+
+def momentum_slots(optimizer):
+    """The first-moment slots of a Keras optimizer: SGD's `momentums`, Adam's
+    (AdamW, Nadam, RMSprop's) `_momentums`; an empty list when it has none."""
+    for name in ("momentums", "_momentums"):
+        slots = getattr(optimizer, name, None)
+        if isinstance(slots, (list, tuple)) and slots:
+            return [slot for slot in slots if slot is not None]
+    return []
+
+
+def _zero_if(slot, predicate):
+    """`slot = 0` when `predicate` (a `tf.cond`: nothing is read or written otherwise)."""
+    def reset():
+        slot.assign(tf.zeros_like(slot))
+        return tf.constant(True)
+    return tf.cond(predicate, reset, lambda: tf.constant(False))
 
 
 def _clipped_global_norm(mode, clipped_grads, variable_sq, threshold, active):

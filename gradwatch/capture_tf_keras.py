@@ -35,7 +35,7 @@ import sys
 
 import tensorflow as tf
 
-from gradwatch.capture import KerasCapture
+from gradwatch.capture import KerasCapture, _zero_if, momentum_slots
 
 
 def is_tf_keras_model(model):
@@ -85,7 +85,7 @@ class TfKerasCapture(KerasCapture):
 
         self._check_unhooked_and_prepare()
         optimizer = self.optimizer
-        skip = self.policy.skip_nonfinite
+        skip = self.policy.skip_nonfinite or self.policy.reset_momentum  # both wrap the update
         if isinstance(optimizer, tf_keras.optimizers.legacy.Optimizer):
             self._wrap(optimizer, "_transform_gradients", self._on_transform_gradients)
             if skip:
@@ -145,6 +145,10 @@ class TfKerasCapture(KerasCapture):
 
     def _on_update(self, original):
         def update(gradient, variable, *args, **kwargs):
+            if self._reset_pred is not None:
+                slot = self._momentum_slot(variable)
+                if slot is not None:
+                    _zero_if(slot, self._reset_pred)
             skip = self._skip_pred
             if skip is None:
                 return original(gradient, variable, *args, **kwargs)
@@ -157,6 +161,19 @@ class TfKerasCapture(KerasCapture):
 
             return tf.cond(skip, lambda: tf.constant(False), apply)
         return update
+
+    def _momentum_slot(self, variable):
+        """The first-moment slot of `variable` (tf_keras: `momentums`/`_momentums`
+        by variable index; legacy optimizers: the "momentum" or "m" slot), or None."""
+        optimizer = self.optimizer
+        if hasattr(optimizer, "get_slot_names"):  # legacy
+            for name in ("momentum", "m"):
+                if name in optimizer.get_slot_names():
+                    return optimizer.get_slot(variable, name)
+            return None
+        slots = momentum_slots(optimizer)
+        index = getattr(optimizer, "_index_dict", {}).get(optimizer._var_key(variable))
+        return slots[index] if slots and index is not None and index < len(slots) else None
 
     def _decay_weight(self, variable):
         """tf_keras' `_apply_weight_decay` for one variable (deferred here so a

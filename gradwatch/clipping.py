@@ -52,6 +52,13 @@ class AutoThreshold:
     per_variable: bool = True
     follow: bool = True
 
+    def __post_init__(self):
+        q, window = self.percentile, self.window
+        if not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q <= 100):
+            raise ValueError(f"`percentile` must be a number in (0, 100]. Received: percentile={q!r}")
+        if not (isinstance(window, int) and not isinstance(window, bool) and window > 0):
+            raise ValueError(f"`window` must be a positive integer. Received: window={window!r}")
+
 
 AUTO = AutoThreshold()
 

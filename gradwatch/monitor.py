@@ -14,6 +14,9 @@ from gradwatch.recorder import Recorder
 
 logger = logging.getLogger("gradwatch")
 
+# Default of `reset_momentum` (measured: benchmarks/auto_threshold.py).
+RESET_MOMENTUM = False
+
 # "epoch" still drains the device buffer at least this often (bounded memory).
 _EPOCH_DRAIN_STEPS = 1024
 
@@ -79,7 +82,8 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
     """
 
     def __init__(self, log_dir="logs", *, update_freq=100, explosion_threshold=None,
-                 auto_clip=None, clip_threshold=1.0, skip_nonfinite=None, vanishing=True,
+                 auto_clip=None, clip_threshold=1.0, skip_nonfinite=None, reset_momentum=RESET_MOMENTUM,
+                 vanishing=True,
                  top_layers=3, verbose=1):
         super().__init__()
         self.log_dir = validation.check_log_dir(log_dir)
@@ -89,6 +93,7 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
         self.clip_threshold = validation.check_clip_threshold(clip_threshold)
         skip = validation.check_optional_bool("skip_nonfinite", skip_nonfinite)
         self.skip_nonfinite = (auto_clip is not None) if skip is None else skip
+        self.reset_momentum = validation.check_bool("reset_momentum", reset_momentum)
         self.top_layers = validation.check_positive_int("top_layers", top_layers)
         self.verbose = validation.check_verbose(verbose)
         self.vanishing_config = validation.check_vanishing(vanishing)
@@ -215,7 +220,8 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             clip_threshold=own_threshold if own_mode else self.clip_threshold,
             auto=clipping.AUTO,
             auto_switch=self.auto_clip is not None and own_mode is None,
-            skip_nonfinite=self.skip_nonfinite and not hasattr(optimizer, "inner_optimizer"))
+            skip_nonfinite=self.skip_nonfinite and not hasattr(optimizer, "inner_optimizer"),
+            reset_momentum=self.reset_momentum and self.auto_clip is not None and own_mode is None)
 
     def _capacity(self):
         return 2 * (self._drain_interval() + self._steps_per_execution()) + 16
@@ -233,6 +239,7 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
         return {"log_dir": self.log_dir, "update_freq": self.update_freq,
                 "explosion_threshold": self.explosion_threshold, "auto_clip": self.auto_clip,
                 "clip_threshold": self.clip_threshold, "skip_nonfinite": self.skip_nonfinite,
+                "reset_momentum": self.reset_momentum,
                 "vanishing": _vanishing_setting(self.vanishing_config),
                 "top_layers": self.top_layers, "verbose": self.verbose}
 

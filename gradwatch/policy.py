@@ -27,6 +27,7 @@ class StepResult(NamedTuple):
     clip_active: tf.Tensor  # clipping applies to this step
     clip_threshold: tf.Tensor  # per column of the "auto" window (`[1]` unless per variable)
     skip: tf.Tensor  # the update is skipped (non-finite gradient)
+    switching: tf.Tensor  # clipping switches on at this step
     flags: tf.Tensor  # float32 bit set, see `state`
 
 
@@ -43,6 +44,7 @@ class StepPolicy:
         auto: how "auto" sets the threshold (`clipping.AutoThreshold`).
         auto_switch: switch clipping on at the first finite explosion.
         skip_nonfinite: skip updates whose gradient holds NaN/Inf.
+        reset_momentum: zero the optimizer's momentum slots at the switch.
     """
 
     explosion_threshold: Optional[float] = None
@@ -52,6 +54,7 @@ class StepPolicy:
     auto: clipping.AutoThreshold = clipping.AUTO
     auto_switch: bool = False
     skip_nonfinite: bool = False
+    reset_momentum: bool = False
 
     @property
     def decides_in_graph(self):
@@ -94,7 +97,7 @@ class StepPolicy:
                 device_state, auto_values, threshold, exploded, nonfinite)
         skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
         flags = _flags(exploded, nonfinite, skip, switching, clip_active)
-        return StepResult(threshold, exploded, clip_active, clip_threshold, skip, flags)
+        return StepResult(threshold, exploded, clip_active, clip_threshold, skip, switching, flags)
 
     def _update_clipping(self, device_state, auto_values, threshold, exploded, nonfinite):
         """In-graph: `(clip_active, switching, clip_threshold)` of this step."""

@@ -197,6 +197,7 @@ class Recorder:
                                     "use a smaller `update_freq`.")
         if len(steps):
             explosions, switches, lines = self._react(steps, rows, epoch)
+            self._guard("clipping", lambda: self._follow_threshold(rows))
             events += writing.batch_events(steps, rows, self._layer_tags, self.capture.policy.clip_mode,
                                            explosions, switches, lines)
         if self._vanishing:
@@ -238,6 +239,17 @@ class Recorder:
             self._alert_log.emit(alerts.switch_message(event, cause, policy.auto if policy.is_auto else None),
                                  {"gradwatch_clipping": event})
         return events
+
+    def _follow_threshold(self, rows):
+        """With `clip_threshold="auto"`, the optimizer's `clipnorm` (...) holds the
+        threshold of the latest drained step with clipping on."""
+        policy = self.capture.policy
+        if not (policy.is_auto and policy.auto_switch):
+            return
+        flags = rows[:, state.FLAGS]
+        active = np.flatnonzero(state.has_flag(flags, state.CLIP_ACTIVE) & ~state.has_flag(flags, state.OVERFLOW))
+        if len(active):
+            setattr(self.capture.optimizer, policy.clip_mode, float(rows[active[-1], state.CLIP_THRESHOLD]))
 
     # -- failure isolation -------------------------------------------------------
     def _guard(self, what, action, default=None):

@@ -102,6 +102,12 @@ def check_clip_threshold(value):
                      f"{_received('clip_threshold', value)}")
 
 
+def check_bool(name, value):
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"`{name}` must be True or False. {_received(name, value)}")
+
+
 def check_optional_bool(name, value):
     if value is None or isinstance(value, bool):
         return value

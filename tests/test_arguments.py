@@ -41,6 +41,7 @@ VALID = {
     "auto_clip": lambda v: v is None or (isinstance(v, str) and v in clipping.MODES),
     "clip_threshold": lambda v: (isinstance(v, str) and v == "auto") or is_threshold(v),
     "skip_nonfinite": lambda v: v is None or isinstance(v, (bool, np.bool_)),
+    "reset_momentum": lambda v: isinstance(v, (bool, np.bool_)),
     "top_layers": lambda v: is_int(v) and v > 0,
     "verbose": lambda v: isinstance(v, bool) or (is_int(v) and v in (0, 1, 2)),
 }
@@ -67,6 +68,7 @@ VALUES = {
     "auto_clip": st.one_of(junk, names),
     "clip_threshold": st.one_of(junk, names, st.floats(1e-3, 1e6)),
     "skip_nonfinite": junk,
+    "reset_momentum": junk,
     "top_layers": st.one_of(junk, st.integers(-2, 50)),
     "verbose": st.one_of(junk, st.integers(-1, 3)),
 }
@@ -119,6 +121,8 @@ def test_each_argument_alone(name_and_value):
     ("top_layers", 2.5, "top_layers=2.5"),
     ("verbose", 3, "verbose=3"),
     ("skip_nonfinite", 1, "skip_nonfinite=1"),
+    ("reset_momentum", 1, "reset_momentum=1"),
+    ("reset_momentum", None, "reset_momentum=None"),
     ("log_dir", "", "log_dir=''"),
     ("log_dir", None, "log_dir=None"),
     ("log_dir", b"logs", "log_dir=b'logs'"),

@@ -94,3 +94,16 @@ def test_step_grid():
     assert views.step_grid(1, 600, 1000, 600) == (1, 600)
     assert views.step_grid(1, 100_000, 400, 1000) == (250, 400)
     assert views.step_grid(5, 5, 400, 1) == (1, 1)
+
+
+def test_a_clip_threshold_that_follows_the_run_is_drawn_step_by_step():
+    """`clip_threshold="auto"` writes the threshold in force every step (issue 13): the
+    global view carries each value and one clipping span from the switch on."""
+    steps = np.arange(1, 11, dtype=np.int64)
+    values = np.array([[1.0, 2.0, 1.5, 50.0, 1.2, 1.1, 0.9, 1.3, 1.0, 0.8]])
+    clip_steps = steps[3:]
+    clip = np.array([0.9, 1.0, 1.05, 0.95, 1.0, 0.98, 0.93], np.float32)
+    view = views.global_view(run_data(values, steps, extra={tags.CLIP_THRESHOLD: (clip_steps, clip)}), points=100)
+    assert view["clip_threshold"]["steps"] == clip_steps.tolist()
+    np.testing.assert_allclose(view["clip_threshold"]["values"], clip)
+    assert view["clipping_spans"] == [[4, 10]]

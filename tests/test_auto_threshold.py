@@ -1,0 +1,184 @@
+"""`clip_threshold="auto"` (issue 13): the rule as pure functions against numpy, the threshold
+written every step against the rule replayed on the logged norms, and the clipped update measured
+on the weights."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradwatch
+from gradwatch import clipping
+from helpers import WeightsBeforeEachStep, read_tags, regression_data
+
+
+def reference_percentile(column, q):
+    """Nearest rank, written independently: the smallest value with at least q% of values <= it."""
+    ordered = sorted(column)
+    for value in ordered:
+        if sum(v <= value for v in ordered) >= q / 100.0 * len(ordered):
+            return value
+    return ordered[-1]
+
+
+def reference_threshold(history_rows, q, pooled):
+    """The rule on the list of rows appended so far (oldest first), window taken from the end."""
+    rows = np.array(history_rows, np.float64)
+    if pooled:
+        return np.full(rows.shape[1], reference_percentile(rows.ravel().tolist(), q))
+    return np.array([reference_percentile(rows[:, c].tolist(), q) for c in range(rows.shape[1])])
+
+
+def ring(rows, window):
+    """A `[window, k]` ring buffer after appending `rows` in order."""
+    buffer = np.zeros((window, len(rows[0])), np.float32)
+    for index, row in enumerate(rows):
+        buffer[index % window] = row
+    return buffer
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("q", [5.0, 10.0, 50.0, 90.0, 100.0])
+@pytest.mark.parametrize("count", [1, 3, 8, 11, 30])  # fewer rows than the window, and wrapped around
+def test_window_percentile_matches_numpy(count, q, pooled):
+    rng = np.random.default_rng(count)
+    rows = np.exp(rng.normal(size=(count, 3))).astype(np.float32).tolist()
+    window = 8
+    got = clipping.window_percentile(ring(rows, window), count, q, pooled).numpy()
+    expected = reference_threshold(rows[-window:], q, pooled)
+    np.testing.assert_allclose(got, expected, rtol=0)
+
+
+def test_window_percentile_of_an_empty_window_is_nan_and_runs_under_xla():
+    assert np.isnan(clipping.window_percentile(np.zeros((4, 2), np.float32), 0, 10.0).numpy()).all()
+    compiled = tf.function(clipping.window_percentile, jit_compile=True)
+    history = ring([[3.0], [1.0], [2.0]], 4)
+    assert compiled(history, tf.constant(3, tf.int64), 50.0).numpy().tolist() == [2.0]
+
+
+def test_auto_statistic_per_mode():
+    dense = tf.constant([[3.0, -4.0], [0.0, 1.0]])
+    sparse = tf.IndexedSlices(tf.constant([[-7.0], [2.0]]), tf.constant([1, 1]), tf.constant([3, 1]))
+    bias = tf.constant([-0.5, 2.0])
+    grads = [dense, sparse, bias]
+    sq = tf.constant([26.0, 25.0, 4.25])  # the sparse one with its duplicates summed: (-7 + 2)^2
+    np.testing.assert_allclose(clipping.auto_statistic("clipnorm", grads, sq).numpy(),
+                               np.sqrt([26.0, 25.0, 4.25]), rtol=1e-6)
+    np.testing.assert_allclose(clipping.auto_statistic("global_clipnorm", grads, sq).numpy(),
+                               [np.sqrt(55.25)], rtol=1e-6)
+    # clipvalue: the largest entry of the applied gradient, duplicates summed (|-7 + 2| = 5)
+    assert clipping.auto_statistic("clipvalue", grads, sq).numpy().tolist() == [5.0]
+    with pytest.raises(ValueError, match="Unknown clipping mode"):
+        clipping.auto_statistic("clip_norm", grads, sq)
+
+
+def test_auto_threshold_settings_are_checked():
+    with pytest.raises(ValueError, match="percentile"):
+        clipping.AutoThreshold(percentile=0)
+    with pytest.raises(ValueError, match="window"):
+        clipping.AutoThreshold(window=0)
+
+
+# -- in a real fit ------------------------------------------------------------------
+
+SPIKE_STEP, STEPS, BATCH, LR = 8, 20, 16, 0.05
+
+
+def _data():
+    x, y = regression_data(n=STEPS * BATCH)
+    y[(SPIKE_STEP - 1) * BATCH:SPIKE_STEP * BATCH] *= 1e4
+    return x, y
+
+
+def _fit(tmp_path, mode, optimizer=None, **monitor_args):
+    x, y = _data()
+    model = keras.Sequential([keras.Input((8,)),
+                              keras.layers.Dense(16, activation="tanh", use_bias=False, name="hidden"),
+                              keras.layers.Dense(1, use_bias=False, name="out")])
+    model.compile(optimizer=optimizer or keras.optimizers.SGD(LR), loss="mse")
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip=mode, clip_threshold="auto",
+                                        explosion_threshold=200.0, verbose=0, update_freq=5, **monitor_args)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
+    deltas = [[b - a for a, b in zip(w0, w1)] for w0, w1 in zip(weights, weights[1:])]
+    return model, monitor, read_tags(str(tmp_path)), deltas
+
+
+def _expected_thresholds(logged, names, q, pooled, window):
+    """Per step from the switch on: the rule replayed on the logged (pre-clip) norms of
+    the healthy steps up to that step (one variable per layer here)."""
+    healthy, expected = [], {}
+    for step in range(1, STEPS + 1):
+        if step not in logged.get("grad_norm/explosion", {}):
+            healthy.append([logged[f"grad_norm/{name}"][step] for name in names])
+        if step >= SPIKE_STEP:
+            expected[step] = reference_threshold(healthy[-window:], q, pooled)
+    return expected
+
+
+def test_clipnorm_auto_threshold_written_every_step_is_the_rule_and_bounds_each_update(tmp_path):
+    auto = clipping.AUTO
+    model, monitor, logged, deltas = _fit(tmp_path, "clipnorm")
+    names = ["hidden", "out"]
+    expected = _expected_thresholds(logged, names, auto.percentile, not auto.per_variable, auto.window)
+    written = logged["grad_norm/clip_threshold"]
+    assert sorted(written) == list(range(SPIKE_STEP, STEPS + 1))  # every step from the switch on, only those
+    for step, per_variable in expected.items():
+        assert written[step] == pytest.approx(clipping_record(per_variable, auto), rel=1e-5)
+        for name, t, delta in zip(names, per_variable, deltas[step - 1]):
+            norm = logged[f"grad_norm/{name}"][step]  # the pre-clip norm of that variable
+            assert np.linalg.norm(delta) == pytest.approx(LR * min(norm, t), rel=1e-4), (step, name)
+    assert len(set(written.values())) > 3  # it follows the run
+    assert monitor.clipping_events[0]["step"] == SPIKE_STEP
+    assert monitor.clipping_events[0]["threshold"] == pytest.approx(written[SPIKE_STEP])
+
+
+def clipping_record(thresholds, auto):
+    """What is written for a step: the one threshold, or for per-variable thresholds the
+    bound they put on the clipped global norm."""
+    if auto.per_variable:
+        return float(np.sqrt(np.sum(np.square(thresholds))))
+    return float(thresholds[0])
+
+
+@pytest.mark.parametrize("mode", ["global_clipnorm", "clipvalue"])
+def test_global_and_value_thresholds_follow_the_run_and_bound_the_update(tmp_path, mode):
+    model, monitor, logged, deltas = _fit(tmp_path, mode)
+    written = logged["grad_norm/clip_threshold"]
+    assert sorted(written) == list(range(SPIKE_STEP, STEPS + 1))
+    if mode == "global_clipnorm":
+        expected = _expected_thresholds(logged, ["global"], clipping.AUTO.percentile, False, clipping.AUTO.window)
+        for step, (t,) in expected.items():
+            assert written[step] == pytest.approx(t, rel=1e-6)
+            assert np.sqrt(sum(np.sum(d ** 2) for d in deltas[step - 1])) == pytest.approx(
+                LR * min(logged["grad_norm/global"][step], t), rel=1e-4)
+    else:
+        for step in range(SPIKE_STEP, STEPS + 1):
+            largest = max(np.abs(d).max() for d in deltas[step - 1])
+            assert largest <= LR * written[step] * (1 + 1e-5)
+        assert max(np.abs(d).max() for d in deltas[SPIKE_STEP - 1]) == pytest.approx(LR * written[SPIKE_STEP])
+    assert getattr(model.optimizer, mode) == pytest.approx(written[STEPS], rel=1e-6)  # the latest one
+
+
+def test_a_healthy_run_is_never_clipped(tmp_path):
+    x, y = regression_data(n=STEPS * BATCH)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9), loss="mse")
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip="clipnorm", clip_threshold="auto", verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, callbacks=[monitor])
+    assert monitor.clipping_events == [] and model.optimizer.clipnorm is None
+    assert "grad_norm/clip_threshold" not in read_tags(str(tmp_path))
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_reset_momentum_zeroes_the_slots_at_the_switch(tmp_path, reset):
+    optimizer = keras.optimizers.SGD(LR, momentum=0.9)
+    model, monitor, logged, deltas = _fit(tmp_path, "global_clipnorm", optimizer=optimizer, reset_momentum=reset)
+    t = logged["grad_norm/clip_threshold"][SPIKE_STEP]
+    update = np.sqrt(sum(np.sum(d ** 2) for d in deltas[SPIKE_STEP - 1]))
+    # Keras' SGD: m <- 0.9 m - lr g; w <- w + m. With the slot zeroed first, the step moves by lr * t exactly.
+    if reset:
+        assert update == pytest.approx(LR * t, rel=1e-4)
+    else:
+        assert abs(update - LR * t) > 1e-3 * LR * t
