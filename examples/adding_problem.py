@@ -22,6 +22,7 @@ import os
 import keras
 
 import gradwatch
+from gradwatch.monitor import RESET_MOMENTUM
 from gradwatch import scenarios
 
 RUNS = {
@@ -32,7 +33,7 @@ RUNS = {
 }
 
 
-def train(seed, clip, auto_threshold, logdir, epochs):
+def train(seed, clip, auto_threshold, logdir, epochs, reset_momentum=RESET_MOMENTUM):
     keras.utils.clear_session()
     x, y, x_val, y_val = scenarios.scenario_data(seed)
     model = scenarios.build_adding_model(seed, scenarios.default_optimizer(clip))
@@ -40,7 +41,8 @@ def train(seed, clip, auto_threshold, logdir, epochs):
     monitor = None
     if auto_threshold is not None:
         monitor = gradwatch.GradientMonitor(logdir, auto_clip="global_clipnorm",
-                                            clip_threshold=auto_threshold, verbose=0)
+                                            clip_threshold=auto_threshold, reset_momentum=reset_momentum,
+                                            verbose=0)
         callbacks.append(monitor)
     model.fit(x, y, batch_size=scenarios.SCENARIO["batch_size"], epochs=epochs, shuffle=False,
               verbose=0, callbacks=callbacks)
@@ -49,7 +51,7 @@ def train(seed, clip, auto_threshold, logdir, epochs):
     return val_loss, switch
 
 
-def rescue_table(seeds, logdir, epochs, out=print):
+def rescue_table(seeds, logdir, epochs, out=print, reset_momentum=RESET_MOMENTUM):
     """Trains every run for every seed; returns `{run: [val MSE per seed]}`."""
     results = {name: [] for name in RUNS}
     out(f"{'seed':>4}  " + "  ".join(f"{name:>24}" for name in RUNS) + "  clipping on at (fixed / auto)")
@@ -57,7 +59,7 @@ def rescue_table(seeds, logdir, epochs, out=print):
         switches = []
         for name, (clip, auto_threshold) in RUNS.items():
             run_dir = os.path.join(logdir, f"seed{seed}", name.replace(" ", "_").replace("=", "_"))
-            val_loss, switch = train(seed, clip, auto_threshold, run_dir, epochs)
+            val_loss, switch = train(seed, clip, auto_threshold, run_dir, epochs, reset_momentum)
             results[name].append(val_loss)
             if auto_threshold is not None:
                 switches.append(f"{switch['step']} (t={switch['threshold']:.3g})" if switch else "-")
@@ -74,8 +76,11 @@ def main(argv=None):
     parser.add_argument("--logdir", default="gradwatch_logs/adding_problem")
     parser.add_argument("--epochs", type=int, default=scenarios.SCENARIO["epochs"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--reset-momentum", choices=["on", "off"], default=None,
+                        help="gradwatch's `reset_momentum` (default: gradwatch's default)")
     args = parser.parse_args(argv)
-    rescue_table(args.seeds, args.logdir, args.epochs)
+    reset = RESET_MOMENTUM if args.reset_momentum is None else args.reset_momentum == "on"
+    rescue_table(args.seeds, args.logdir, args.epochs, reset_momentum=reset)
     print(f"(baseline: predicting the mean scores {scenarios.BASELINE_MSE:.4f})")
     print(f"\ntensorboard --logdir {args.logdir}")
 

@@ -47,7 +47,7 @@ class AutoThreshold:
             benchmark).
     """
 
-    percentile: float = 10.0
+    percentile: float = 25.0
     window: int = 256
     per_variable: bool = True
     follow: bool = True
@@ -141,28 +141,32 @@ def _dense(grad):
 
 
 def window_percentile(history, count, q, pooled=False):
-    """The `q`-th percentile (nearest rank) of each column of the valid rows of
-    a ring buffer `history` `[window, k]`, holding `count` rows so far (the
-    first `min(count, window)` rows are valid); NaN where there is none.
+    """The `q`-th percentile (nearest rank) of the positive entries of each
+    column of the valid rows of a ring buffer `history` `[window, k]` that has
+    received `count` rows (the first `min(count, window)` rows are valid); NaN
+    for a column without any. Zero entries (a variable without gradient at
+    that step) carry no information about the gradient's scale: they are left
+    out, so a variable whose gradient is often zero is not clipped to zero.
 
-    `pooled`: one percentile of all valid entries, repeated over the `k` columns.
+    `pooled`: one percentile of all such entries, repeated over the `k` columns.
 
-    >>> history = tf.constant([[1.0, 10.0], [3.0, 30.0], [2.0, 20.0], [0.0, 0.0]])
+    >>> history = tf.constant([[1.0, 10.0], [3.0, 0.0], [2.0, 20.0], [0.0, 0.0]])
     >>> window_percentile(history, 3, 50.0).numpy().tolist()
-    [2.0, 20.0]
+    [2.0, 10.0]
     >>> window_percentile(history, 3, 50.0, pooled=True).numpy().tolist()
     [3.0, 3.0]
     """
     history = tf.convert_to_tensor(history, tf.float32)
     size, columns = tf.shape(history)[0], tf.shape(history)[1]
-    valid = tf.minimum(tf.cast(count, tf.int32), size)
-    rows = tf.range(size)[:, None] < valid
-    masked = tf.where(rows, history, float("inf"))
+    rows = tf.range(size)[:, None] < tf.minimum(tf.cast(count, tf.int32), size)
+    usable = tf.logical_and(rows, history > 0)
+    masked = tf.where(usable, history, float("inf"))
     if pooled:
-        masked = tf.reshape(masked, [-1, 1])
-        valid = valid * columns
+        masked, usable = tf.reshape(masked, [-1, 1]), tf.reshape(usable, [-1, 1])
+    valid = tf.reduce_sum(tf.cast(usable, tf.int32), axis=0)  # per column
     ordered = tf.sort(masked, axis=0)
     rank = tf.cast(tf.math.ceil(q / 100.0 * tf.cast(valid, tf.float32)), tf.int32) - 1
     rank = tf.clip_by_value(rank, 0, tf.shape(masked)[0] - 1)
-    chosen = tf.broadcast_to(ordered[rank], [columns])
-    return tf.where(valid > 0, chosen, float("nan"))
+    chosen = tf.gather(tf.transpose(ordered), rank[:, None], batch_dims=1)[:, 0]
+    chosen = tf.where(valid > 0, chosen, float("nan"))
+    return tf.broadcast_to(chosen, [columns])

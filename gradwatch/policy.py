@@ -74,13 +74,12 @@ class StepPolicy:
         pooled) `clipnorm` statistics, else one."""
         return num_variables if self.clip_mode == "clipnorm" else 1
 
-    def recorded_threshold(self, clip_threshold):
-        """The one number recorded for a step's clipping threshold(s): the
-        threshold itself; for per-variable `clipnorm` thresholds, the bound
-        they put on the clipped global norm, sqrt(sum of squares)."""
-        if self.is_auto and self.clip_mode == "clipnorm" and self.auto.per_variable:
-            return tf.sqrt(tf.reduce_sum(tf.square(clip_threshold)))
-        return clip_threshold[0]
+    @staticmethod
+    def recorded_threshold(clip_threshold):
+        """The one number recorded (and set on the optimizer) for a step's
+        clipping threshold(s): the threshold; for per-variable `clipnorm`
+        thresholds, the largest one (no variable is clipped above it)."""
+        return tf.reduce_max(clip_threshold)
 
     def decide(self, device_state, global_norm, nonfinite, auto_values=None):
         """`auto_values`: with `clip_threshold="auto"`, this step's statistic
@@ -126,10 +125,15 @@ class StepPolicy:
             pooled = self.clip_mode == "clipnorm" and not auto.per_variable
             chosen = clipping.window_percentile(device_state.auto_window.read_value(),
                                                 device_state.auto_count.read_value(), auto.percentile, pooled)
-            # No healthy step seen yet (a fixed `explosion_threshold` crossed at
-            # the first step): the explosion threshold, else 1.
+            # A variable without any non-zero healthy norm yet: the largest
+            # threshold of the others. No healthy step seen at all (a fixed
+            # `explosion_threshold` crossed at the first step): the explosion
+            # threshold, else 1.
+            known = tf.math.is_finite(chosen)
+            others = tf.reduce_max(tf.where(known, chosen, -1.0))
             fallback = tf.where(tf.math.is_finite(explosion_threshold), explosion_threshold, 1.0)
-            return tf.where(tf.math.is_nan(chosen), fallback, chosen)
+            fallback = tf.where(tf.reduce_any(known), others, fallback)
+            return tf.where(known, chosen, fallback)
 
         compute = clip_active if auto.follow else switching
         return tf.cond(compute, from_window, lambda: old)

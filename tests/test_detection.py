@@ -186,7 +186,7 @@ def test_warmup_gives_inf_then_warmup_ratio_then_the_z_threshold():
         assert float(adaptive_threshold(state, config)) == math.inf
         state = update_adaptive_state(state, 1e30, False, config)  # huge but finite: no alarm yet
     for _ in range(2):
-        assert float(adaptive_threshold(state, config)) == pytest.approx(20e30, rel=1e-5)
+        assert float(adaptive_threshold(state, config)) == pytest.approx(config.warmup_ratio * 1e30, rel=1e-5)
         state = update_adaptive_state(state, 1e30, False, config)
     assert float(adaptive_threshold(state, config)) == pytest.approx(4e30, rel=1e-5)  # min_ratio * norm
 
