@@ -170,6 +170,31 @@ def table(path, mode):
                     text += f" {c['val_mse'] / best:.2f}x"
             out.append(text)
         print(f"| {scenario} | {seed} | {fmt(best)} | " + " | ".join(out) + " |")
+    summary(by, names)
+
+
+def summary(by, names):
+    """Per auto rule: its val MSE over the best fixed threshold's, and over `fixed=1`'s."""
+    print("\n| rule | runs | worst / best fixed | geometric mean / best fixed | within 1.5x | "
+          "worst / clipnorm=1 (MLP) |")
+    print("|" + " --- |" * 6)
+    for name in names:
+        if not name.startswith("auto"):
+            continue
+        ratios, versus_one = [], []
+        for (scenario, _), cell in by.items():
+            run = cell.get(name)
+            fixed = [c["val_mse"] for n, c in cell.items() if n.startswith("fixed")]
+            if run is None or None in fixed or len(fixed) < len(FIXED):
+                continue
+            mse = run["val_mse"] if run["val_mse"] is not None else float("inf")
+            ratios.append(mse / min(fixed))
+            if scenario.startswith("mlp"):
+                versus_one.append(mse / cell["fixed=1"]["val_mse"])
+        if ratios:
+            within = sum(r <= 1.5 for r in ratios)
+            print(f"| {name} | {len(ratios)} | {max(ratios):.2f} | {np.exp(np.mean(np.log(ratios))):.2f} | "
+                  f"{within}/{len(ratios)} | {max(versus_one) if versus_one else float('nan'):.2f} |")
 
 
 def main():

@@ -51,19 +51,20 @@ def train(seed, clip, auto_threshold, logdir, epochs, reset_momentum=RESET_MOMEN
     return val_loss, switch
 
 
-def rescue_table(seeds, logdir, epochs, out=print, reset_momentum=RESET_MOMENTUM):
-    """Trains every run for every seed; returns `{run: [val MSE per seed]}`."""
-    results = {name: [] for name in RUNS}
-    out(f"{'seed':>4}  " + "  ".join(f"{name:>24}" for name in RUNS) + "  clipping on at (fixed / auto)")
+def rescue_table(seeds, logdir, epochs, out=print, reset_momentum=RESET_MOMENTUM, runs=tuple(RUNS)):
+    """Trains every run (of `runs`) for every seed; returns `{run: [val MSE per seed]}`."""
+    results = {name: [] for name in runs}
+    out(f"{'seed':>4}  " + "  ".join(f"{name:>24}" for name in runs) + "  clipping on at (fixed / auto)")
     for seed in seeds:
         switches = []
-        for name, (clip, auto_threshold) in RUNS.items():
+        for name in runs:
+            clip, auto_threshold = RUNS[name]
             run_dir = os.path.join(logdir, f"seed{seed}", name.replace(" ", "_").replace("=", "_"))
             val_loss, switch = train(seed, clip, auto_threshold, run_dir, epochs, reset_momentum)
             results[name].append(val_loss)
             if auto_threshold is not None:
                 switches.append(f"{switch['step']} (t={switch['threshold']:.3g})" if switch else "-")
-        out(f"{seed:>4}  " + "  ".join(f"{_fmt(results[n][-1]):>24}" for n in RUNS) + "  " + " / ".join(switches))
+        out(f"{seed:>4}  " + "  ".join(f"{_fmt(results[n][-1]):>24}" for n in runs) + "  " + " / ".join(switches))
     return results
 
 
@@ -78,9 +79,11 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reset-momentum", choices=["on", "off"], default=None,
                         help="gradwatch's `reset_momentum` (default: gradwatch's default)")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), metavar="RUN",
+                        help=f"which runs (default: all of {list(RUNS)})")
     args = parser.parse_args(argv)
     reset = RESET_MOMENTUM if args.reset_momentum is None else args.reset_momentum == "on"
-    rescue_table(args.seeds, args.logdir, args.epochs, reset_momentum=reset)
+    rescue_table(args.seeds, args.logdir, args.epochs, reset_momentum=reset, runs=args.runs)
     print(f"(baseline: predicting the mean scores {scenarios.BASELINE_MSE:.4f})")
     print(f"\ntensorboard --logdir {args.logdir}")
 

@@ -61,9 +61,16 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             `"clipvalue"`: switch that clipping on at the first explosion,
             starting with the exploding step itself.
         clip_threshold: the clipping threshold, a positive number, or `"auto"`:
-            the 90th percentile of the last 512 healthy global norms.
+            a threshold that follows the run, recomputed every step from the
+            switch on as the 25th percentile of the last 256 healthy steps'
+            statistic -- each variable's norm for `"clipnorm"` (one threshold
+            per variable), the global norm for `"global_clipnorm"`, the
+            largest gradient entry for `"clipvalue"` (`clipping.AutoThreshold`).
         skip_nonfinite: skip updates whose gradient holds NaN/Inf. Defaults to
             True when `auto_clip` is set, else False.
+        reset_momentum: with `auto_clip`, zero the optimizer's first-moment
+            slots (SGD's momentum, Adam's `m`) at the step clipping switches
+            on. Default False: on the benchmarks it changed nothing on average.
         vanishing: detect vanishing and dead gradients on the host, from the
             recorded layer norms (nothing is added to the step): `True`
             (default), `False`, or a `gradwatch.vanishing.VanishingConfig` with

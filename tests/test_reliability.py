@@ -391,7 +391,7 @@ def test_a_long_burst_is_one_fixed_size_record_and_few_lines(caplog):
     records = {int(s): alerts.Explosion(int(s), 0, 1e3, 1.0, (("l", 1e3),), "none") for s in steps}
     lines = log.feed(steps, rows, records) + log.close()
     assert len(lines) == 1 + 10000 // log.summary_every + 1
-    assert clipping.AUTO_HISTORY == 512
+    assert clipping.AUTO.window == 256  # the "auto" window is bounded too
 
 
 def test_events_are_queued_until_a_flush_is_due(tmp_path, monkeypatch):
