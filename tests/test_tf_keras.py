@@ -291,6 +291,27 @@ def test_auto_clip_bounds_the_update_of_the_exploding_step(tmp_path, legacy):
     assert logged[tags.CLIP_THRESHOLD][spike] == threshold and spike - 1 not in logged[tags.CLIP_THRESHOLD]
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_auto_threshold_and_momentum_reset(tmp_path, legacy):
+    """`clip_threshold="auto"` follows the run and `reset_momentum` zeroes SGD's momentum at the
+    switch: the switching step then moves the weights by exactly lr * threshold."""
+    lr, spike = 0.01, 6
+    x, y = spiked_data(steps=10, batch_size=16, spike_steps=[spike], scale=1e3)
+    sgd = (tf_keras.optimizers.legacy.SGD if legacy else tf_keras.optimizers.SGD)(lr, momentum=0.9)
+    snapshots = WeightsBeforeEachStep()
+    model, monitor = fit(tmp_path, x, y, optimizer=sgd, callbacks=[snapshots], update_freq=3,
+                         explosion_threshold=50.0, auto_clip="global_clipnorm", clip_threshold="auto",
+                         reset_momentum=True)
+    assert [e["step"] for e in monitor.clipping_events] == [spike]
+    written = read_tags(str(tmp_path))[tags.CLIP_THRESHOLD]
+    assert sorted(written) == list(range(spike, 11))
+    after = snapshots.snapshots[spike] if len(snapshots.snapshots) > spike else None
+    before = snapshots.snapshots[spike - 1]
+    change = np.sqrt(sum(np.sum((w1 - w0) ** 2) for w0, w1 in zip(before, after)))
+    np.testing.assert_allclose(change, lr * written[spike], rtol=1e-4)
+    assert model.optimizer.global_clipnorm == pytest.approx(written[10])
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "legacy_adam"])
 def test_nonfinite_step_is_skipped_leaving_weights_and_slots(tmp_path, optimizer, caplog):
     opt = {"adam": lambda: tf_keras.optimizers.Adam(0.01),
