@@ -8,11 +8,7 @@ for bit on one device -- but on the all-reduced gradient.
 
 Example:
 
->>> import dataclasses
-
-import dataclasses
-
-import tensorflow as tf
+>>> import tensorflow as tf
 >>> g = [tf.constant([3.0, 4.0])]
 >>> clipped = clip_gradients(g, "global_clipnorm", 1.0, tf.constant(True))
 >>> [round(float(x), 3) for x in clipped[0]]
@@ -93,13 +89,17 @@ def norm_clip_factor(sq_norm, threshold, active):
 def clip_gradients(grads, mode, threshold, active):
     """Clips `grads` by `mode` at `threshold` where `active` (a bool scalar).
 
-    When `active` is false the gradients come back unchanged, bit for bit.
+    For `clipnorm`, `threshold` may also be a vector: one threshold per
+    gradient (`clip_threshold="auto"` per variable). When `active` is false the
+    gradients come back unchanged, bit for bit.
     """
     threshold = tf.cast(threshold, tf.float32)
     if mode == "clipvalue":
         return [None if g is None else _clip_value(g, threshold, active) for g in grads]
     if mode == "clipnorm":
-        return [None if g is None else _clip_norm(g, threshold, active) for g in grads]
+        per_gradient = threshold.shape.rank == 1
+        return [None if g is None else _clip_norm(g, threshold[i] if per_gradient else threshold, active)
+                for i, g in enumerate(grads)]
     if mode == "global_clipnorm":
         return _clip_global_norm(grads, threshold, active)
     raise ValueError(f"Unknown clipping mode: {mode!r}. Expected one of {MODES}.")
