@@ -14,7 +14,8 @@ iteration count after that step's update, counted from 1 -- the step Keras'
 | `grad_norm/<layer path>`     | L2 norm over one layer's trainable variables, pre-clip       |
 | `grad_norm/global_clipped`   | global norm after gradwatch's clipping (when `auto_clip` set)|
 | `grad_norm/threshold`        | explosion threshold in force (absent while infinite)         |
-| `grad_norm/clip_threshold`   | clipping threshold in force (only while clipping is on)      |
+| `grad_norm/clip_threshold`   | clipping threshold in force, every step clipping is on (with |
+|                              | "auto" it changes every step; `clipnorm`: largest per-variable)|
 | `grad_norm/explosion`        | 1.0 at each exploding step, and only there                   |
 | `grad_norm/overflow`         | steps the loss-scale optimizer skipped (overflow) just before |
 |                              | this step's update; only where there were some               |
