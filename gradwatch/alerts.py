@@ -123,7 +123,7 @@ def auto_description(mode, auto):
     """What the "auto" threshold is, in words."""
     statistic = {"clipnorm": "each variable's gradient norm" if auto.per_variable else "the variables' gradient norms",
                  "global_clipnorm": "the global norm",
-                 "clipvalue": "the largest gradient entry"}[mode]
+                 "clipvalue": "the root-mean-square gradient entry"}[mode]
     where = ("per variable, " if mode == "clipnorm" and auto.per_variable else "")
     if not auto.follow:
         return f"{where}the {auto.percentile:g}th percentile of {statistic} over the last {auto.window} healthy steps"

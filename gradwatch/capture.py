@@ -267,10 +267,11 @@ class KerasCapture:
         if self.policy.clip_mode != "clipnorm":
             return None
         variables = getattr(self, "_current_variables", None) or []
+        columns = self.state.auto_window.shape[1]
         ids = [self._column_of_variable.get(id(v)) for v in variables]
-        if len(ids) != num_grads or None in ids:  # unknown mapping: by position
-            ids = list(range(num_grads))
-        if ids == list(range(self.state.auto_window.shape[1])):
+        if len(ids) != num_grads or None in ids:  # not the model's variables (a custom step): by position
+            ids = [i % columns for i in range(num_grads)]
+        if ids == list(range(columns)):
             return None
         return tf.constant(ids, tf.int32)
 

@@ -30,7 +30,7 @@ class AutoThreshold:
     Every healthy step (not exploded, finite) adds its statistic to a window
     of the last `window` values: each variable's gradient norm for
     `clipnorm` (the quantity `clipnorm` bounds: one threshold per variable),
-    the global norm for `global_clipnorm`, the largest absolute gradient
+    the global norm for `global_clipnorm`, the root-mean-square gradient
     entry for `clipvalue`. From the switch on, the threshold of each step is
     the `percentile`-th percentile of that window, this step included: it
     follows the run. Zero entries are left out (`window_percentile`).
@@ -45,7 +45,10 @@ class AutoThreshold:
     Once a run has exploded, a threshold below the typical norm -- most steps
     clipped, the bad ones no larger than ordinary ones -- trains best. A
     window of 64 instead of 256 changed little (50th percentile, 6 runs of an
-    earlier round: 0.93-1.26x vs 1.02-1.80x).
+    earlier round: 0.93-1.26x vs 1.02-1.80x). `global_clipnorm` (6 runs):
+    worst 1.11x of the best fixed `global_clipnorm`. `clipvalue` (6 runs): the
+    root-mean-square entry 0.28-1.02x of the best fixed `clipvalue`, the
+    largest entry up to 6.1x (it clipped only the top entries).
 
     Attributes:
         percentile: the percentile of the window (nearest rank), in (0, 100].
@@ -133,24 +136,23 @@ def _clip_value(grad, threshold, active):
     return tf.where(active, tf.clip_by_value(grad, -limit, limit), grad)
 
 
-def auto_statistic(mode, grads, variable_sq_norms, per_variable=True):
+def auto_statistic(mode, grads, variable_sq_norms):
     """The float32 vector one step adds to the "auto" window (see `AutoThreshold`).
 
     `clipnorm`: each variable's norm (`[len(grads)]`); `global_clipnorm`: the
-    global norm (`[1]`); `clipvalue`: the largest absolute entry (`[1]`).
+    global norm (`[1]`); `clipvalue`: the root-mean-square entry, the global
+    norm over the square root of the number of entries (`[1]`).
     """
     if mode == "clipnorm":
         return tf.sqrt(tf.cast(variable_sq_norms, tf.float32))
     if mode == "global_clipnorm":
         return tf.reshape(tf.sqrt(tf.reduce_sum(tf.cast(variable_sq_norms, tf.float32))), [1])
-    if mode == "clipvalue":  # an empty variable's max is -inf: the floor 0 covers it
-        largest = [tf.cast(tf.reduce_max(tf.abs(_dense(g))), tf.float32) for g in grads if g is not None]
-        return tf.reshape(tf.maximum(tf.reduce_max(tf.stack(largest + [tf.constant(0.0)])), 0.0), [1])
+    if mode == "clipvalue":
+        sizes = [tf.cast(tf.reduce_prod(g.dense_shape) if isinstance(g, tf.IndexedSlices) else tf.size(g),
+                         tf.float32) for g in grads if g is not None]
+        entries = tf.maximum(tf.add_n(sizes) if sizes else tf.constant(0.0), 1.0)
+        return tf.reshape(tf.sqrt(tf.reduce_sum(tf.cast(variable_sq_norms, tf.float32)) / entries), [1])
     raise ValueError(f"Unknown clipping mode: {mode!r}. Expected one of {MODES}.")
-
-
-def _dense(grad):
-    return tf.convert_to_tensor(grad) if isinstance(grad, tf.IndexedSlices) else grad
 
 
 def window_percentile(history, count, q, pooled=False):

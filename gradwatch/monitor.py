@@ -65,7 +65,8 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             switch on as the 25th percentile of the last 256 healthy steps'
             statistic -- each variable's norm for `"clipnorm"` (one threshold
             per variable), the global norm for `"global_clipnorm"`, the
-            largest gradient entry for `"clipvalue"` (`clipping.AutoThreshold`).
+            root-mean-square gradient entry for `"clipvalue"`
+            (`clipping.AutoThreshold`).
         skip_nonfinite: skip updates whose gradient holds NaN/Inf. Defaults to
             True when `auto_clip` is set, else False.
         reset_momentum: with `auto_clip`, zero the optimizer's first-moment

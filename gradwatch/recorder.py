@@ -241,8 +241,9 @@ class Recorder:
         return events
 
     def _follow_threshold(self, rows):
-        """With `clip_threshold="auto"`, the optimizer's `clipnorm` (...) holds the
-        threshold of the latest drained step with clipping on."""
+        """With `clip_threshold="auto"`, the optimizer's clipping attribute
+        (`clipnorm`, `global_clipnorm` or `clipvalue`) holds the threshold of the
+        latest drained step with clipping on: a saved model carries the latest."""
         policy = self.capture.policy
         if not (policy.is_auto and policy.auto_switch):
             return

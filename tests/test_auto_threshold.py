@@ -2,6 +2,8 @@
 written every step against the rule replayed on the logged norms, and the clipped update measured
 on the weights."""
 
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -70,8 +72,9 @@ def test_auto_statistic_per_mode():
                                np.sqrt([26.0, 25.0, 4.25]), rtol=1e-6)
     np.testing.assert_allclose(clipping.auto_statistic("global_clipnorm", grads, sq).numpy(),
                                [np.sqrt(55.25)], rtol=1e-6)
-    # clipvalue: the largest entry of the applied gradient, duplicates summed (|-7 + 2| = 5)
-    assert clipping.auto_statistic("clipvalue", grads, sq).numpy().tolist() == [5.0]
+    # clipvalue: the root-mean-square entry, over 4 + 3 (the sparse one's dense shape) + 2 entries
+    np.testing.assert_allclose(clipping.auto_statistic("clipvalue", grads, sq).numpy(), [np.sqrt(55.25 / 9)],
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="Unknown clipping mode"):
         clipping.auto_statistic("clip_norm", grads, sq)
 
@@ -121,7 +124,8 @@ def _expected_thresholds(logged, names, q, pooled, window):
     return expected
 
 
-def test_clipnorm_auto_threshold_written_every_step_is_the_rule_and_bounds_each_update(tmp_path):
+def test_clipnorm_auto_threshold_written_every_step_is_the_rule_and_bounds_each_update(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="gradwatch")
     auto = clipping.AUTO
     model, monitor, logged, deltas = _fit(tmp_path, "clipnorm")
     names = ["hidden", "out"]
@@ -136,6 +140,11 @@ def test_clipnorm_auto_threshold_written_every_step_is_the_rule_and_bounds_each_
     assert len(set(written.values())) > 3  # it follows the run
     assert monitor.clipping_events[0]["step"] == SPIKE_STEP
     assert monitor.clipping_events[0]["threshold"] == pytest.approx(written[SPIKE_STEP])
+    assert model.optimizer.clipnorm == pytest.approx(written[STEPS])  # the latest threshold
+    switch = [r.getMessage() for r in caplog.records if hasattr(r, "gradwatch_clipping")]
+    assert len(switch) == 1 and f"switched on clipnorm={written[SPIKE_STEP]:.4g} (it follows the run: per variable, " \
+        f"the 25th percentile of each variable's gradient norm over the last 256 healthy steps, updated every " \
+        f"step) at step {SPIKE_STEP}" in switch[0]
 
 
 def clipping_record(thresholds, auto):
@@ -154,11 +163,14 @@ def test_global_and_value_thresholds_follow_the_run_and_bound_the_update(tmp_pat
             assert written[step] == pytest.approx(t, rel=1e-6)
             assert np.sqrt(sum(np.sum(d ** 2) for d in deltas[step - 1])) == pytest.approx(
                 LR * min(logged["grad_norm/global"][step], t), rel=1e-4)
-    else:
+    else:  # the root-mean-square entry: the global norm over sqrt(8 * 16 + 16 * 1 entries)
+        expected = _expected_thresholds(logged, ["global"], clipping.AUTO.percentile, False, clipping.AUTO.window)
+        for step, (t,) in expected.items():
+            assert written[step] == pytest.approx(t / np.sqrt(144.0), rel=1e-5)
         for step in range(SPIKE_STEP, STEPS + 1):
             largest = max(np.abs(d).max() for d in deltas[step - 1])
             assert largest <= LR * written[step] * (1 + 1e-5)
-        assert max(np.abs(d).max() for d in deltas[SPIKE_STEP - 1]) == pytest.approx(LR * written[SPIKE_STEP])
+        assert max(np.abs(d).max() for d in deltas[SPIKE_STEP - 1]) == pytest.approx(LR * written[SPIKE_STEP], rel=1e-4)
     assert getattr(model.optimizer, mode) == pytest.approx(written[STEPS], rel=1e-6)  # the latest one
 
 
