@@ -176,7 +176,7 @@ def table(path, mode):
 def summary(by, names):
     """Per auto rule: its val MSE over the best fixed threshold's, and over `fixed=1`'s."""
     print("\n| rule | runs | worst / best fixed | geometric mean / best fixed | within 1.5x | "
-          "worst / clipnorm=1 (MLP) |")
+          "worst / fixed=1 (MLP runs) |")
     print("|" + " --- |" * 6)
     for name in names:
         if not name.startswith("auto"):
