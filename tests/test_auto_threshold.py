@@ -195,3 +195,33 @@ def test_reset_momentum_zeroes_the_slots_at_the_switch(tmp_path, reset):
         assert update == pytest.approx(LR * t, rel=1e-4)
     else:
         assert abs(update - LR * t) > 1e-3 * LR * t
+
+
+class UsesOneBranch(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.used = keras.layers.Dense(1, name="used")
+        self.unused = keras.layers.Dense(1, name="unused")
+
+    def call(self, x):
+        return self.used(x)
+
+
+def test_per_variable_thresholds_when_some_variables_have_no_gradient(tmp_path):
+    """Keras drops the missing gradients: the step's gradients map to their variables' columns."""
+    x, y = _data()
+    model = UsesOneBranch()
+    model(x[:1])
+    model.unused.build((None, 8))  # trainable, never in the loss
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip="clipnorm", clip_threshold="auto",
+                                        explosion_threshold=200.0, verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    written = read_tags(str(tmp_path))["grad_norm/clip_threshold"]
+    assert monitor.clipping_events[0]["step"] == SPIKE_STEP and sorted(written) == list(range(SPIKE_STEP, STEPS + 1))
+    unused_kernel = model.unused.kernel.numpy()
+    np.testing.assert_array_equal(snapshots.snapshots[0][2], unused_kernel)
+    spike_update = [b - a for a, b in zip(snapshots.snapshots[SPIKE_STEP - 1], snapshots.snapshots[SPIKE_STEP])]
+    for delta in spike_update[:2]:  # the used kernel and bias: clipped at their own threshold, at most the max
+        assert 0 < np.linalg.norm(delta) <= LR * written[SPIKE_STEP] * (1 + 1e-5)
