@@ -5,9 +5,10 @@ layer norms, a feed-forward block) learns to predict the sum of a token
 sequence. Per-layer norms show each block separately (`attention`,
 `ffn_in`, `norm_1`, ...); with healthy training the adaptive detector stays
 quiet, and a corrupted batch (targets x1000 at step 100) is flagged at its step.
-With `auto_clip="global_clipnorm"` and `clip_threshold="auto"`, that step is
-clipped to the 90th percentile of the healthy norms seen so far, so the bad
-batch cannot throw the model off (run with `--no-clip` to see the damage).
+With `auto_clip="global_clipnorm"` and `clip_threshold="auto"`, that step and
+every later one are clipped to the 25th percentile of the recent healthy
+norms (it follows the run), so the bad batch cannot throw the model off (run
+with `--no-clip` to see the damage).
 
     python examples/transformer.py
 """
