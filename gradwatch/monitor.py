@@ -246,8 +246,8 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         """`log_dir/train` (or `log_dir/train/<name>` for one of several optimizers),
         or `train_1`, ... if this fit restarts at step 1 below steps already there
         (`gradwatch.runfolder`)."""
-        run = os.path.join(self.log_dir, tags.TRAIN_RUN)
-        run_dir = self._role.run_dir(run if name is None else os.path.join(run, name))
+        run = tags.TRAIN_RUN if name is None else tags.optimizer_run(name)
+        run_dir = self._role.run_dir(os.path.join(self.log_dir, *run.split("/")))
         if not self._role.chief:
             return run_dir
         try:

@@ -38,6 +38,14 @@ Plugin data (plugin "gradwatch", string tensors holding JSON):
 
 Text (plugin "text", for the Text tab): `gradwatch/alerts`, one markdown line
 per alert or burst summary.
+
+Runs. A monitor watching one optimizer writes the run `<log_dir>/train` (the
+run of Keras' `TensorBoard` callback). Watching several (a GAN's
+`d_optimizer` and `g_optimizer`, `GradientMonitor(optimizers=...)`), each
+optimizer that applies gradients writes its own run, `<log_dir>/train/<name>`
+(`optimizer_run`), with the tags above and only the layers it updates; its
+alert lines start `[<name>]`. So every reader (Scalars tab, the gradwatch
+dashboard, `gradwatch report`) tells the optimizers apart by run.
 """
 
 PREFIX = "grad_norm/"
@@ -64,6 +72,11 @@ ALERTS_TEXT = "gradwatch/alerts"
 
 # Sub-folder of `log_dir` holding the training run (as Keras' TensorBoard).
 TRAIN_RUN = "train"
+
+
+def optimizer_run(name):
+    """Run folder (under `log_dir`) of one of several watched optimizers: `train/<name>`."""
+    return TRAIN_RUN + "/" + name
 
 # `action` values of an explosion record.
 ACTION_NONE = "none"
