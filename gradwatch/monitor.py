@@ -8,7 +8,7 @@ import sys
 
 import keras
 
-from gradwatch import capture_tf_keras, clipping, multiworker, runfolder, summaries, tags, validation
+from gradwatch import capture_tf_keras, clipping, multiworker, runfolder, summaries, tags, validation, versions
 from gradwatch.policy import StepPolicy
 from gradwatch.recorder import Recorder
 
@@ -124,6 +124,7 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             self._role.end()
         self.explosions, self.clipping_events, self.vanishing = [], [], []
         policy = self._policy()
+        versions.check(self.model)  # UnsupportedVersionError before the first step, from fit()
         # Multi-worker: only the chief writes and logs alerts (`multiworker`).
         self._role = multiworker.WorkerRole(self.model.distribute_strategy)
         writer = _open_writer(self._run_dir())
