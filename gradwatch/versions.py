@@ -6,7 +6,8 @@ gradwatch hooks private optimizer methods (`gradwatch.capture`,
 half-working: measured with Keras 3.2-3.4, a NaN update was applied while
 gradwatch recorded the step as "skipped". So `check(model)` runs in
 `on_train_begin`, before the first step, and raises `UnsupportedVersionError`
-naming the version found, the versions supported and the missing piece when:
+naming the version found, the versions supported and the missing piece (for a
+version below the floor, its known reason alone) when:
 
 - the version is below the floor (`KERAS_FLOOR`, `TF_KERAS_FLOOR`,
   `TENSORFLOW_FLOOR`; pip refuses them too, but a version can be installed past
@@ -273,6 +274,8 @@ def check(model):
         if inner is not optimizer:
             problems += [signature_problem(type(optimizer), *m) for m in KERAS_LOSS_SCALE_METHODS]
         problems.append(_keras_all_reduce_order(type(inner)))
+    if problems[0]:  # below the floor: its known reason says what is missing
+        problems = problems[:1]
     problems = list(dict.fromkeys(p for p in problems if p))  # in order, once each
     if problems:
         raise UnsupportedVersionError(error_message(name, version_text, problems))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from keras.src.backend.tensorflow.optimizer import TFOptimizer
+from keras.src.optimizers.base_optimizer import BaseOptimizer
 
 import gradwatch
 from gradwatch import versions
@@ -149,6 +150,22 @@ def test_missing_method_is_refused(tmp_path, monkeypatch):
     assert message.startswith(f"gradwatch does not support Keras {keras.__version__}: it needs ")
     assert "the optimizer method `Adam._all_reduce_sum_gradients` (missing)" in message
     assert "Keras >= 3.8" in message
+
+
+def test_every_missing_piece_is_named_once(tmp_path, monkeypatch):
+    monkeypatch.delattr(TFOptimizer, "_all_reduce_sum_gradients")
+    monkeypatch.delattr(BaseOptimizer, "_clip_gradients")
+    message = _fit_refused(tmp_path)
+    assert ("it needs the optimizer method `Adam._all_reduce_sum_gradients` (missing); and the optimizer "
+            "method `Adam._clip_gradients` (missing). Supported:") in message
+
+
+def test_below_the_floor_only_the_known_reason_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(keras, "__version__", "3.1.1")
+    monkeypatch.delattr(TFOptimizer, "_all_reduce_sum_gradients")  # as in Keras 3.1
+    message = _fit_refused(tmp_path)
+    assert message.count("_all_reduce_sum_gradients") == 1
+    assert "added in Keras 3.2" in message
 
 
 def test_changed_signature_is_refused(tmp_path, monkeypatch):
