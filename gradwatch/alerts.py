@@ -33,6 +33,8 @@ class Explosion:
             NaN/Inf first.
         action: one of `"none"`, `"clipping_on"`, `"clipped"`, `"skipped"`.
         nonfinite: the gradient held NaN or Inf.
+        optimizer: the name of the optimizer whose step exploded when the
+            monitor watches several (`GradientMonitor(optimizers=...)`), else None.
     """
 
     step: int
@@ -42,14 +44,18 @@ class Explosion:
     layers: Tuple[Tuple[str, float], ...]
     action: str
     nonfinite: bool = False
+    optimizer: Optional[str] = None
 
     def to_json(self):
         from gradwatch.summaries import json_safe
 
-        return {"step": self.step, "epoch": self.epoch,
-                "global_norm": json_safe(self.global_norm), "threshold": json_safe(self.threshold),
-                "layers": [[path, json_safe(norm)] for path, norm in self.layers],
-                "action": self.action, "nonfinite": self.nonfinite}
+        record = {"step": self.step, "epoch": self.epoch,
+                  "global_norm": json_safe(self.global_norm), "threshold": json_safe(self.threshold),
+                  "layers": [[path, json_safe(norm)] for path, norm in self.layers],
+                  "action": self.action, "nonfinite": self.nonfinite}
+        if self.optimizer is not None:
+            record["optimizer"] = self.optimizer
+        return record
 
 
 def top_layers(layer_norms, layer_paths, count):
@@ -71,7 +77,7 @@ def action_of(flags):
     return tags.ACTION_NONE
 
 
-def explosions_from_records(steps, rows, layer_paths, epoch, top_count):
+def explosions_from_records(steps, rows, layer_paths, epoch, top_count, optimizer=None):
     """Explosion records of the exploded rows of a drained record batch."""
     found = []
     for step, row in zip(steps, rows):
@@ -82,7 +88,7 @@ def explosions_from_records(steps, rows, layer_paths, epoch, top_count):
             step=int(step), epoch=int(epoch), global_norm=float(row[state.GLOBAL]),
             threshold=float(row[state.THRESHOLD]),
             layers=top_layers(row[state.LAYERS_START:], layer_paths, top_count),
-            action=action_of(flags), nonfinite=bool(flags & state.NONFINITE)))
+            action=action_of(flags), nonfinite=bool(flags & state.NONFINITE), optimizer=optimizer))
     return found
 
 
@@ -172,10 +178,13 @@ class AlertLog:
     """Turns the drained records into log lines, rate-limiting bursts.
 
     `feed` returns the lines it logged, for the TensorBoard text summary.
+    `label`: the optimizer's name, put in front of every line (`[name] ...`)
+    when the monitor watches several.
     """
 
-    def __init__(self, print_fn: Optional[callable], summary_every=100):
+    def __init__(self, print_fn: Optional[callable], summary_every=100, label=None):
         self.print_fn = print_fn
+        self.label = label
         self.summary_every = summary_every
         self.burst: Optional[Burst] = None
 
@@ -205,6 +214,8 @@ class AlertLog:
 
     def emit(self, text, extra):
         """Logs `text` (WARNING, with `extra`) and prints it if printing; returns it."""
+        if self.label is not None:
+            text = f"[{self.label}] {text}"
         logger.warning(text, extra=extra)
         if self.print_fn is not None:
             self.print_fn("gradwatch: " + text)

@@ -8,9 +8,9 @@ import sys
 
 import keras
 
-from gradwatch import capture_tf_keras, clipping, multiworker, runfolder, summaries, tags, validation, versions
+from gradwatch import capture, clipping, multiworker, runfolder, summaries, tags, validation, versions
 from gradwatch.policy import StepPolicy
-from gradwatch.recorder import Recorder
+from gradwatch.recorder import NO_GRADIENT, Recorder
 
 logger = logging.getLogger("gradwatch")
 
@@ -36,7 +36,7 @@ def _never_raises(hook):
     return guarded
 
 
-class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Callback):
+class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
     """Records per-layer and global gradient norms of every training step.
 
     The norms are those of the gradient the optimizer really applies: after
@@ -77,6 +77,17 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             (default), `False`, or a `gradwatch.vanishing.VanishingConfig` with
             other settings. Onsets go to `monitor.vanishing` and are logged
             once per layer until it recovers.
+        optimizers: which optimizers to watch. `None` (default): every
+            optimizer the model holds -- `model.optimizer` and optimizers that
+            are attributes of the model, as in a GAN whose `train_step` applies
+            `self.d_optimizer` and `self.g_optimizer` -- of which those that
+            apply gradients are recorded (the default optimizer `compile()`
+            made but the step never uses is ignored). A list of optimizers,
+            or a dict `{name: optimizer}`, names them explicitly (also
+            optimizers the model does not hold, as in a custom training loop).
+            One optimizer writes to `log_dir/train`; several each to their own
+            run, `log_dir/train/<name>` (the attribute's name or the dict key),
+            with their own detection and clipping; alerts then start `[name]`.
         top_layers: how many layers an alert names.
         verbose: 0 silent, 1 or 2 print alerts to the console (they always go
             to the `"gradwatch"` logger).
@@ -87,11 +98,23 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
     model.fit(x, y, epochs=5,
               callbacks=[gradwatch.GradientMonitor("logs", auto_clip="clipnorm")])
     ```
+
+    In a custom training loop, drive it as Keras' guide does:
+
+    ```python
+    callbacks = keras.callbacks.CallbackList(
+        [gradwatch.GradientMonitor("logs", optimizers=[optimizer])], model=model)
+    callbacks.on_train_begin()          # before the step function is first called
+    for step, (x, y) in enumerate(dataset):
+        train_step(x, y)                # a tf.function calling optimizer.apply_gradients
+        callbacks.on_train_batch_end(step)
+    callbacks.on_train_end()
+    ```
     """
 
     def __init__(self, log_dir="logs", *, update_freq=100, explosion_threshold=None,
                  auto_clip=None, clip_threshold=1.0, skip_nonfinite=None, reset_momentum=RESET_MOMENTUM,
-                 vanishing=True,
+                 vanishing=True, optimizers=None,
                  top_layers=3, verbose=1):
         super().__init__()
         self.log_dir = validation.check_log_dir(log_dir)
@@ -105,44 +128,87 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
         self.top_layers = validation.check_positive_int("top_layers", top_layers)
         self.verbose = validation.check_verbose(verbose)
         self.vanishing_config = validation.check_vanishing(vanishing)
+        self.optimizers = validation.check_optimizers(optimizers)
         self.explosions, self.vanishing = [], []
         self.clipping_events = []
-        self._recorder = None
-        self._layer_paths = []
+        self._recorders = []
+        self._layer_paths = {}
 
     @property
     def layer_paths(self):
-        """Reported layers in model order (known once training has begun)."""
-        if self._recorder is not None:
-            return list(self._recorder.layer_paths)
-        return list(self._layer_paths)
+        """Reported layers in model order (known once training has begun); with
+        several optimizers, a dict `{name: layer paths}` of those that applied gradients."""
+        if self._recorders:
+            paths = {r.capture.name: list(r.layer_paths) for r in self._recorders if r.used or r.layer_paths}
+        else:
+            paths = self._layer_paths
+        if set(paths) <= {None}:
+            return list(paths.get(None, []))
+        return {name: layers for name, layers in paths.items() if layers}
 
     def on_train_begin(self, logs=None):
-        if self._recorder is not None:  # an earlier fit() ended abnormally (KeyboardInterrupt)
-            self._recorder.finish(self._epoch)  # writes what it recorded, removes its hook
-            self._recorder = None
-            self._role.end()
+        if self._recorders:  # an earlier fit() ended abnormally (KeyboardInterrupt)
+            self._finish_recorders()  # writes what they recorded, removes their hooks
         self.explosions, self.clipping_events, self.vanishing = [], [], []
-        policy = self._policy()
-        versions.check(self.model)  # UnsupportedVersionError before the first step, from fit()
+        watched = self._watched_optimizers()
+        policies = [self._policy(optimizer) for _, optimizer in watched]
+        versions.check(self.model, [optimizer for _, optimizer in watched])  # before the first step, from fit()
         # Multi-worker: only the chief writes and logs alerts (`multiworker`).
         self._role = multiworker.WorkerRole(self.model.distribute_strategy)
-        writer = _open_writer(self._run_dir())
-        capture, hooked_function = self._reusable_capture(policy)
-        if capture is None:  # Keras 3 or tf_keras, from the model's class
-            capture = capture_tf_keras.capture_class(self.model)(
-                self.model, policy, self._capacity(), return_records=self._drains_every_step())
         print_fn = _print_msg if self.verbose and self._role.chief else None
-        recorder = Recorder(self, capture, writer, print_fn)
+        captures, hooked_function = self._reusable_captures(watched, policies)
+        several = len(watched) > 1
+        recorders = []
         self._role.begin()
         try:
-            recorder.start(hooked_function)
+            for index, ((name, optimizer), policy) in enumerate(zip(watched, policies)):
+                label = name if several else None
+                writer = _open_writer(self._run_dir(optimizer, label))
+                capture_ = captures[index] if captures else capture.capture_class(self.model)(
+                    self.model, policy, self._capacity(), optimizer=optimizer, name=label,
+                    return_records=not several and self._drains_every_step())
+                recorders.append(Recorder(self, capture_, writer, print_fn, name=name,
+                                          report_unused=self.optimizers is not None or not several))
+            for recorder in recorders:
+                recorder.start()
+            self._plain_function = self.model.train_function  # what fit() would have run
+            if hooked_function is not None:  # traced by an earlier fit() of this monitor
+                self.model.train_function = hooked_function
+            elif _has_train_step(self.model):
+                recorders[0].capture.make_train_function()  # traced with every hook
         except BaseException:  # before the first step: undo, then report
-            recorder.abandon()
+            for recorder in recorders:
+                recorder.abandon()
+            if recorders and recorders[0].capture.model is self.model:
+                self.model.train_function = None
             self._role.end()
             raise
-        self._recorder = recorder
+        self._recorders = recorders
         self._epoch, self._batches_before_epoch, self._batches_at_drain = 0, 0, 0
+
+    def _watched_optimizers(self):
+        """`[(name, optimizer)]` this fit records (`optimizers=`); raises if there is none."""
+        from gradwatch.capture import optimizers
+
+        watched = optimizers.named_optimizers(self.model, self.optimizers)
+        if not watched:
+            raise ValueError("GradientMonitor needs an optimizer: call `model.compile(optimizer=...)` before "
+                             "`fit()`, or, in a custom training loop, name it: "
+                             "`GradientMonitor(..., optimizers=[optimizer])`.")
+        return watched
+
+    def _finish_recorders(self):
+        """Finishes every recorder (drain, write, unhook) and puts back the plain train function."""
+        recorders, self._recorders = self._recorders, []
+        for recorder in recorders:
+            recorder.finish(self._epoch)
+        hooked = self.model.train_function
+        self.model.train_function = getattr(self, "_plain_function", None)
+        self._layer_paths = {r.capture.name: list(r.layer_paths) for r in recorders if r.used}
+        if len(recorders) > 1 and not any(r.used for r in recorders) and self.optimizers is None:
+            logger.warning(NO_GRADIENT)
+        self._role.end()
+        return recorders, hooked
 
     # The hooks below never raise (a failure is logged once): see `_never_raises`.
     @_never_raises
@@ -151,41 +217,42 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
 
     @_never_raises
     def on_train_batch_end(self, batch, logs=None):
-        if self._recorder is None:
+        if not self._recorders:
             return
         done = self._batches_before_epoch + batch + 1
         interval = self._drain_interval()
         if done - self._batches_at_drain >= interval:
             self._batches_at_drain = done
-            self._recorder.drain(self._epoch)
+            for recorder in self._recorders:
+                recorder.drain(self._epoch)
         self._batches_in_epoch = batch + 1
 
     @_never_raises
     def on_epoch_end(self, epoch, logs=None):
-        if self._recorder is None:
+        if not self._recorders:
             return
         self._batches_before_epoch += getattr(self, "_batches_in_epoch", 0)
         self._batches_in_epoch = 0
         self._batches_at_drain = self._batches_before_epoch
-        self._recorder.drain(epoch, flush=True)
+        for recorder in self._recorders:
+            recorder.drain(epoch, flush=True)
 
     @_never_raises
     def on_train_end(self, logs=None):
-        if self._recorder is not None:
-            recorder, self._recorder = self._recorder, None
-            recorder.finish(self._epoch)
-            self._layer_paths = list(recorder.layer_paths)
-            self._role.end()
-            self._last_run = (recorder.capture, recorder.hooked_function, self.model.train_function)
+        if self._recorders:
+            recorders, hooked = self._finish_recorders()
+            self._last_run = ([r.capture for r in recorders], hooked, self.model.train_function)
 
-    def _run_dir(self):
-        """`log_dir/train`, or `train_1`, ... if this fit restarts at step 1 below steps
-        already there (`gradwatch.runfolder`)."""
-        run_dir = self._role.run_dir(os.path.join(self.log_dir, tags.TRAIN_RUN))
+    def _run_dir(self, optimizer, name):
+        """`log_dir/train` (or `log_dir/train/<name>` for one of several optimizers),
+        or `train_1`, ... if this fit restarts at step 1 below steps already there
+        (`gradwatch.runfolder`)."""
+        run = os.path.join(self.log_dir, tags.TRAIN_RUN)
+        run_dir = self._role.run_dir(run if name is None else os.path.join(run, name))
         if not self._role.chief:
             return run_dir
         try:
-            first_step = int(self.model.optimizer.iterations.numpy()) + 1
+            first_step = int(optimizer.iterations.numpy()) + 1
         except Exception:  # no optimizer variable yet: a fresh one
             first_step = 1
         run_dir, warning = runfolder.run_dir_for(run_dir, first_step)
@@ -193,19 +260,20 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             logger.warning(warning)
         return run_dir
 
-    def _reusable_capture(self, policy):
-        """`(capture, traced train function)` of this monitor's previous `fit()`
-        when nothing changed since (same model, optimizer, settings), so the
+    def _reusable_captures(self, watched, policies):
+        """`(captures, traced train function)` of this monitor's previous `fit()`
+        when nothing changed since (same model, optimizers, settings), so the
         next `fit()` does not retrace; else `(None, None)`."""
         last, self._last_run = getattr(self, "_last_run", None), None
         if last is None:
             return None, None
-        capture, hooked_function, plain_function = last
-        same = (capture.model is self.model and capture.outer is self.model.optimizer
-                and capture.policy == policy and capture.capacity == self._capacity()
-                and capture.ready and hooked_function is not None
-                and self.model.train_function is plain_function)
-        return (capture, hooked_function) if same else (None, None)
+        captures, hooked_function, plain_function = last
+        same = (len(captures) == len(watched) and hooked_function is not None
+                and self.model.train_function is plain_function
+                and all(c.model is self.model and c.outer is optimizer and c.policy == policy
+                        and c.capacity == self._capacity() and c.ready
+                        for c, (_, optimizer), policy in zip(captures, watched, policies)))
+        return (captures, hooked_function) if same else (None, None)
 
     def _drain_interval(self):
         """Steps between drains: `update_freq`, at most `_EPOCH_DRAIN_STEPS` (bounded memory)."""
@@ -213,11 +281,7 @@ class GradientMonitor(capture_tf_keras.TfKerasCallbackCompat, keras.callbacks.Ca
             return _EPOCH_DRAIN_STEPS
         return min(self.update_freq, _EPOCH_DRAIN_STEPS)
 
-    def _policy(self):
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is None:
-            raise ValueError("GradientMonitor needs a compiled model: call `model.compile(optimizer=...)` "
-                             "before `fit()`.")
+    def _policy(self, optimizer):
         own_mode, own_threshold = _optimizer_clipping(optimizer)
         if own_mode and self.auto_clip and own_mode != self.auto_clip:
             raise ValueError(
@@ -285,3 +349,9 @@ def _print_msg(message):
     if io_utils.is_interactive_logging_enabled() and sys.stdout.isatty():
         message = "\n" + message  # off the line of Keras' live progress bar
     io_utils.print_msg(message)
+
+
+def _has_train_step(model):
+    """The model is compiled: `fit()` may run its train function (a custom loop
+    may use an uncompiled model, whose train function is never built)."""
+    return getattr(model, "optimizer", None) is not None

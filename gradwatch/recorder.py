@@ -24,10 +24,20 @@ from gradwatch import alerts, state, tags, vanishing_watch, writing
 logger = logging.getLogger("gradwatch")
 
 
-_NO_GRADIENT = (
+NO_GRADIENT = (
     "GradientMonitor saw no gradient: the optimizer was never called. A custom `train_step` "
     "must apply gradients with `self.optimizer.apply(...)` or `apply_gradients(...)`, and the "
     "model needs trainable weights.")
+
+_NEVER_APPLIED = (
+    "GradientMonitor: the optimizer {name!r} given in `optimizers` never applied gradients "
+    "in the monitored steps: nothing was recorded for it.")
+
+_TRACED_BEFORE = (
+    "GradientMonitor: the optimizer {name!r} applied gradients (its step count went from {start} "
+    "to {now}) in a step function traced before gradwatch was attached, so gradwatch cannot see "
+    "them. Call `on_train_begin()` (e.g. `keras.callbacks.CallbackList([monitor], model=model)`) "
+    "before the first call of your `tf.function`, or create the function after it.")
 
 
 _open_recorders = weakref.WeakSet()  # finished at interpreter exit
@@ -43,16 +53,25 @@ def _finish_open_recorders():
 
 
 class Recorder:
-    def __init__(self, monitor, capture, writer, print_fn):
+    """Records one optimizer's steps (`capture`) into one run (`writer`).
+
+    `report_unused`: warn at the end when the optimizer never applied gradients
+    (an optimizer the user named); else a recorder whose optimizer was not used
+    leaves nothing behind.
+    """
+
+    def __init__(self, monitor, capture, writer, print_fn, report_unused=True, name=None):
         self.monitor = monitor
+        self.name = name or capture.name or "optimizer"  # in warnings
         self.capture = capture
+        self.report_unused = report_unused
         self._output = writing.ReopeningWriter(writer, on_new_file=self._name_layers)
         self.closed = False
-        self.hooked_function = None
         self.last_epoch = 0
         self._layer_tags = None
         self._records_read = 0
-        self._alert_log = alerts.AlertLog(print_fn)
+        self._alert_log = alerts.AlertLog(print_fn, label=capture.name)
+        self._start_iterations = None
         self._vanishing = monitor.vanishing_config and vanishing_watch.VanishingWatch(
             monitor.vanishing_config, capture, self._alert_log, monitor.vanishing)
         self._warned = set()
@@ -73,8 +92,8 @@ class Recorder:
     def run_dir(self):
         return self._output.run_dir
 
-    def start(self, hooked_function=None):
-        """Hooks the optimizer; runs `hooked_function` if given, else retraces."""
+    def start(self):
+        """Hooks the optimizer (the monitor then has the train function retraced)."""
         model = self.capture.model
         if model.built and not model.trainable_variables:
             raise ValueError("GradientMonitor found no trainable weights in the model: "
@@ -84,11 +103,7 @@ class Recorder:
         if self.capture.ready:
             self._check_layer_names()
             self._records_read = self.capture.state.records_written()
-        self.plain_function = model.train_function  # what fit() would have run
-        if hooked_function is not None:  # traced by an earlier fit() of this monitor
-            model.train_function = hooked_function
-        else:
-            self.capture.make_train_function()
+        self._start_iterations = _iterations(self.capture.optimizer)
         _open_recorders.add(self)
 
     def _take_over_stale_capture(self):
@@ -115,10 +130,19 @@ class Recorder:
         _open_recorders.discard(self)
         if getattr(self.capture.optimizer, "_gradwatch_capture", None) is self.capture:
             self.capture.uninstall()
-        self.capture.model.train_function = None
+        self._discard_output()
+
+    def _discard_output(self):
+        """Closes the writer and removes its file (only the header was written),
+        and the run folder if that leaves it empty."""
+        writer = self.writer
+        self._output.writer = None
+        if writer is None:
+            return
         try:
-            self.writer.close()
-            os.remove(self.writer.path)  # holds only the file header
+            writer.close()
+            os.remove(writer.path)
+            os.rmdir(os.path.dirname(writer.path))  # fails, as it should, unless empty
         except Exception:
             pass
 
@@ -149,6 +173,11 @@ class Recorder:
         if self._layer_tags is not None:
             self._layers_event()[1](writer)
 
+    @property
+    def used(self):
+        """The optimizer's step was traced with the hook (it applies gradients)."""
+        return self.capture.traced and self.capture.ready
+
     def finish(self, epoch):
         """Drains, flushes and closes: the end of a monitored `fit()`. Idempotent."""
         if not self.closed:
@@ -166,10 +195,10 @@ class Recorder:
             step = int(self.capture.optimizer.iterations.numpy())
             self._output.write(writing.text_events(lines, step))
         self._guard("detach", self.capture.uninstall)
-        model = self.capture.model  # the next fit() runs without the hook; keep it for reuse
-        self.hooked_function = model.train_function
-        model.train_function = getattr(self, "plain_function", None)
-        self._output.close()
+        if self.used or self._layer_tags is not None:
+            self._output.close()
+        else:  # nothing happened: nothing is left behind
+            self._discard_output()
 
     # -- per drain -----------------------------------------------------------
     def drain(self, epoch, flush=False):
@@ -180,9 +209,8 @@ class Recorder:
         self._guard("drain", lambda: self._drain(epoch, flush))
 
     def _drain(self, epoch, flush):
-        if not self.capture.ready:
-            if self.capture.traced or flush:
-                self._warn_once("no_gradient", _NO_GRADIENT)
+        if not self.used:
+            self._check_unused(flush)
             return
         events = []
         if self._layer_tags is None:
@@ -212,7 +240,7 @@ class Recorder:
                 rows[:, state.FLAGS], state.EXPLODED | state.CLIP_SWITCHED_ON).any():
             return [], [], []  # a quiet batch: nothing to log
         explosions = alerts.explosions_from_records(
-            steps, rows, self.layer_paths, epoch, self.monitor.top_layers)
+            steps, rows, self.layer_paths, epoch, self.monitor.top_layers, optimizer=self.capture.name)
         self.monitor.explosions.extend(explosions)
         by_step = {e.step: e for e in explosions}
         # Log in step order: the alerts up to the switch, the switch, the rest.
@@ -232,6 +260,8 @@ class Recorder:
             setattr(self.capture.optimizer, mode, threshold)
             event = {"step": step, "epoch": int(epoch), "mode": mode,
                      "threshold": threshold, "cause_step": step}
+            if self.capture.name is not None:
+                event["optimizer"] = self.capture.name
             events.append(event)
             self.monitor.clipping_events.append(event)
             cause = next((e for e in explosions if e.step == step), None)
@@ -252,6 +282,16 @@ class Recorder:
         if len(active):
             setattr(self.capture.optimizer, policy.clip_mode, float(rows[active[-1], state.CLIP_THRESHOLD]))
 
+    def _check_unused(self, flush):
+        """The optimizer's hook has not run: was it used in a step traced before?"""
+        start, now = self._start_iterations, _iterations(self.capture.optimizer)
+        name = self.name
+        if start is not None and now is not None and now > start:
+            self._warn_once("traced_before", _TRACED_BEFORE.format(name=name, start=start, now=now))
+        elif flush and self.report_unused:
+            self._warn_once("no_gradient", NO_GRADIENT if self.capture.name is None
+                            else _NEVER_APPLIED.format(name=name))
+
     # -- failure isolation -------------------------------------------------------
     def _guard(self, what, action, default=None):
         """`action()`, or `default` after logging its failure once."""
@@ -266,3 +306,11 @@ class Recorder:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(text)
+
+
+def _iterations(optimizer):
+    """The optimizer's step count, or None if it cannot be read."""
+    try:
+        return int(optimizer.iterations.numpy())
+    except Exception:
+        return None

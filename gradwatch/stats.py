@@ -15,15 +15,20 @@ Example:
 import tensorflow as tf
 
 
-def layer_paths(model):
-    """Orders `model.trainable_variables` into reported layers.
+def layer_paths(model, variables=None):
+    """Orders the variables an optimizer updates into reported layers.
 
-    Returns `(paths, layer_of_variable)`: layer paths in model order, and a
-    dict from `id(variable)` to an index into `paths`. Top-level layers are
-    named by their name; layers of nested models as `outer/inner`; a layer that
-    is not a model (an RNN and its cell, an attention block) reports all of its
-    variables under its own path. Variables owned by a model directly are
-    reported under the variable's name. Frozen variables are left out.
+    `variables`: the variables of the optimizer's step (default: the model's
+    trainable variables). Returns `(paths, layer_of_variable)`: the paths of the
+    layers holding them, in model order, and a dict from `id(variable)` to an
+    index into `paths`. Top-level layers are named by their name; layers of
+    nested models as `outer/inner`; a layer that is not a model (an RNN and its
+    cell, an attention block) reports all of its variables under its own path.
+    Variables owned by a model directly are reported under the variable's name.
+    A layer none of whose variables is in `variables` is left out (a layer that
+    another optimizer updates, a frozen one). A variable the model does not
+    hold is reported under its own path without the last part (Keras 3
+    `variable.path` such as `critic/dense/kernel` gives `critic/dense`).
     """
     paths, layer_of_variable = [], {}
 
@@ -47,7 +52,32 @@ def layer_paths(model):
                 claim(prefix + variable.name, [variable])
 
     walk(model, "")
-    return paths, layer_of_variable
+    if variables is None:
+        return paths, layer_of_variable
+    return _restrict(paths, layer_of_variable, list(variables))
+
+
+def _restrict(paths, layer_of_variable, variables):
+    """`(paths, layer_of_variable)` for `variables` only (see `layer_paths`)."""
+    path_of = {id(v): (paths[layer_of_variable[id(v)]] if id(v) in layer_of_variable else None)
+               for v in variables}
+    used = {path for path in path_of.values() if path is not None}
+    kept = [path for path in paths if path in used]  # model order
+    for variable in variables:
+        if path_of[id(variable)] is None:
+            path_of[id(variable)] = _outside_path(variable)
+            if path_of[id(variable)] not in used:
+                used.add(path_of[id(variable)])
+                kept.append(path_of[id(variable)])
+    position = {path: index for index, path in enumerate(kept)}
+    return kept, {key: position[path] for key, path in path_of.items()}
+
+
+def _outside_path(variable):
+    """Layer path of a variable the model does not hold: its path minus the last part."""
+    path = str(getattr(variable, "path", None) or getattr(variable, "name", "variable"))
+    path = path.split(":")[0]
+    return path.rsplit("/", 1)[0] if "/" in path else path
 
 
 def _is_model(layer):

@@ -153,3 +153,29 @@ def check_verbose(value):
     if _is_int(value) and value in (0, 1, 2):
         return int(value)
     raise ValueError(f"`verbose` must be 0, 1, 2 or a bool. {_received('verbose', value)}")
+
+
+def check_optimizers(value):
+    """None, a non-empty list/tuple of Keras optimizers, or a dict `{name: optimizer}`
+    (names usable as run folders); no optimizer twice. Returns None, a list or a dict."""
+    from gradwatch.capture import optimizers
+
+    expected = ("`optimizers` must be None, a list of Keras optimizers or a dict {name: optimizer} "
+                "whose names are letters, digits, '_', '.' or '-'")
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        items = list(value.items())
+        if not all(optimizers.is_valid_name(name) for name, _ in items):
+            raise ValueError(f"{expected}. {_received('optimizers', value)}")
+    elif isinstance(value, (list, tuple)):
+        items = [(None, item) for item in value]
+    else:
+        raise ValueError(f"{expected}. {_received('optimizers', value)}")
+    if not items or not all(optimizers.is_optimizer(item) for _, item in items):
+        raise ValueError(f"{expected}; got {'an empty collection' if not items else 'a non-optimizer'}. "
+                         f"{_received('optimizers', value)}")
+    seen = [optimizers.underlying(item) for _, item in items]
+    if len({id(item) for item in seen}) != len(seen):
+        raise ValueError(f"`optimizers` names the same optimizer twice. {_received('optimizers', value)}")
+    return dict(items) if isinstance(value, dict) else [item for _, item in items]

@@ -1,13 +1,14 @@
 """Which Keras, tf_keras and TensorFlow gradwatch supports, checked when a
 `GradientMonitor` starts training.
 
-gradwatch hooks private optimizer methods (`gradwatch.capture`,
-`gradwatch.capture_tf_keras`). On a Keras they do not fit, a run would go on
+gradwatch hooks private optimizer methods (`gradwatch.capture.keras3`,
+`gradwatch.capture.tfkeras`). On a Keras they do not fit, a run would go on
 half-working: measured with Keras 3.2-3.4, a NaN update was applied while
 gradwatch recorded the step as "skipped". So `check(model)` runs in
 `on_train_begin`, before the first step, and raises `UnsupportedVersionError`
 naming the version found, the versions supported and the missing piece (for a
-version below the floor, its known reason alone) when:
+version below the floor, its known reason alone) when, for any optimizer the
+monitor watches:
 
 - the version is below the floor (`KERAS_FLOOR`, `TF_KERAS_FLOOR`,
   `TENSORFLOW_FLOOR`; pip refuses them too, but a version can be installed past
@@ -236,49 +237,68 @@ def error_message(name, version_text, problems):
 
 
 # -- the check (imports Keras / tf_keras / TensorFlow) -----------------------
-def check(model):
+def check(model, optimizers=None):
     """Raises `UnsupportedVersionError` if gradwatch cannot monitor `model`'s
-    training with the installed versions (see the module docstring). Needs a
-    compiled model (`model.optimizer`)."""
+    training with the installed versions (see the module docstring).
+
+    Args:
+        model: a Keras 3 or tf_keras model.
+        optimizers: the optimizers gradwatch will hook (a loss-scale optimizer
+            as itself); default `[model.optimizer]`.
+    """
     import tensorflow as tf
 
-    from gradwatch import capture_tf_keras
+    from gradwatch.capture import is_tf_keras_model
 
     problem = floor_problem("TensorFlow", tf.__version__, TENSORFLOW_FLOOR)
     if problem:
         raise UnsupportedVersionError(error_message("TensorFlow", tf.__version__, [problem]))
-    optimizer = model.optimizer
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if capture_tf_keras.is_tf_keras_model(model):
+    if optimizers is None:
+        optimizers = [model.optimizer]
+    if is_tf_keras_model(model):
         import tf_keras
 
         name, version_text = "tf_keras", getattr(tf_keras, "__version__", "unknown")
         problems = [floor_problem(name, version_text, TF_KERAS_FLOOR)]
-        if isinstance(inner, tf_keras.optimizers.legacy.Optimizer):
-            methods = TF_KERAS_LEGACY_METHODS
-        elif isinstance(inner, tf_keras.optimizers.Optimizer):
-            methods = TF_KERAS_METHODS
-        else:  # not a tf_keras optimizer: the capture refuses it (ValueError)
-            methods = ()
-        problems += [signature_problem(type(inner), *m) for m in methods]
-        loss_scale = getattr(optimizer, "_loss_scale", None) if inner is not optimizer else None
-        if loss_scale is not None:
-            problems += [signature_problem(type(loss_scale), *m) for m in TF_KERAS_LOSS_SCALE_METHODS]
+        for optimizer in optimizers:
+            problems += _tf_keras_method_problems(tf_keras, optimizer)
     else:
         import keras
 
         name, version_text = "Keras", keras.__version__
         version = parse_version(version_text)
         problems = [keras_floor_problem(version) if version else floor_problem(name, version_text, KERAS_FLOOR)]
-        problems += [signature_problem(type(inner), *m) for m in KERAS_METHODS]
-        if inner is not optimizer:
-            problems += [signature_problem(type(optimizer), *m) for m in KERAS_LOSS_SCALE_METHODS]
-        problems.append(_keras_all_reduce_order(type(inner)))
+        for optimizer in optimizers:
+            problems += _keras_method_problems(optimizer)
     if problems[0]:  # below the floor: its known reason says what is missing
         problems = problems[:1]
     problems = list(dict.fromkeys(p for p in problems if p))  # in order, once each
     if problems:
         raise UnsupportedVersionError(error_message(name, version_text, problems))
+
+
+def _keras_method_problems(optimizer):
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    problems = [signature_problem(type(inner), *m) for m in KERAS_METHODS]
+    if inner is not optimizer:
+        problems += [signature_problem(type(optimizer), *m) for m in KERAS_LOSS_SCALE_METHODS]
+    problems.append(_keras_all_reduce_order(type(inner)))
+    return problems
+
+
+def _tf_keras_method_problems(tf_keras, optimizer):
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if isinstance(inner, tf_keras.optimizers.legacy.Optimizer):
+        methods = TF_KERAS_LEGACY_METHODS
+    elif isinstance(inner, tf_keras.optimizers.Optimizer):
+        methods = TF_KERAS_METHODS
+    else:  # not a tf_keras optimizer: the capture refuses it (ValueError)
+        methods = ()
+    problems = [signature_problem(type(inner), *m) for m in methods]
+    loss_scale = getattr(optimizer, "_loss_scale", None) if inner is not optimizer else None
+    if loss_scale is not None:
+        problems += [signature_problem(type(loss_scale), *m) for m in TF_KERAS_LOSS_SCALE_METHODS]
+    return problems
 
 
 def _keras_all_reduce_order(cls):

@@ -75,7 +75,7 @@ def test_norms_equal_tape_norms(build, paths, tmp_path):
 @pytest.mark.parametrize("build", [sequential, Subclassed, nested])
 def test_norms_equal_tape_norms_read_every_step(build, tmp_path):
     monitor, _ = fit_and_compare(build(), tmp_path, update_freq=1)
-    capture = monitor._last_run[0]
+    capture, = monitor._last_run[0]
     assert capture.return_records and capture.latest_record is None  # used, then taken by the drain
 
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 import gradwatch
 from gradwatch import tags
 from gradwatch.capture import KerasCapture
-from gradwatch.capture_tf_keras import TfKerasCapture, capture_class
+from gradwatch.capture import TfKerasCapture, capture_class
 from helpers import (assert_logged_norms_equal, expected_norms_per_step, layer_norm, read_tags,
                      regression_data, spiked_data, tape_norms, two_cpu_strategy)
 

@@ -213,6 +213,21 @@ def test_all_reduce_inside_the_update_is_refused_whatever_the_version(tmp_path, 
     assert "Keras >= 3.8" in message
 
 
+class _ChangedSGD(keras.optimizers.SGD):
+    def _clip_gradients(self, grads, variables):  # as a future Keras might
+        return grads
+
+
+def test_every_watched_optimizer_is_checked(tmp_path):
+    model = _model()
+    model.second_optimizer = _ChangedSGD(0.01)  # held by the model: watched too (`optimizers=None`)
+    message = _fit_refused(tmp_path, model)
+    assert ("it needs the optimizer method `_ChangedSGD._clip_gradients(grads)` (found "
+            "`_clip_gradients(self, grads, variables)`). Supported:") in message
+    assert "Adam" not in message
+    versions.check(model, [model.optimizer])  # the first one alone is fine
+
+
 def test_subclass_update_step_calling_super_passes():
     # Nadam overrides `_backend_update_step` and calls super(): the order is read on Keras' class.
     assert "_backend_update_step" in vars(keras.optimizers.Nadam)

@@ -28,21 +28,29 @@ _RECORD_KEY = "_gradwatch_record"
 
 
 class KerasCapture:
-    """Installs the in-graph capture on `model.optimizer` for one `fit()`.
+    """Installs the in-graph capture on one optimizer of a model for one `fit()`
+    (or one custom training loop).
 
     Args:
-        model: the compiled Keras 3 model.
+        model: the Keras 3 model.
         policy: a `gradwatch.policy.StepPolicy` with the detection and
             clipping settings.
         capacity: rows of the on-device ring buffer.
         return_records: the host reads every step's record: on one device the
             step then also returns it (see `make_train_function`).
+        optimizer: the optimizer to watch (default `model.optimizer`).
+        name: the optimizer's name in alerts and run folders (None: the only one).
+
+    The reported layers are those whose variables the optimizer's step updates,
+    read when the step is first traced (`_begin_step`); until then, a guess
+    from the optimizer's own variables, or the model's.
     """
 
-    def __init__(self, model, policy, capacity, return_records=False):
+    def __init__(self, model, policy, capacity, return_records=False, optimizer=None, name=None):
         self.model, self.policy, self.return_records = model, policy, return_records
+        self.name = name
         self.host_detector = None if policy.decides_in_graph else HostDetector(policy)
-        self.outer = model.optimizer
+        self.outer = optimizer if optimizer is not None else model.optimizer
         self.optimizer = getattr(self.outer, "inner_optimizer", self.outer)
         self.loss_scaled = self.optimizer is not self.outer
         self.capacity = capacity
@@ -54,22 +62,27 @@ class KerasCapture:
         self._installed = {}
         self.latest_record = None  # the train function's last record output, if any
         self.last_stored = None  # trace time: the record tensor `_process` appended
+        self._state_in_graph = False  # trace time: a traced step already uses `state`
 
     @property
     def ready(self):
         return self.state is not None
 
-    def prepare(self):
-        """Maps variables to layers and creates the device state.
+    def prepare(self, variables=None):
+        """Maps the optimizer's variables to layers and creates the device state.
 
-        Done at `install()` for a built model, else when the train step is
-        first traced (an unbuilt model only gets its variables then).
+        Done at `install()` for a built model from a guess (`_expected_variables`),
+        and again when the step is first traced if its variables differ (a GAN's
+        optimizer updates one network; an unbuilt model only gets its variables then).
         """
         if self.ready:
             return
-        self.layer_paths, self._layer_of_variable = stats.layer_paths(self.model)
-        # The "auto" window has a column per trainable variable (model order) or one.
-        self._column_of_variable = {id(v): i for i, v in enumerate(self.model.trainable_variables)}
+        if variables is None:
+            variables = self._expected_variables()
+        self._prepared_ids = frozenset(id(v) for v in variables)
+        self.layer_paths, self._layer_of_variable = stats.layer_paths(self.model, variables)
+        # The "auto" window has a column per variable of the step (in its order) or one.
+        self._column_of_variable = {id(v): i for i, v in enumerate(variables)}
         auto_shape = None
         if self.policy.is_auto:
             auto_shape = (self.policy.auto.window, self.policy.auto_columns(len(self._column_of_variable)))
@@ -166,9 +179,23 @@ class KerasCapture:
             return original(grads, trainable_variables, learning_rate)
         return update_step
 
+    def _expected_variables(self):
+        """Before the first trace: the variables the optimizer was built with that
+        are still trainable, else the model's trainable variables."""
+        built = getattr(self.optimizer, "_trainable_variables", None) if getattr(
+            self.optimizer, "built", False) else None
+        if built:
+            return [v for v in built if getattr(v, "trainable", True)]
+        return list(self.model.trainable_variables)
+
     def _begin_step(self, variables):
-        """Trace time: the variables of this step, in gradient order."""
-        self.prepare()
+        """Trace time: the variables of this step, in gradient order. At the first
+        trace, the layers are those of these variables (the guess made at install
+        is replaced if it differs and no traced step uses it yet)."""
+        if (self.ready and not self.traced and not self._state_in_graph
+                and self._prepared_ids != frozenset(id(v) for v in variables)):
+            self.state = None
+        self.prepare(variables)
         self.traced = True
         self._current_variables = variables
 
@@ -204,6 +231,7 @@ class KerasCapture:
 
     def _record_overflow(self):
         """In-graph: a row saying the loss-scale optimizer skipped this step."""
+        self._state_in_graph = True
         row = [float("nan")] * (state.LAYERS_START + self.state.num_layers)
         row[state.FLAGS] = float(state.OVERFLOW)
         self.state.append(self.optimizer.iterations + 1, tf.constant(row))
@@ -229,6 +257,7 @@ class KerasCapture:
         else:  # nothing in the step depends on detection: the host detects and flags (`HostDetector`)
             head = [global_norm, global_norm, tf.constant(float("nan")), tf.constant(0.0), tf.constant(0.0)]
         row = tf.concat([tf.stack(head), tf.sqrt(layer_sq[:num_layers])], axis=0)
+        self._state_in_graph = True
         self.last_stored = self.state.append(self.optimizer.iterations + 1, row)
         return grads
 

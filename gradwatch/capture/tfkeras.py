@@ -35,7 +35,7 @@ import sys
 
 import tensorflow as tf
 
-from gradwatch.capture import KerasCapture, _zero_if, momentum_slots
+from gradwatch.capture.keras3 import KerasCapture, _zero_if, momentum_slots
 
 
 def is_tf_keras_model(model):
