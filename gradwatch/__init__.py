@@ -5,7 +5,8 @@ TensorFlow; the public classes are imported on first use.
 """
 
 __version__ = "0.1.0"
-__all__ = ["GradientMonitor", "Explosion", "ClippingSweep", "Vanishing", "VanishingConfig", "__version__"]
+__all__ = ["GradientMonitor", "Explosion", "ClippingSweep", "Vanishing", "VanishingConfig",
+           "UnsupportedVersionError", "__version__"]
 
 
 def __getattr__(name):
@@ -29,4 +30,8 @@ def __getattr__(name):
         from gradwatch.vanishing import VanishingConfig
 
         return VanishingConfig
+    if name == "UnsupportedVersionError":
+        from gradwatch.versions import UnsupportedVersionError
+
+        return UnsupportedVersionError
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

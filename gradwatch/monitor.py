@@ -8,7 +8,7 @@ import sys
 
 import keras
 
-from gradwatch import capture, clipping, multiworker, runfolder, summaries, tags, validation
+from gradwatch import capture, clipping, multiworker, runfolder, summaries, tags, validation, versions
 from gradwatch.policy import StepPolicy
 from gradwatch.recorder import NO_GRADIENT, Recorder
 
@@ -152,6 +152,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         self.explosions, self.clipping_events, self.vanishing = [], [], []
         watched = self._watched_optimizers()
         policies = [self._policy(optimizer) for _, optimizer in watched]
+        versions.check(self.model, [optimizer for _, optimizer in watched])  # before the first step, from fit()
         # Multi-worker: only the chief writes and logs alerts (`multiworker`).
         self._role = multiworker.WorkerRole(self.model.distribute_strategy)
         print_fn = _print_msg if self.verbose and self._role.chief else None

@@ -11,6 +11,8 @@ import gradwatch
 from gradwatch import tags
 from helpers import layer_norm, read_tags, regression_data, spiked_data, tape_norms
 
+pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
+
 
 def mlp():
     return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="hidden"),

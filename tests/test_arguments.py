@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 import gradwatch
 from gradwatch import clipping
 
+pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
+
 # -- an independent statement of what is valid ---------------------------------
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -13,6 +13,8 @@ import gradwatch
 from gradwatch import clipping
 from helpers import WeightsBeforeEachStep, read_tags, regression_data
 
+pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
+
 
 def reference_percentile(column, q):
     """Nearest rank, written independently: the smallest value with at least q% of values <= it."""

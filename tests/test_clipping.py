@@ -10,6 +10,8 @@ import gradwatch
 from gradwatch import clipping
 from helpers import WeightsBeforeEachStep, read_tags, regression_data, two_cpu_strategy
 
+pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
+
 LR = 0.1
 SPIKE_STEP = 6
 

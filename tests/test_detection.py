@@ -11,6 +11,8 @@ from gradwatch import detection
 from gradwatch.detection import (AdaptiveConfig, adaptive_threshold, initial_adaptive_state, is_explosion,
                                  update_adaptive_state)
 
+pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
+
 DEFAULTS = AdaptiveConfig()
 
 

@@ -6,10 +6,13 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 
 import gradwatch
 from gradwatch import tags
 from helpers import read_tags, regression_data
+
+pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
 
 
 def mlp():

@@ -9,6 +9,8 @@ from gradwatch import tags
 from helpers import (WeightsBeforeEachStep, assert_logged_norms_equal, expected_norms_per_step,
                      layer_norm, read_tags, regression_data)
 
+pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
+
 RTOL = 1e-5
 
 

@@ -18,6 +18,8 @@ import gradwatch
 from gradwatch import tags
 from helpers import read_tags
 
+pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
+
 LATENT, FEATURES, BATCH, STEPS = 4, 6, 16, 6
 RTOL = 2e-5
 

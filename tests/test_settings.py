@@ -3,11 +3,14 @@ mixed precision, gradient accumulation, sparse and missing gradients."""
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import gradwatch
 from gradwatch import tags
 from helpers import read_tags, regression_data, tape_norms, two_cpu_strategy
+
+pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
 
 
 def mlp(name="mlp"):

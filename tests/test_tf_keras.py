@@ -18,6 +18,8 @@ from gradwatch.capture import TfKerasCapture, capture_class
 from helpers import (assert_logged_norms_equal, expected_norms_per_step, layer_norm, read_tags,
                      regression_data, spiked_data, tape_norms, two_cpu_strategy)
 
+pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
+
 tf_keras = pytest.importorskip("tf_keras", reason="tf_keras is not installed")
 layers = tf_keras.layers
 

@@ -242,7 +242,7 @@ def test_dashboard_marks_and_lists_the_vanishing_layers(sigmoid_run, load_fast):
     from tensorboard_plugin_gradwatch import screenshot
 
     if not screenshot.chromium_available():
-        pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver")
+        pytest.skip("needs /usr/bin/chromium, /usr/bin/chromedriver and selenium")
     from selenium.webdriver.common.by import By
 
     log_dir, monitor, _, _, _ = sigmoid_run

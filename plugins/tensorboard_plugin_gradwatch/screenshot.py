@@ -120,7 +120,11 @@ def _stop(process):
 
 
 def chromium_available():
-    return os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+    """Chromium, its driver and selenium are all installed (the browser tests skip otherwise)."""
+    import importlib.util
+
+    return (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+            and importlib.util.find_spec("selenium") is not None)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import pytest
 from tensorboard_plugin_gradwatch import screenshot
 
 pytestmark = pytest.mark.skipif(
-    not screenshot.chromium_available(), reason="needs /usr/bin/chromium and /usr/bin/chromedriver")
+    not screenshot.chromium_available(), reason="needs /usr/bin/chromium, /usr/bin/chromedriver and selenium")
 
 LOADERS = ("false", "true")  # --load_fast: the Python loader, RustBoard
 
