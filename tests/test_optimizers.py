@@ -54,25 +54,31 @@ class GAN(keras.Model):
         self.loss_fn = keras.losses.MeanSquaredError()  # a least-squares GAN
 
     def train_step(self, data):
-        real, (z1, z2) = data[0], data[1]
-        fake = self.generator(z1)
-        combined = tf.concat([fake, real], axis=0)
-        labels = tf.concat([tf.ones((tf.shape(fake)[0], 1)), tf.zeros((tf.shape(real)[0], 1))], axis=0)
-        with tf.GradientTape() as tape:
-            d_loss = self.loss_fn(labels, self.discriminator(combined))
-        d_vars = self.discriminator.trainable_weights
-        d_grads = tape.gradient(d_loss, d_vars)
-        self.d_optimizer.apply_gradients(zip(d_grads, d_vars))
-        with tf.GradientTape() as tape:
-            g_loss = self.loss_fn(tf.zeros((tf.shape(z2)[0], 1)), self.discriminator(self.generator(z2)))
-        g_vars = self.generator.trainable_weights
-        g_grads = tape.gradient(g_loss, g_vars)
-        self.g_optimizer.apply_gradients(zip(g_grads, g_vars))
-        if self.record is not None:
-            self.record({
-                "d_optimizer": (float(tf.linalg.global_norm(d_grads)), layer_norms(d_grads, d_vars, self.discriminator)),
-                "g_optimizer": (float(tf.linalg.global_norm(g_grads)), layer_norms(g_grads, g_vars, self.generator))})
-        return {"d_loss": d_loss, "g_loss": g_loss}
+        return gan_train_step(self, data)
+
+
+def gan_train_step(gan, data):
+    """keras-io's GAN step (least squares): the discriminator's update, then the
+    generator's; with `gan.record`, each network's tape norms are recorded."""
+    real, (z1, z2) = data[0], data[1]
+    fake = gan.generator(z1)
+    combined = tf.concat([fake, real], axis=0)
+    labels = tf.concat([tf.ones((tf.shape(fake)[0], 1)), tf.zeros((tf.shape(real)[0], 1))], axis=0)
+    with tf.GradientTape() as tape:
+        d_loss = gan.loss_fn(labels, gan.discriminator(combined))
+    d_vars = gan.discriminator.trainable_weights
+    d_grads = tape.gradient(d_loss, d_vars)
+    gan.d_optimizer.apply_gradients(zip(d_grads, d_vars))
+    with tf.GradientTape() as tape:
+        g_loss = gan.loss_fn(tf.zeros((tf.shape(z2)[0], 1)), gan.discriminator(gan.generator(z2)))
+    g_vars = gan.generator.trainable_weights
+    g_grads = tape.gradient(g_loss, g_vars)
+    gan.g_optimizer.apply_gradients(zip(g_grads, g_vars))
+    if gan.record is not None:
+        gan.record({
+            "d_optimizer": (float(tf.linalg.global_norm(d_grads)), layer_norms(d_grads, d_vars, gan.discriminator)),
+            "g_optimizer": (float(tf.linalg.global_norm(g_grads)), layer_norms(g_grads, g_vars, gan.generator))})
+    return {"d_loss": d_loss, "g_loss": g_loss}
 
 
 def gan_data(steps=STEPS, spike_step=None):

@@ -12,6 +12,7 @@ import tensorflow as tf
 import gradwatch
 from gradwatch import tags
 from helpers import read_tags
+from test_optimizers import gan_train_step
 
 tf_keras = pytest.importorskip("tf_keras", reason="tf_keras is not installed")
 layers = tf_keras.layers
@@ -24,12 +25,6 @@ RTOL = 2e-5
 def _fresh_tf_keras_state():
     tf_keras.backend.clear_session()
     yield
-
-
-def layer_norms(grads, variables, network):
-    by_id = {id(v): g for g, v in zip(grads, variables)}
-    return {f"{network.name}/{layer.name}": float(tf.linalg.global_norm([by_id[id(v)] for v in layer.trainable_variables]))
-            for layer in network.layers}
 
 
 class GAN(tf_keras.Model):
@@ -51,25 +46,7 @@ class GAN(tf_keras.Model):
         self.loss_fn = tf_keras.losses.MeanSquaredError()
 
     def train_step(self, data):
-        real, (z1, z2) = data
-        fake = self.generator(z1)
-        combined = tf.concat([fake, real], axis=0)
-        labels = tf.concat([tf.ones((tf.shape(fake)[0], 1)), tf.zeros((tf.shape(real)[0], 1))], axis=0)
-        with tf.GradientTape() as tape:
-            d_loss = self.loss_fn(labels, self.discriminator(combined))
-        d_vars = self.discriminator.trainable_weights
-        d_grads = tape.gradient(d_loss, d_vars)
-        self.d_optimizer.apply_gradients(zip(d_grads, d_vars))
-        with tf.GradientTape() as tape:
-            g_loss = self.loss_fn(tf.zeros((tf.shape(z2)[0], 1)), self.discriminator(self.generator(z2)))
-        g_vars = self.generator.trainable_weights
-        g_grads = tape.gradient(g_loss, g_vars)
-        self.g_optimizer.apply_gradients(zip(g_grads, g_vars))
-        if self.record is not None:
-            self.record({
-                "d_optimizer": (float(tf.linalg.global_norm(d_grads)), layer_norms(d_grads, d_vars, self.discriminator)),
-                "g_optimizer": (float(tf.linalg.global_norm(g_grads)), layer_norms(g_grads, g_vars, self.generator))})
-        return {"d_loss": d_loss, "g_loss": g_loss}
+        return gan_train_step(self, data)
 
 
 def gan_data():
