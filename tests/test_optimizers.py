@@ -227,7 +227,7 @@ def test_custom_loop_traced_before_on_train_begin_warns_and_records_nothing(tmp_
     callbacks.on_train_end()
     warnings = [r.getMessage() for r in caplog.records if r.name == "gradwatch"]
     assert len(warnings) == 1
-    assert "traced before gradwatch was attached" in warnings[0] and "'sgd'" in warnings[0]
+    assert "traced before gradwatch was attached" in warnings[0] and "'sgd'" in warnings[0].lower()  # Keras 3.8 names it 'SGD'
     assert "went from 1 to 2" in warnings[0]  # seen at the first drain
     assert not (tmp_path / "train").exists()  # nothing is recorded that was not seen
 
