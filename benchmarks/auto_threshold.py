@@ -1,233 +1,315 @@
-"""`clip_threshold="auto"` against fixed clipping thresholds on rare corrupted targets.
+"""`clip_threshold="auto"` against fixed clipping thresholds, on every kind of trouble.
 
-Two regressors trained with SGD + momentum on synthetic data where a few
-training targets (0.5%) are multiplied by 60 -- a common cause of gradient
-explosions -- scored by the MSE on *clean* validation data:
+Kinds (issue 24), each trained plainly, with each of 4 fixed thresholds from
+the start (Keras' own clipping) and with `GradientMonitor(auto_clip=MODE,
+clip_threshold="auto")`, scored by the MSE on *clean* validation data (targets
+standardised: 1.0 is predicting the mean):
 
-* `mlp`: Dense(64, relu) x 2 -> Dense(1) on 16 features;
-* `gru`: GRU(32) -> Dense(1) on sequences of 20 x 4.
+* `chronic`: 0.5% of the training targets x60 from the first step;
+* `midrun`: the same outliers, arriving only after half of the training
+  (a second `fit` on corrupted data, the monitor carried over);
+* `inputs`: 2% of the training inputs x50 (from the start);
+* `lr_spike`: the learning rate x30 for 5 steps in the middle of the run;
+* `diverge`: no bad data, a learning rate x`diverge_lr` too large from step 1;
+* `healthy`: none of these: "auto" must never switch on, weights bit-identical.
 
-Runs per scenario and seed (same initial weights and batches for all):
-`plain`; `clipnorm` 0.1 / 0.3 / 1 / 3 from the start (Keras' own clipping);
-`auto`: plain SGD + `GradientMonitor(auto_clip=MODE, clip_threshold="auto")`
-with the rule of the gradwatch on `PYTHONPATH` (run it once with the main
-branch's checkout first to score the old rule, `--label old`); candidate rules
-are given as `--auto p10,w256,pooled,reset` (percentile, window, one pooled
-threshold instead of per-variable ones, reset momentum at the switch).
-`healthy`: the same scenario without corrupted targets, with "auto": clipping
-must never switch on.
+Families (regression heads): `mlp` (4 x Dense(64, tanh)), `gru` (GRU(32)),
+`cnn` (2 x Conv2D on 12x12 images), `attention` (a self-attention block with
+LayerNorm); optimizers `sgd` (SGD + momentum 0.9) and `adam`. Same initial
+weights and batches for every run of a (kind, family, optimizer, seed).
 
-    python benchmarks/auto_threshold.py --out /tmp/auto.jsonl --seeds 0 1 2
-    python benchmarks/auto_threshold.py --out /tmp/auto.jsonl --runs auto --auto p25 p50,pooled
-    python benchmarks/auto_threshold.py --table /tmp/auto.jsonl
+    python benchmarks/auto_threshold.py --out r.jsonl --seeds 0 1          # the grid (2 workers)
+    python benchmarks/auto_threshold.py --out r.jsonl --seeds 7 8 --label heldout
+    python benchmarks/auto_threshold.py --table r.jsonl                     # markdown tables + summary
 
-Results are appended as JSON lines; `--table` prints the markdown tables.
+Results are appended as JSON lines (one per training run).
 """
 
 import argparse
 import collections
+import concurrent.futures
+import itertools
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 
-sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # PYTHONPATH first
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)  # this checkout's gradwatch
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-FIXED = (0.1, 0.3, 1.0, 3.0)
-SCENARIOS = {  # model, samples, epochs, batch, learning rate, momentum, corrupted fraction and factor
-    "mlp": dict(model="mlp", train=2048, epochs=5, batch=32, lr=0.02, momentum=0.9, fraction=0.005, factor=60.0),
-    "gru": dict(model="gru", train=2048, epochs=4, batch=32, lr=0.02, momentum=0.9, fraction=0.005, factor=60.0),
-    # Fewer, larger corruptions: the first explosion comes in the first steps,
-    # while the norms are still large (the window starts with them).
-    "mlp_early": dict(model="mlp", train=2048, epochs=5, batch=32, lr=0.02, momentum=0.9, fraction=0.002,
-                      factor=1000.0),
-}
+KINDS = ("chronic", "midrun", "inputs", "lr_spike", "diverge", "healthy")
+FAMILIES = ("mlp", "gru", "cnn", "attention")
+OPTIMIZERS = ("sgd", "adam")
+FIXED = {"clipnorm": (0.1, 0.3, 1.0, 3.0), "global_clipnorm": (0.1, 0.3, 1.0, 3.0),
+         "clipvalue": (0.003, 0.01, 0.03, 0.1)}
+LR = {"sgd": 0.02, "adam": 1e-3}
+DIVERGE_LR = {"sgd": 10.0, "adam": 30.0}  # multipliers of LR for the `diverge` kind
+TRAIN, VAL, BATCH, EPOCHS = 2048, 512, 32, 4
 
 
-def data(scenario, seed, corrupt=True):
-    """`(x, y, x_val, y_val)`: train targets with rare corruption, clean validation."""
+def data(kind, family, seed):
+    """`(x, y, x_bad, y_bad, x_val, y_val)`: clean and corrupted training sets, clean validation."""
     rng = np.random.default_rng(seed)
-    settings = SCENARIOS[scenario]
-    n = settings["train"] + 512
-    if settings["model"] == "mlp":
+    n = TRAIN + VAL
+    if family == "mlp":
         x = rng.normal(size=(n, 16))
         w = rng.normal(size=(16, 2)) / 4.0
         y = x @ w[:, :1] + 0.5 * np.tanh(x @ w[:, 1:]) + 0.3 * x[:, :1] * x[:, 1:2]
-    else:
-        x = rng.normal(size=(n, 20, 4))
+    elif family in ("gru", "attention"):
+        x = rng.normal(size=(n, 12, 4))
         w = rng.normal(size=(4,)) / 2.0
-        y = x[:, -8:, 0].mean(1, keepdims=True) * 2.0 + np.tanh(x[:, -3:] @ w).mean(1)[:, None]
+        y = x[:, -6:, 0].mean(1, keepdims=True) * 2.0 + np.tanh(x[:, -3:] @ w).mean(1)[:, None]
+    else:  # cnn: the mean brightness of a blob
+        x = rng.normal(size=(n, 12, 12, 1)) * 0.5
+        centre = rng.integers(3, 9, size=(n, 2))
+        amplitude = rng.normal(size=n)
+        for i in range(n):
+            x[i, centre[i, 0] - 2:centre[i, 0] + 2, centre[i, 1] - 2:centre[i, 1] + 2, 0] += amplitude[i]
+        y = amplitude[:, None] + 0.1 * (centre[:, :1] - 6)
     y = (y - y.mean()) / y.std()
     x, y = x.astype("float32"), y.astype("float32")
-    x_val, y_val, x, y = x[-512:], y[-512:], x[:-512], y[:-512].copy()
-    if corrupt:
-        bad = rng.choice(len(y), int(round(settings["fraction"] * len(y))), replace=False)
-        y[bad] *= settings["factor"]
-    return x, y, x_val, y_val
+    x_val, y_val, x, y = x[-VAL:], y[-VAL:], x[:-VAL], y[:-VAL]
+    x_bad, y_bad = x.copy(), y.copy()
+    if kind in ("chronic", "midrun"):
+        bad = rng.choice(len(y), int(round(0.005 * len(y))), replace=False)
+        y_bad[bad] *= 60.0
+    elif kind == "inputs":
+        bad = rng.choice(len(y), int(round(0.02 * len(y))), replace=False)
+        x_bad[bad] *= 50.0
+    return x, y, x_bad, y_bad, x_val, y_val
 
 
-def model(kind, seed, optimizer):
+def build(family, seed, optimizer):
     import keras
 
     keras.utils.set_random_seed(seed)
     layers = keras.layers
-    if kind == "mlp":
-        net = keras.Sequential([keras.Input((16,)), layers.Dense(64, activation="relu"),
-                                layers.Dense(64, activation="relu"), layers.Dense(1)])
+    if family == "mlp":
+        net = keras.Sequential([keras.Input((16,))] + [layers.Dense(64, activation="tanh") for _ in range(4)]
+                               + [layers.Dense(1)])
+    elif family == "gru":
+        net = keras.Sequential([keras.Input((12, 4)), layers.GRU(32), layers.Dense(1)])
+    elif family == "cnn":
+        net = keras.Sequential([keras.Input((12, 12, 1)), layers.Conv2D(8, 3, activation="relu"),
+                                layers.Conv2D(16, 3, strides=2, activation="relu"),
+                                layers.GlobalAveragePooling2D(), layers.Dense(1)])
     else:
-        net = keras.Sequential([keras.Input((20, 4)), layers.GRU(32), layers.Dense(1)])
+        inputs = keras.Input((12, 4))
+        h = layers.Dense(32)(inputs)
+        h = layers.LayerNormalization()(h + layers.MultiHeadAttention(2, 16)(h, h))
+        h = layers.LayerNormalization()(h + layers.Dense(32)(layers.Dense(64, activation="gelu")(h)))
+        net = keras.Model(inputs, layers.Dense(1)(layers.GlobalAveragePooling1D()(h)))
     net.compile(optimizer=optimizer, loss="mse")
     return net
 
 
-def parse_auto(spec):
-    """`p10,w256,pooled,reset` -> (AutoThreshold, reset momentum)."""
-    from gradwatch import clipping
+class LearningRateSpike:
+    """Multiplies the learning rate by `factor` for steps [start, start + length)."""
 
-    fields, reset = {}, False
-    for part in filter(None, (spec or "").split(",")):
-        if part == "pooled":
-            fields["per_variable"] = False
-        elif part == "frozen":
-            fields["follow"] = False
-        elif part == "reset":
-            reset = True
-        elif part[0] == "p":
-            fields["percentile"] = float(part[1:])
-        elif part[0] == "w":
-            fields["window"] = int(part[1:])
-        else:
-            raise ValueError(f"unknown part {part!r} of --auto {spec!r}")
-    if not hasattr(clipping, "AutoThreshold"):  # the old rule (main before issue 13)
-        return None, reset
-    return clipping.AutoThreshold(**fields), reset  # the defaults, changed by `fields`
+    def __new__(cls, lr, start, length=5, factor=30.0):
+        import keras
+
+        class Spike(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.step = 0
+
+            def on_train_batch_begin(self, batch, logs=None):
+                self.step += 1
+                spiking = start <= self.step < start + length
+                self.model.optimizer.learning_rate.assign(lr * factor if spiking else lr)
+
+        return Spike()
 
 
-def train(kind, seed, run, mode, auto_spec=None, corrupt=True):
+def train(job):
+    """One training run; returns its JSON record."""
     import keras
 
     import gradwatch
-    from gradwatch import clipping
 
-    settings = SCENARIOS[kind]
-    x, y, x_val, y_val = data(kind, seed, corrupt)
+    kind, family, opt_name, seed, run, mode = (job[k] for k in ("kind", "family", "optimizer", "seed", "run", "mode"))
+    x, y, x_bad, y_bad, x_val, y_val = data(kind, family, seed)
+    lr = LR[opt_name] * (DIVERGE_LR[opt_name] if kind == "diverge" else 1.0)
     clip = {mode: float(run.split("=")[1])} if run.startswith("fixed") else {}
-    optimizer = keras.optimizers.SGD(settings["lr"], momentum=settings["momentum"], **clip)
-    net = model(settings["model"], seed, optimizer)
+    if opt_name == "sgd":
+        optimizer = keras.optimizers.SGD(lr, momentum=0.9, **clip)
+    else:
+        optimizer = keras.optimizers.Adam(lr, **clip)
+    net = build(family, seed, optimizer)
     callbacks, monitor = [keras.callbacks.TerminateOnNaN()], None
-    if run in ("auto", "healthy"):
-        extra = {}
-        auto, reset = parse_auto(auto_spec)
-        if auto is not None:
-            clipping.AUTO = auto
-        if reset:
-            extra["reset_momentum"] = True
+    if run.startswith("auto"):
+        extra = {"reset_momentum": run == "auto+reset"} if run != "auto" else {}
         monitor = gradwatch.GradientMonitor(tempfile.mkdtemp(prefix="gw_auto_"), auto_clip=mode,
-                                            clip_threshold="auto", verbose=0, **extra)
+                                            clip_threshold="auto", verbose=0, vanishing=False, **extra)
         callbacks.append(monitor)
+    steps_per_epoch = TRAIN // BATCH
+    if kind == "lr_spike":
+        callbacks.append(LearningRateSpike(lr, start=steps_per_epoch * EPOCHS // 2))
     start = time.time()
-    net.fit(x, y, batch_size=settings["batch"], epochs=settings["epochs"], verbose=0, callbacks=callbacks)
-    pred = net.predict(x_val, batch_size=512, verbose=0)
+    fit = dict(batch_size=BATCH, verbose=0, callbacks=callbacks)
+    if kind == "midrun":
+        net.fit(x, y, epochs=EPOCHS // 2, **fit)
+        if not net.stop_training:
+            net.fit(x_bad, y_bad, epochs=EPOCHS // 2, **fit)
+    else:
+        net.fit(x_bad, y_bad, epochs=EPOCHS, **fit)
+    pred = net.predict(x_val, batch_size=VAL, verbose=0)
     mse = float(np.mean((pred - y_val) ** 2))
+    weights = np.concatenate([np.ravel(w) for w in net.get_weights()])
     switch = monitor.clipping_events[0] if monitor is not None and monitor.clipping_events else None
-    return {"scenario": kind, "seed": seed, "run": run, "mode": mode, "val_mse": mse if np.isfinite(mse) else None,
+    return {**job, "val_mse": mse if np.isfinite(mse) else None,
+            "alarms": len(monitor.explosions) if monitor is not None else None,
             "switch_step": switch and switch["step"], "switch_threshold": switch and switch["threshold"],
-            "final_threshold": monitor and getattr(net.optimizer, mode, None),
+            "weights_digest": float(np.sum(weights.astype(np.float64) * np.arange(1, len(weights) + 1) % 9973))
+            if np.all(np.isfinite(weights)) else None,
             "seconds": round(time.time() - start, 1)}
 
 
-def table(path, mode):
+def jobs_for(kinds, families, optimizers, seeds, modes, runs):
+    for kind, family, opt_name, seed in itertools.product(kinds, families, optimizers, seeds):
+        base = dict(kind=kind, family=family, optimizer=opt_name, seed=seed)
+        if "plain" in runs:
+            yield dict(base, run="plain", mode=None)
+        for mode in modes:
+            if "fixed" in runs and kind != "healthy":
+                for t in FIXED[mode]:
+                    yield dict(base, run=f"fixed={t:g}", mode=mode)
+            for run in runs:
+                if run.startswith("auto"):
+                    yield dict(base, run=run, mode=mode)
+
+
+# --- tables -----------------------------------------------------------------------------------------
+
+
+def load(path, label=None):
     rows = [json.loads(line) for line in open(path)]
-    rows = [r for r in rows if r["mode"] == mode]
-    if not rows:
-        return
+    return [r for r in rows if label is None or r.get("label", "") == label]
+
+
+def cells(rows):
     by = collections.defaultdict(dict)
     for r in rows:
-        name = r["run"] if r["run"] not in ("auto", "healthy") else f"{r['run']} {r.get('label', '')}".strip()
-        by[(r["scenario"], r["seed"])][name] = r
-    names = sorted({n for cell in by.values() for n in cell}, key=lambda n: (not n.startswith("fixed"), n))
-    fmt = lambda v: "NaN" if v is None else f"{v:.3g}"  # noqa: E731
-    print(f"\nmode {mode}: clean validation MSE (switch step for auto runs)\n")
-    print("| scenario | seed | best fixed | " + " | ".join(names) + " |")
-    print("|" + " --- |" * (3 + len(names)))
-    for (scenario, seed), cell in sorted(by.items()):
-        fixed = [c["val_mse"] for n, c in cell.items() if n.startswith("fixed") and c["val_mse"] is not None]
-        best = min(fixed) if fixed else None
-        out = []
-        for n in names:
-            c = cell.get(n)
-            if c is None:
-                out.append("")
-                continue
-            text = fmt(c["val_mse"])
-            if c["run"] in ("auto", "healthy"):
-                text += f" (@{c['switch_step']})" if c["switch_step"] else " (no switch)"
-                if best and c["val_mse"] is not None and c["run"] == "auto":
-                    text += f" {c['val_mse'] / best:.2f}x"
-            out.append(text)
-        print(f"| {scenario} | {seed} | {fmt(best)} | " + " | ".join(out) + " |")
-    summary(by, names)
+        by[(r["kind"], r["family"], r["optimizer"], r["seed"])][(r["run"], r["mode"])] = r
+    return by
 
 
-def summary(by, names):
-    """Per auto rule: its val MSE over the best fixed threshold's, and over `fixed=1`'s."""
-    print("\n| rule | runs | worst / best fixed | geometric mean / best fixed | within 1.5x | "
-          "worst / fixed=1 (MLP runs) |")
-    print("|" + " --- |" * 6)
-    for name in names:
-        if not name.startswith("auto"):
+def judge(cell, mode, auto_run="auto"):
+    """`(plain, best fixed, auto, ratio, hurt)` of one cell for one mode, or None."""
+    fixed = [cell.get((f"fixed={t:g}", mode)) for t in FIXED[mode]]
+    plain, auto = cell.get(("plain", None)), cell.get((auto_run, mode))
+    if plain is None or auto is None or None in fixed:
+        return None
+    finite = [f["val_mse"] for f in fixed if f["val_mse"] is not None]
+    best = min(finite) if finite else None
+    inf = float("inf")
+    auto_mse = auto["val_mse"] if auto["val_mse"] is not None else inf
+    plain_mse = plain["val_mse"] if plain["val_mse"] is not None else inf
+    ratio = auto_mse / best if best else inf
+    hurt = best is not None and (plain_mse > 2 * best)
+    return plain_mse, best, auto_mse, ratio, hurt, auto
+
+
+def table(rows, mode, auto_run="auto"):
+    by = cells(rows)
+    fmt = lambda v: "NaN" if v is None or v == float("inf") else f"{v:.3g}"  # noqa: E731
+    lines = [f"\n### {mode}, `{auto_run}`: clean validation MSE\n",
+             "| kind | family | opt | seed | plain | best fixed (t) | auto (switch) | auto / best | hurt |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    summary = collections.defaultdict(list)
+    for key in sorted(by):
+        kind, family, opt_name, seed = key
+        if kind == "healthy":
             continue
-        ratios, versus_one = [], []
-        for (scenario, _), cell in by.items():
-            run = cell.get(name)
-            fixed = [c["val_mse"] for n, c in cell.items() if n.startswith("fixed")]
-            if run is None or None in fixed or len(fixed) < len(FIXED):
+        judged = judge(by[key], mode, auto_run)
+        if judged is None:
+            continue
+        plain_mse, best, auto_mse, ratio, hurt, auto = judged
+        best_t = min((c["val_mse"], r) for (r, m), c in by[key].items()
+                     if m == mode and r.startswith("fixed") and c["val_mse"] is not None)[1] if best else ""
+        switch = f"@{auto['switch_step']}" if auto["switch_step"] else "no switch"
+        lines.append(f"| {kind} | {family} | {opt_name} | {seed} | {fmt(plain_mse)} | {fmt(best)} "
+                     f"({best_t.replace('fixed=', '')}) | {fmt(auto_mse)} ({switch}) | {ratio:.2f} | "
+                     f"{'yes' if hurt else ''} |")
+        summary[kind].append((ratio, hurt, plain_mse == float("inf"), auto_mse))
+    lines += ["", "| kind | runs | hurt (plain > 2x best fixed or NaN) | auto within 1.5x on hurt | "
+              "worst on hurt | plain NaN -> auto finite | geometric mean (all) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    totals = [0, 0, 0]
+    for kind, items in summary.items():
+        hurt = [r for r, h, _, _ in items if h]
+        within = sum(r <= 1.5 for r in hurt)
+        nan = [(a != float("inf")) for _, _, p, a in items if p]
+        gm = float(np.exp(np.mean(np.log([max(r, 1e-9) for r, _, _, _ in items if r != float("inf")]))))
+        totals[0] += len(hurt)
+        totals[1] += within
+        totals[2] = max(totals[2], max(hurt) if hurt else 0)
+        lines.append(f"| {kind} | {len(items)} | {len(hurt)} | {within}/{len(hurt)} | "
+                     f"{max(hurt) if hurt else float('nan'):.2f} | {sum(nan)}/{len(nan)} | {gm:.2f} |")
+    if totals[0]:
+        lines.append(f"| **all** | | {totals[0]} | **{totals[1]}/{totals[0]} = {100 * totals[1] / totals[0]:.0f}%** "
+                     f"| **{totals[2]:.2f}** | | |")
+    return "\n".join(lines)
+
+
+def healthy_table(rows):
+    by = cells(rows)
+    lines = ["\n### healthy runs\n", "| family | opt | seed | mode | alarms | switched | weights = plain |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key in sorted(k for k in by if k[0] == "healthy"):
+        plain = by[key].get(("plain", None))
+        for (run, mode), r in sorted(by[key].items(), key=str):
+            if not run.startswith("auto"):
                 continue
-            mse = run["val_mse"] if run["val_mse"] is not None else float("inf")
-            ratios.append(mse / min(fixed))
-            if scenario.startswith("mlp"):
-                versus_one.append(mse / cell["fixed=1"]["val_mse"])
-        if ratios:
-            within = sum(r <= 1.5 for r in ratios)
-            print(f"| {name} | {len(ratios)} | {max(ratios):.2f} | {np.exp(np.mean(np.log(ratios))):.2f} | "
-                  f"{within}/{len(ratios)} | {max(versus_one) if versus_one else float('nan'):.2f} |")
+            same = plain is not None and r["weights_digest"] == plain["weights_digest"] and r["val_mse"] == plain["val_mse"]
+            lines.append(f"| {key[1]} | {key[2]} | {key[3]} | {mode} {run} | {r['alarms']} | "
+                         f"{'yes' if r['switch_step'] else 'no'} | {'yes' if same else 'NO'} |")
+    return "\n".join(lines)
+
+
+def _key(run):
+    return tuple(run[k] for k in ("kind", "family", "optimizer", "seed", "run", "mode"))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--mode", default="clipnorm")
-    parser.add_argument("--runs", nargs="+", default=["plain", "fixed", "auto", "healthy"])
-    parser.add_argument("--auto", nargs="+", default=[""], help="candidate rules, e.g. p10 p25,pooled")
-    parser.add_argument("--label", default="", help="label of the auto runs (e.g. old)")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--modes", nargs="+", default=["clipnorm", "global_clipnorm"])
+    parser.add_argument("--runs", nargs="+", default=["plain", "fixed", "auto"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--label", default="")
     parser.add_argument("--out", default="auto_threshold.jsonl")
     parser.add_argument("--table", help="print the tables of a results file and exit")
+    parser.add_argument("--table-label", default=None, help="only the rows with this label")
     args = parser.parse_args()
     if args.table:
+        rows = load(args.table, args.table_label)
         for mode in ("clipnorm", "global_clipnorm", "clipvalue"):
-            table(args.table, mode)
+            for auto_run in sorted({r["run"] for r in rows if r["run"].startswith("auto")}):
+                if any(r["mode"] == mode and r["run"] == auto_run for r in rows):
+                    print(table(rows, mode, auto_run))
+        print(healthy_table(rows))
         return
-    jobs = []
-    for kind in args.scenarios:
-        for seed in args.seeds:
-            for run in args.runs:
-                if run == "fixed":
-                    jobs += [(kind, seed, f"fixed={t:g}", None) for t in FIXED]
-                elif run in ("auto", "healthy"):
-                    jobs += [(kind, seed, run, spec) for spec in args.auto]
-                else:
-                    jobs.append((kind, seed, run, None))
-    for kind, seed, run, spec in jobs:
-        result = train(kind, seed, run, args.mode, spec, corrupt=run != "healthy")
-        result["label"] = " ".join(filter(None, [args.label, spec or ""]))
-        print(json.dumps(result), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    jobs = list(jobs_for(args.kinds, args.families, args.optimizers, args.seeds, args.modes, args.runs))
+    if os.path.exists(args.out):  # resume: runs already in the file (same label) are not run again
+        done = {_key(r) for r in load(args.out) if r.get("label", "") == args.label}
+        jobs = [job for job in jobs if _key(job) not in done]
+    print(f"{len(jobs)} runs", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool, open(args.out, "a") as out:
+        for result in pool.map(train, jobs, chunksize=1):
+            result["label"] = args.label
+            out.write(json.dumps(result) + "\n")
+            out.flush()
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,30 +25,35 @@ MODES = ("clipnorm", "global_clipnorm", "clipvalue")
 @dataclasses.dataclass(frozen=True)
 class AutoThreshold:
     """How `clip_threshold="auto"` sets the clipping threshold (AutoClip,
-    Seetharaman et al. 2020, over a window and per variable).
+    Seetharaman et al. 2020, over a window and per variable), from healthy
+    statistics only.
 
-    Every healthy step (not exploded, finite) adds its statistic to a window
-    of the last `window` values: each variable's gradient norm for
-    `clipnorm` (the quantity `clipnorm` bounds: one threshold per variable),
-    the global norm for `global_clipnorm`, the root-mean-square gradient
-    entry for `clipvalue`. From the switch on, the threshold of each step is
-    the `percentile`-th percentile of that window, this step included: it
-    follows the run. Zero entries are left out (`window_percentile`).
+    The rule, in a few sentences. Every healthy step (not exploded, finite)
+    adds its statistic to a window of the last `window` values: each
+    variable's gradient norm for `clipnorm` (one threshold per variable), the
+    global norm for `global_clipnorm`, the root-mean-square gradient entry for
+    `clipvalue`. At the switch (the first explosion), the threshold is the
+    `percentile`-th percentile of that window: the *baseline*, taken from the
+    steps before the trouble; a run that explodes from its first steps gets
+    it from the lowest of its first norms. From then on it follows the window,
+    which can take it down with the run but never above `rise` times the
+    baseline: steps that explode never enter the window, and the others enter
+    at most at `rise` times the baseline, so a divergence cannot ratchet it up.
+    Last, while clipping is on, a step that still explodes with a norm
+    `1 / shrink` (2) times that of the switch, or of the last such step,
+    multiplies the threshold by `shrink` (halves it, down to `min_scale` of
+    it): a run whose norms keep growing although clipped is clipped harder,
+    once per doubling, until it stops growing; it comes back up slowly,
+    doubling over `recover_steps` calm steps (not exploding, and below the
+    norm that switched clipping on), up to the window's value.
 
-    Why these defaults (`benchmarks/auto_threshold.py`: rare corrupted
-    targets, MLP and GRU regressors, SGD + momentum, 15 runs; clean val MSE
-    over that of the best of `clipnorm` 0.1/0.3/1/3 from the start): the
-    25th percentile per variable, worst 1.23x, geometric mean 0.93x; 10th
-    1.27x / 0.94x; 50th 1.38x / 1.01x; one threshold pooled over all
-    variables' norms, 25th 1.26x / 1.06x, 50th 1.32x / 0.97x; the rule before
-    (90th percentile of the global norm, frozen at the switch) 17.8x / 7.2x.
-    Once a run has exploded, a threshold below the typical norm -- most steps
-    clipped, the bad ones no larger than ordinary ones -- trains best. A
-    window of 64 instead of 256 changed little (50th percentile, 6 runs of an
-    earlier round: 0.93-1.26x vs 1.02-1.80x). `global_clipnorm` (6 runs):
-    worst 1.11x of the best fixed `global_clipnorm`. `clipvalue` (6 runs): the
-    root-mean-square entry 0.28-1.02x of the best fixed `clipvalue`, the
-    largest entry up to 6.1x (it clipped only the top entries).
+    Why these defaults: `benchmarks/auto_threshold.py` (kinds of trouble x
+    model families x optimizers x seeds, each against 4 fixed thresholds from
+    the start; tables in `benchmarks/README.md`). Once a run has exploded, a
+    threshold below the typical norm -- most steps clipped, the bad ones no
+    larger than ordinary ones -- trains best (issue 13: the 25th percentile
+    per variable, worst 1.23x of the best fixed `clipnorm` on rare corrupted
+    targets; the 90th percentile frozen at the switch, 17.8x).
 
     Attributes:
         percentile: the percentile of the window (nearest rank), in (0, 100].
@@ -56,20 +61,94 @@ class AutoThreshold:
         per_variable: `clipnorm` only: one threshold per variable, from that
             variable's own norms; else one threshold from all variables' norms.
         follow: update the threshold every step after the switch; False
-            freezes it at the switch (as the rule before issue 13 did).
+            freezes it at the baseline (the shrinking still applies).
+        rise: the threshold never exceeds `rise` times the baseline (>= 1).
+        shrink: the factor applied at each clipped step that keeps growing,
+            in (0, 1]; 1 turns the shrinking off.
+        min_scale: the smallest overall factor shrinking can reach, in (0, 1].
+        recover_steps: non-exploding steps over which a shrunk threshold
+            doubles back (a positive integer).
     """
 
     percentile: float = 25.0
     window: int = 256
     per_variable: bool = True
     follow: bool = True
+    rise: float = 1.0
+    shrink: float = 0.5
+    min_scale: float = 1.0 / 1024.0
+    recover_steps: int = 16
 
     def __post_init__(self):
         q, window = self.percentile, self.window
         if not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q <= 100):
             raise ValueError(f"`percentile` must be a number in (0, 100]. Received: percentile={q!r}")
-        if not (isinstance(window, int) and not isinstance(window, bool) and window > 0):
-            raise ValueError(f"`window` must be a positive integer. Received: window={window!r}")
+        for name in ("window", "recover_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+        for name, low, high in (("rise", 1.0, float("inf")), ("shrink", 0.0, 1.0), ("min_scale", 0.0, 1.0)):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and (low < value if low == 0.0 else low <= value) and value <= high):
+                bounds = f"[{low:g}, inf)" if high == float("inf") else f"({low:g}, {high:g}]"
+                raise ValueError(f"`{name}` must be a number in {bounds}. Received: {name}={value!r}")
+
+
+def grew(norm, reference, auto):
+    """Whether `norm` is `1 / auto.shrink` times `reference` or more (NaN: no).
+
+    >>> [bool(grew(n, 10.0, AutoThreshold())) for n in [19.0, 20.0, float("nan")]]
+    [False, True, False]
+    """
+    return tf.cast(norm, tf.float32) * auto.shrink >= tf.cast(reference, tf.float32)
+
+
+def auto_scale(scale, was_active, exploded, growing, calm, auto, factor=None):
+    """The shrinking factor after a step (float32 scalars, branch-free).
+
+    Multiplied by `factor` (at most `auto.shrink`; default `auto.shrink`)
+    when clipping was already on and the step still explodes and `growing`
+    (`grew`); divided by `shrink **
+    (1 / recover_steps)` (at most 1) when `calm` (not exploding, and below the
+    norm that switched clipping on); else unchanged.
+
+    >>> auto = AutoThreshold(recover_steps=1)
+    >>> [float(auto_scale(1.0, True, True, True, False, auto)), float(auto_scale(0.25, True, False, False, True, auto))]
+    [0.5, 0.5]
+    >>> float(auto_scale(1.0, False, True, True, False, auto))  # the switching step itself: not yet
+    1.0
+    >>> float(auto_scale(0.25, True, False, False, False, auto))  # not exploding, not calm: held
+    0.25
+    """
+    scale = tf.cast(scale, tf.float32)
+    keeps_growing = tf.logical_and(tf.cast(was_active, tf.bool),
+                                   tf.logical_and(tf.cast(exploded, tf.bool), tf.cast(growing, tf.bool)))
+    factor = auto.shrink if factor is None else tf.minimum(tf.cast(factor, tf.float32), auto.shrink)
+    shrunk = tf.maximum(scale * factor, auto.min_scale)
+    recovered = tf.minimum(scale / auto.shrink ** (1.0 / auto.recover_steps), 1.0)
+    return tf.where(keeps_growing, shrunk, tf.where(tf.cast(calm, tf.bool), recovered, scale))
+
+
+def bounded_threshold(window_value, baseline, scale, auto):
+    """The threshold in force: `min(window value, rise * baseline) * scale`.
+
+    >>> float(bounded_threshold(5.0, 1.0, 0.5, AutoThreshold()))  # capped at 2 x baseline, halved
+    1.0
+    """
+    return tf.minimum(tf.cast(window_value, tf.float32), auto.rise * tf.cast(baseline, tf.float32)) * scale
+
+
+def window_entry(values, baseline, clipping_on, auto):
+    """What a healthy step adds to the window: its statistic, at most `rise`
+    times the baseline once clipping is on.
+
+    >>> window_entry([1.0, 9.0], [2.0, 2.0], True, AutoThreshold()).numpy().tolist()
+    [1.0, 4.0]
+    """
+    values = tf.cast(values, tf.float32)
+    capped = tf.minimum(values, auto.rise * tf.cast(baseline, tf.float32))
+    return tf.where(tf.cast(clipping_on, tf.bool), capped, values)
 
 
 AUTO = AutoThreshold()

@@ -4,15 +4,25 @@ State in, new state out (the caller keeps it). The maths is written once over
 an `ops` namespace: `TENSOR_OPS` (the default) is float32 and branch-free, so
 the functions run eagerly, in `tf.function` and under XLA (`jit_compile=True`)
 without retracing per step; they accept Python and NumPy numbers and work
-elementwise on same-shaped tensors. `FLOAT_OPS` runs the same maths on Python
-floats (float64), for detection on the host: a few microseconds a step where
-the in-graph version would add ~40 ops to every train step.
+elementwise on same-shaped tensors (a window of shape `[window, *batch]`).
+`FLOAT_OPS` runs the same maths on Python floats (float64), for detection on
+the host: a few microseconds a step.
 
-The adaptive detector (ZClip-like) keeps an exponential moving mean and
-variance of log(global_norm); its threshold is
-`exp(mean + clip(z * std, log(min_ratio), log(max_ratio)))`, `+inf` until
-`warmup_steps` healthy steps were seen. Exploded, non-finite and zero norms
-never enter the statistics.
+The adaptive detector, in a few sentences: it keeps the log-norms of the last
+`window` healthy steps. The *typical norm* is their median, the *spread* the
+distance from the median down to their 16th percentile (one standard
+deviation for a bell-shaped distribution, measured on the lower side so that
+spikes cannot widen it). A step explodes when its norm is at least
+`typical * exp(z * spread)`, that factor held between `min_ratio` and
+`max_ratio`. Exploded, non-finite and zero norms never enter the window, and a
+median cannot be dragged by the spikes it looks for: a run whose every fourth
+step is a 10x spike still sees 10x spikes. Nothing is blind at the start:
+until `warmup_steps` healthy steps were seen the factor is `warmup_ratio`,
+so the second step is judged against the first, the third against the lower
+of the two, and so on; a norm growing step after step outruns the median of
+the steps before it. Only the very first step has nothing to be compared
+with: it is never an explosion (unless not finite), and being one value of
+the window it cannot lift the median for long.
 """
 
 import dataclasses
@@ -23,57 +33,48 @@ import tensorflow as tf
 
 
 class AdaptiveState(NamedTuple):
-    """Float32 scalars: healthy steps seen, EMA mean and variance of log(norm)."""
+    """`count`: healthy steps seen (float32); `log_norms`: ring buffer `[window]`
+    of the last healthy log-norms (`+inf` where empty), step k in slot k % window."""
 
     count: tf.Tensor
-    log_norm_mean: tf.Tensor
-    log_norm_var: tf.Tensor
+    log_norms: tf.Tensor
+
+
+# The spread is measured from this quantile of the window up to its median.
+LOW_QUANTILE = 0.16
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveConfig:
     """Settings of the adaptive detector.
 
-    The defaults come from `benchmarks/false_alarms.py` (36 healthy runs: MLPs
-    with SGD+momentum and Adam, a CNN, GRU/LSTM, an attention+layernorm block,
-    an embedding bag): no false alarm, highest norm/threshold 0.55, and every
-    norm above 10x the typical norm alarms.
+    The defaults come from `benchmarks/false_alarms.py` (healthy runs of many
+    families, heavy-tailed ones included: no false alarm) and
+    `benchmarks/auto_threshold.py` (corrupted data, divergence, learning-rate
+    spikes: the explosions caught at their step).
 
     Attributes:
-        warmup_steps: healthy steps before the z-score threshold applies (50:
-            the first steps have large, quickly falling norms; 25 left less
-            headroom, 100 bought nothing).
-        warmup_ratio: during warm-up (from the 4th healthy step on), a norm
-            above `warmup_ratio` times the running typical norm alarms, so a
-            run that diverges in its first steps is caught. 10, the ceiling
-            of the z-score threshold: in the first 60 steps of the 36 healthy
-            runs no norm exceeded 6.2 times the typical norm of the steps
-            before it (headroom of the whole benchmark stays 0.56). It was 20
-            before issue 13: rare corrupted targets (x60, x1000) then went
-            unnoticed through the 50 warm-up steps, so `auto_clip` switched
-            on only after they had done their damage (clean val MSE 2x that
-            of clipping from the start; 10 switches at steps 6-16 and
-            matches it, `benchmarks/auto_threshold.py`).
-        decay: EMA decay of the log-norm statistics, i.e. a time constant of
-            `1 / (1 - decay)` = 20 steps, so the mean follows falling/rising
-            norms (0.98 lagged more, 0.9 had noisier variance). The first
-            steps use the plain running average (weight `max(1/n, 1-decay)`).
-        z_threshold: standard deviations of log(norm) above its mean (6; 5
-            left headroom 0.71 and 4 alarmed once on a healthy LSTM/Adam run).
+        window: how many recent healthy steps the median looks at (32: the
+            typical norm follows a trend with a lag of ~16 steps).
+        warmup_steps: healthy steps before the spread is trusted; until then
+            the threshold is `warmup_ratio` times the typical norm.
+        warmup_ratio: the threshold's factor over the typical norm during
+            warm-up (10).
+        z_threshold: spreads (lower-side standard deviations of log(norm))
+            above the typical norm (8; 6 alarmed on 5 of the 92 healthy runs,
+            policy-gradient and Student-t noise among them).
         min_ratio: the threshold is never below `min_ratio` times the typical
-            (geometric-mean) norm, for quiet runs with tiny variance (4).
+            norm, for quiet runs with tiny spread (5; 4 alarmed once with z=8).
         max_ratio: the threshold is never above `max_ratio` times the typical
-            norm, so a spike of 100x (> 10x) the typical norm always alarms.
-            Lower catches 100x spikes of unusually small steps of very noisy
-            runs too, but leaves those runs less headroom (8: 0.62).
+            norm, so a spike of 10x the typical norm always alarms (10).
     """
 
-    warmup_steps: int = 50
-    decay: float = 0.95
-    z_threshold: float = 6.0
-    min_ratio: float = 4.0
-    max_ratio: float = 10.0
+    window: int = 32
+    warmup_steps: int = 32
     warmup_ratio: float = 10.0
+    z_threshold: float = 8.0
+    min_ratio: float = 5.0
+    max_ratio: float = 10.0
 
     def __post_init__(self):
         def check(name, valid, requirement):
@@ -84,29 +85,51 @@ class AdaptiveConfig:
         def number(value):
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-        warmup = self.warmup_steps
-        check("warmup_steps", isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0,
-              "a non-negative integer")
+        def integer(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        check("window", integer(self.window) and 1 <= self.window <= 4096, "an integer in [1, 4096]")
+        check("warmup_steps", integer(self.warmup_steps) and 0 <= self.warmup_steps <= 256 * self.window,
+              f"an integer in [0, 256 * window] (window={self.window!r})")
         check("warmup_ratio", number(self.warmup_ratio) and self.warmup_ratio >= 1, "a number >= 1")
-        check("decay", number(self.decay) and 0 <= self.decay < 1, "a number in [0, 1)")
         check("z_threshold", number(self.z_threshold) and self.z_threshold > 0, "a positive number")
         check("min_ratio", number(self.min_ratio) and self.min_ratio >= 1, "a number >= 1")
         check("max_ratio", number(self.max_ratio) and self.max_ratio >= self.min_ratio,
               f"a number >= min_ratio ({self.min_ratio!r})")
 
 
-# Healthy steps seen before even the warm-up threshold applies.
-WARMUP_MIN_STEPS = 3
+def _positions(values):
+    """0, 1, ... along the window axis (axis 0), shaped to broadcast over `values`."""
+    size = values.shape[0]  # static: the window
+    return tf.reshape(tf.range(size, dtype=tf.float32), [size] + [1] * (values.shape.rank - 1))
 
 
 class TENSOR_OPS:  # noqa: N801 -- a namespace, like `math`
     """The maths on float32 tensors, branch-free (in-graph, XLA)."""
 
     float32 = staticmethod(lambda value: tf.cast(value, tf.float32))
-    exp, sqrt, log, maximum, where = tf.exp, tf.sqrt, tf.math.log, tf.maximum, tf.where
-    clip, is_finite, is_nan = tf.clip_by_value, tf.math.is_finite, tf.math.is_nan
+    exp, sqrt, log, maximum, minimum, where = tf.exp, tf.sqrt, tf.math.log, tf.maximum, tf.minimum, tf.where
+    clip, is_finite, is_nan, floor = tf.clip_by_value, tf.math.is_finite, tf.math.is_nan, tf.floor
     logical_and, logical_or, logical_not = tf.logical_and, tf.logical_or, tf.logical_not
     as_bool = staticmethod(lambda value: tf.cast(value, tf.bool))
+    sort = staticmethod(lambda values: tf.sort(tf.convert_to_tensor(values, tf.float32), axis=0))
+
+    @staticmethod
+    def full(size, value):
+        return tf.fill([size], tf.constant(value, tf.float32))
+
+    @staticmethod
+    def pick(values, index):
+        """`values[index]` along axis 0 (`index` a float tensor, per batch entry); 0 if out of range."""
+        values = tf.convert_to_tensor(values, tf.float32)
+        chosen = tf.where(tf.equal(_positions(values), index), values, tf.zeros_like(values))
+        return tf.reduce_sum(chosen, axis=0)
+
+    @staticmethod
+    def put(values, index, value, condition):
+        """`values` with `values[index] = value` where `condition`."""
+        values = tf.convert_to_tensor(values, tf.float32)
+        return tf.where(tf.logical_and(tf.equal(_positions(values), index), condition), value, values)
 
 
 def _exp(value):
@@ -114,95 +137,116 @@ def _exp(value):
 
 
 class FLOAT_OPS:  # noqa: N801
-    """The same maths on Python floats (host side, float64)."""
+    """The same maths on Python floats (host side, float64); the window is a tuple."""
 
     float32, as_bool = float, bool
-    exp, sqrt, log, is_finite, is_nan = staticmethod(_exp), math.sqrt, math.log, math.isfinite, math.isnan
+    exp, sqrt, log, is_finite, is_nan, floor = staticmethod(_exp), math.sqrt, math.log, math.isfinite, math.isnan, \
+        math.floor
     maximum = staticmethod(lambda a, b: a if a >= b else b)
+    minimum = staticmethod(lambda a, b: a if a <= b else b)
     where = staticmethod(lambda condition, a, b: a if condition else b)
     clip = staticmethod(lambda value, low, high: min(max(value, low), high))
     logical_and = staticmethod(lambda a, b: a and b)
     logical_or = staticmethod(lambda a, b: a or b)
     logical_not = staticmethod(lambda a: not a)
+    sort = staticmethod(lambda values: tuple(sorted(values)))
+    full = staticmethod(lambda size, value: (float(value),) * size)
+    pick = staticmethod(lambda values, index: values[int(index)] if 0 <= index < len(values) else 0.0)
+
+    @staticmethod
+    def put(values, index, value, condition):
+        if not condition:
+            return values
+        index = int(index)
+        return values[:index] + (float(value),) + values[index + 1:]
 
 
-def initial_adaptive_state(ops=TENSOR_OPS):
-    """The state before the first step: no steps seen, zero mean and variance.
+def initial_adaptive_state(config=None, ops=TENSOR_OPS):
+    """The state before the first step: no steps seen, an empty window.
 
-    >>> [float(value) for value in initial_adaptive_state()]
-    [0.0, 0.0, 0.0]
+    >>> state = initial_adaptive_state(AdaptiveConfig(window=4))
+    >>> float(state.count), state.log_norms.numpy().tolist()
+    (0.0, [inf, inf, inf, inf])
     """
-    zero = ops.float32(0.0)
-    return AdaptiveState(zero, zero, zero)
+    config = config or AdaptiveConfig()
+    return AdaptiveState(ops.float32(0.0), ops.full(config.window, math.inf))
+
+
+def typical_and_spread(state, config, ops=TENSOR_OPS):
+    """`(log typical norm, spread)`: the (lower) median of the window's
+    log-norms and the distance from its 16th percentile up to it (nearest
+    ranks). Meaningless while the window is empty.
+
+    >>> state = initial_adaptive_state(AdaptiveConfig(window=8))
+    >>> for norm in [1.0, 2.0, 4.0, 100.0, 8.0]:
+    ...     state = update_adaptive_state(state, norm, False, AdaptiveConfig(window=8))
+    >>> [round(math.exp(float(value)), 3) for value in typical_and_spread(state, AdaptiveConfig(window=8))]
+    [4.0, 4.0]
+    """
+    count, log_norms = state
+    count = ops.float32(count)
+    ordered = ops.sort(log_norms)
+    valid = ops.minimum(count, float(config.window))
+    median = ops.pick(ordered, ops.floor((valid - 1.0) / 2.0))
+    low = ops.pick(ordered, ops.floor((valid - 1.0) * LOW_QUANTILE))
+    return median, median - low
 
 
 def adaptive_threshold(state, config, ops=TENSOR_OPS):
     """The explosion threshold in norm units.
 
-    `+inf` for the first `WARMUP_MIN_STEPS` steps, then `warmup_ratio` times
-    the typical norm until `warmup_steps`, then the z-score threshold.
+    `+inf` before the first healthy step; `warmup_ratio` times the typical
+    norm until `warmup_steps` healthy steps were seen; then
+    `typical * exp(clip(z * spread, log(min_ratio), log(max_ratio)))`.
 
-    >>> config = AdaptiveConfig(warmup_steps=5)
-    >>> state = initial_adaptive_state()
+    >>> config = AdaptiveConfig(window=8, warmup_steps=4)
+    >>> state = initial_adaptive_state(config)
     >>> float(adaptive_threshold(state, config))
     inf
+    >>> state = update_adaptive_state(state, 3.0, False, config)
+    >>> round(float(adaptive_threshold(state, config)), 4)  # the second step against the first
+    30.0
     >>> for norm in [1.0, 1.0, 1.0]:
     ...     state = update_adaptive_state(state, norm, False, config)
-    >>> round(float(adaptive_threshold(state, config)), 4)  # warm-up: warmup_ratio * 1.0
-    10.0
-    >>> for norm in [1.0, 1.0]:
-    ...     state = update_adaptive_state(state, norm, False, config)
     >>> round(float(adaptive_threshold(state, config)), 4)  # no spread: min_ratio * 1.0
-    4.0
-    >>> adaptive_threshold(initial_adaptive_state(FLOAT_OPS), config, FLOAT_OPS)  # on the host
+    5.0
+    >>> adaptive_threshold(initial_adaptive_state(config, FLOAT_OPS), config, FLOAT_OPS)  # on the host
     inf
     """
-    count, log_norm_mean, log_norm_var = (ops.float32(value) for value in state)
-    threshold = ops.exp(log_norm_mean + _log_margin(log_norm_var, config, ops))
-    warmup_threshold = ops.where(count < WARMUP_MIN_STEPS, ops.float32(math.inf),
-                                 ops.exp(log_norm_mean) * config.warmup_ratio)
-    return ops.where(count < config.warmup_steps, warmup_threshold, threshold)
-
-
-def _log_margin(log_norm_var, config, ops):
-    """log(threshold / typical norm): z * std, clipped to [log(min_ratio), log(max_ratio)]."""
-    return ops.clip(config.z_threshold * ops.sqrt(log_norm_var),
-                    math.log(config.min_ratio), math.log(config.max_ratio))
+    count = ops.float32(state[0])
+    median, spread = typical_and_spread(state, config, ops)
+    margin = ops.clip(config.z_threshold * spread, math.log(config.min_ratio), math.log(config.max_ratio))
+    threshold = ops.where(count < config.warmup_steps, ops.exp(median) * config.warmup_ratio,
+                          ops.exp(median + margin))
+    return ops.where(count < 1.0, ops.float32(math.inf), threshold)
 
 
 def update_adaptive_state(state, global_norm, exploded, config, ops=TENSOR_OPS):
-    """The state after one step; unchanged if `exploded` or the norm is not finite and positive.
+    """The state after one step: a healthy norm (not `exploded`, finite and
+    positive) enters the window, replacing the oldest; otherwise unchanged.
 
-    After warm-up, a norm below `typical / margin` (the threshold mirrored
-    below the typical norm) is counted as `typical / margin`.
-
-    >>> config = AdaptiveConfig()
-    >>> state = update_adaptive_state(initial_adaptive_state(), 2.0, False, config)
-    >>> round(float(tf.exp(state.log_norm_mean)), 4), float(state.count)
-    (2.0, 1.0)
+    >>> config = AdaptiveConfig(window=2)
+    >>> state = update_adaptive_state(initial_adaptive_state(config), 2.0, False, config)
+    >>> float(state.count), [round(math.exp(float(v)), 4) for v in state.log_norms]
+    (1.0, [2.0, inf])
     >>> same = update_adaptive_state(state, 1e6, True, config)  # exploded: ignored
     >>> float(same.count)
     1.0
     """
-    count, log_norm_mean, log_norm_var = (ops.float32(value) for value in state)
+    count, log_norms = state
+    count = ops.float32(count)
     norm = ops.float32(global_norm)
     healthy = ops.logical_and(ops.logical_not(ops.as_bool(exploded)),
                               ops.logical_and(ops.is_finite(norm), norm > 0))
     log_norm = ops.log(ops.where(healthy, norm, 1.0))
-    # After warm-up, unusually small norms enter as if at the mirror image of
-    # the threshold, so one near-zero step cannot drag the threshold down.
-    log_floor = log_norm_mean - _log_margin(log_norm_var, config, ops)
-    log_norm = ops.where(count < config.warmup_steps, log_norm, ops.maximum(log_norm, log_floor))
-    weight = ops.maximum(1.0 / (count + 1.0), ops.float32(1.0 - config.decay))
-    deviation = log_norm - log_norm_mean
-    # Welford-style update: exact running mean/variance while weight = 1/n.
-    new_mean = log_norm_mean + weight * deviation
-    new_var = (1.0 - weight) * (log_norm_var + weight * deviation * deviation)
-    return AdaptiveState(
-        ops.where(healthy, count + 1.0, count),
-        ops.where(healthy, new_mean, log_norm_mean),
-        ops.where(healthy, new_var, log_norm_var),
-    )
+    window = float(config.window)
+    slot = count - window * ops.floor(count / window)
+    log_norms = ops.put(log_norms, slot, log_norm, healthy)
+    # The count stays exact in float32: past 1024 windows it steps back by
+    # 512 windows (the slot sequence and "past warm-up" are unchanged).
+    wrap = window * 1024.0
+    new_count = ops.where(count + 1.0 >= wrap, count + 1.0 - window * 512.0, count + 1.0)
+    return AdaptiveState(ops.where(healthy, new_count, count), log_norms)
 
 
 def is_explosion(global_norm, threshold, ops=TENSOR_OPS):

@@ -63,7 +63,8 @@ class StepPolicy:
         return self.clip_mode is not None or self.skip_nonfinite
 
     def initial_adaptive_state(self):
-        return detection.initial_adaptive_state()
+        """The adaptive detector's initial state, packed `[count, *window]`."""
+        return _pack(detection.initial_adaptive_state(self.adaptive))
 
     @property
     def is_auto(self):
@@ -93,12 +94,12 @@ class StepPolicy:
             clip_active, switching, clip_threshold = false, false, tf.constant([0.0])
         else:
             clip_active, switching, clip_threshold = self._update_clipping(
-                device_state, auto_values, threshold, exploded, nonfinite)
+                device_state, auto_values, threshold, exploded, nonfinite, global_norm)
         skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
         flags = _flags(exploded, nonfinite, skip, switching, clip_active)
         return StepResult(threshold, exploded, clip_active, clip_threshold, skip, switching, flags)
 
-    def _update_clipping(self, device_state, auto_values, threshold, exploded, nonfinite):
+    def _update_clipping(self, device_state, auto_values, threshold, exploded, nonfinite, global_norm):
         """In-graph: `(clip_active, switching, clip_threshold)` of this step."""
         was_active = device_state.clip_active.read_value()
         finite_explosion = tf.logical_and(exploded, tf.logical_not(nonfinite))
@@ -106,20 +107,23 @@ class StepPolicy:
                                    tf.logical_and(tf.logical_not(was_active), finite_explosion))
         clip_active = tf.logical_or(was_active, switching)
         if self.clip_threshold == "auto":
-            healthy = tf.logical_not(tf.logical_or(exploded, nonfinite))
-            device_state.remember(auto_values, healthy)
-            clip_threshold = self._auto_threshold(device_state, clip_active, switching, threshold)
+            clip_threshold = self._auto_threshold(device_state, auto_values, threshold, global_norm,
+                                                  was_active, switching, finite_explosion, nonfinite)
         else:
             clip_threshold = tf.constant([float(self.clip_threshold)], tf.float32)
         device_state.clip_active.assign(clip_active)
         device_state.clip_threshold.assign(clip_threshold)
         return clip_active, switching, clip_threshold
 
-    def _auto_threshold(self, device_state, clip_active, switching, explosion_threshold):
-        """The percentile of the window, computed (sorted) only while clipping is on;
+    def _auto_threshold(self, device_state, auto_values, explosion_threshold, global_norm,
+                        was_active, switching, finite_explosion, nonfinite):
+        """In-graph: the "auto" threshold of this step (`clipping.AutoThreshold`).
+        The window's percentile is computed (sorted) only while clipping is on;
         with `follow=False` only at the switch."""
         auto = self.auto
-        old = device_state.clip_threshold.read_value()
+        baseline = device_state.auto_base.read_value()
+        healthy = tf.logical_not(tf.logical_or(finite_explosion, nonfinite))
+        device_state.remember(clipping.window_entry(auto_values, baseline, was_active, auto), healthy)
 
         def from_window():
             pooled = self.clip_mode == "clipnorm" and not auto.per_variable
@@ -135,8 +139,26 @@ class StepPolicy:
             fallback = tf.where(tf.reduce_any(known), others, fallback)
             return tf.where(known, chosen, fallback)
 
+        clip_active = tf.logical_or(was_active, switching)
         compute = clip_active if auto.follow else switching
-        return tf.cond(compute, from_window, lambda: old)
+        window_value = tf.cond(compute, from_window, lambda: baseline)
+        baseline = tf.where(switching, window_value, baseline)
+        device_state.auto_base.assign(baseline)
+        # The shrinking: a clipped step that still explodes with a norm
+        # 1 / shrink times the reference (the norm at the switch or at the
+        # last shrink) halves the threshold and becomes the reference.
+        reference = device_state.reference_norm.read_value()
+        grew = clipping.grew(global_norm, reference, auto)
+        switch_norm = tf.where(switching, global_norm, device_state.switch_norm.read_value())
+        device_state.switch_norm.assign(switch_norm)
+        calm = tf.logical_and(tf.logical_not(finite_explosion), global_norm < switch_norm)
+        scale = clipping.auto_scale(device_state.auto_scale.read_value(), was_active, finite_explosion,
+                                    grew, calm, auto, factor=reference / global_norm)
+        keeps_growing = tf.logical_and(tf.logical_and(was_active, finite_explosion), grew)
+        device_state.reference_norm.assign(
+            tf.where(tf.logical_or(switching, keeps_growing), global_norm, reference))
+        device_state.auto_scale.assign(scale)
+        return clipping.bounded_threshold(window_value, baseline, scale, auto)
 
     def _threshold(self, device_state):
         if self.explosion_threshold is not None:
@@ -153,12 +175,16 @@ class StepPolicy:
 
 def _update_adaptive(device_state, config, global_norm, exploded):
     new = detection.update_adaptive_state(_adaptive_state(device_state), global_norm, exploded, config)
-    device_state.adaptive.assign(tf.stack(list(new)))
+    device_state.adaptive.assign(_pack(new))
+
+
+def _pack(adaptive_state):
+    return tf.concat([tf.reshape(adaptive_state.count, [1]), adaptive_state.log_norms], axis=0)
 
 
 def _adaptive_state(device_state):
     packed = device_state.adaptive.read_value()
-    return detection.AdaptiveState(packed[0], packed[1], packed[2])
+    return detection.AdaptiveState(packed[0], packed[1:])
 
 
 _FLAG_BITS = (state.EXPLODED, state.NONFINITE, state.SKIPPED, state.CLIP_SWITCHED_ON, state.CLIP_ACTIVE)
@@ -196,7 +222,7 @@ class HostDetector:
 
     def __init__(self, policy):
         self.policy = policy
-        self.adaptive_state = detection.initial_adaptive_state(detection.FLOAT_OPS)
+        self.adaptive_state = detection.initial_adaptive_state(policy.adaptive, detection.FLOAT_OPS)
 
     def detect(self, rows):
         ops, config, fixed = detection.FLOAT_OPS, self.policy.adaptive, self.policy.explosion_threshold

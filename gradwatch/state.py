@@ -45,7 +45,8 @@ class DeviceState:
             width = _STORED_START + LAYERS_START + num_layers
             self.records = make(tf.fill([capacity, width], tf.constant(-1.0, tf.float64)))
             self.record_count = make(tf.zeros([], tf.int64))
-            self.adaptive = make(tf.stack([tf.cast(t, tf.float32) for t in adaptive_state]))
+            # The adaptive detector's state, packed: `[count, *window]`.
+            self.adaptive = make(tf.cast(adaptive_state, tf.float32))
             self.clip_active = make(tf.constant(False))
             # `clip_threshold="auto"`: the window of recent healthy statistics
             # `[window, columns]` (`clipping.AutoThreshold`) and the threshold
@@ -55,6 +56,14 @@ class DeviceState:
             if auto_shape:
                 self.auto_window = make(tf.zeros(auto_shape, tf.float32))
                 self.auto_count = make(tf.zeros([], tf.int64))
+                # The threshold at the switch (the healthy baseline, per
+                # column), the scale that shrinks it while a clipped run
+                # keeps growing, and the global norm that growth is measured
+                # from (`clipping.AutoThreshold`).
+                self.auto_base = make(tf.zeros([columns], tf.float32))
+                self.auto_scale = make(tf.ones([], tf.float32))
+                self.reference_norm = make(tf.zeros([], tf.float32))
+                self.switch_norm = make(tf.zeros([], tf.float32))
 
     def append(self, step, row):
         """In-graph: writes one record at the next ring-buffer slot; returns

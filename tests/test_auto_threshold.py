@@ -86,6 +86,9 @@ def test_auto_threshold_settings_are_checked():
         clipping.AutoThreshold(percentile=0)
     with pytest.raises(ValueError, match="window"):
         clipping.AutoThreshold(window=0)
+    for name, value in [("rise", 0.5), ("shrink", 0.0), ("shrink", 1.5), ("min_scale", 0.0), ("recover_steps", 0)]:
+        with pytest.raises(ValueError, match=f"`{name}` must be .* Received: {name}={value!r}"):
+            clipping.AutoThreshold(**{name: value})
 
 
 # -- in a real fit ------------------------------------------------------------------
@@ -114,15 +117,34 @@ def _fit(tmp_path, mode, optimizer=None, **monitor_args):
     return model, monitor, read_tags(str(tmp_path)), deltas
 
 
-def _expected_thresholds(logged, names, q, pooled, window):
-    """Per step from the switch on: the rule replayed on the logged (pre-clip) norms of
-    the healthy steps up to that step (one variable per layer here)."""
-    healthy, expected = [], {}
+def _expected_thresholds(logged, names, q, pooled, window, auto=clipping.AUTO, divide=1.0):
+    """Per step from the switch on: the rule (`clipping.AutoThreshold`), written again here,
+    replayed on the logged pre-clip statistics (one variable per layer here; `divide`: the
+    statistic is the logged norm over it). The percentile of the healthy steps' window,
+    entries capped at `rise` x the baseline once clipping is on, the threshold capped there
+    too, times the scale that shrinks while clipped steps keep growing."""
+    exploded_steps = logged.get("grad_norm/explosion", {})
+    rows, expected = [], {}
+    active, base, scale, reference, switch_norm = False, None, 1.0, None, None
     for step in range(1, STEPS + 1):
-        if step not in logged.get("grad_norm/explosion", {}):
-            healthy.append([logged[f"grad_norm/{name}"][step] for name in names])
-        if step >= SPIKE_STEP:
-            expected[step] = reference_threshold(healthy[-window:], q, pooled)
+        values = np.array([logged[f"grad_norm/{name}"][step] for name in names]) / divide
+        norm, exploded = logged["grad_norm/global"][step], step in exploded_steps
+        was_active = active
+        if not exploded:
+            rows.append(np.minimum(values, auto.rise * base) if was_active else values)
+        if not active and exploded:
+            active = True
+            base = reference_threshold(rows[-window:], q, pooled)
+            reference = switch_norm = norm
+        if not active:
+            continue
+        value = reference_threshold(rows[-window:], q, pooled) if auto.follow else base
+        if was_active and exploded and norm * auto.shrink >= reference:
+            scale = max(scale * min(reference / norm, auto.shrink), auto.min_scale)
+            reference = norm
+        elif was_active and not exploded and norm < switch_norm:
+            scale = min(scale / auto.shrink ** (1.0 / auto.recover_steps), 1.0)
+        expected[step] = np.minimum(value, auto.rise * base) * scale
     return expected
 
 
@@ -146,7 +168,8 @@ def test_clipnorm_auto_threshold_written_every_step_is_the_rule_and_bounds_each_
     switch = [r.getMessage() for r in caplog.records if hasattr(r, "gradwatch_clipping")]
     assert len(switch) == 1 and f"switched on clipnorm={written[SPIKE_STEP]:.4g} (it follows the run: per variable, " \
         f"the 25th percentile of each variable's gradient norm over the last 256 healthy steps, updated every " \
-        f"step) at step {SPIKE_STEP}" in switch[0]
+        f"step, never above this first value, x0.5 whenever a clipped step's norm doubles again) at step " \
+        f"{SPIKE_STEP}" in switch[0]
 
 
 def clipping_record(thresholds, auto):
@@ -166,9 +189,10 @@ def test_global_and_value_thresholds_follow_the_run_and_bound_the_update(tmp_pat
             assert np.sqrt(sum(np.sum(d ** 2) for d in deltas[step - 1])) == pytest.approx(
                 LR * min(logged["grad_norm/global"][step], t), rel=1e-4)
     else:  # the root-mean-square entry: the global norm over sqrt(8 * 16 + 16 * 1 entries)
-        expected = _expected_thresholds(logged, ["global"], clipping.AUTO.percentile, False, clipping.AUTO.window)
+        expected = _expected_thresholds(logged, ["global"], clipping.AUTO.percentile, False, clipping.AUTO.window,
+                                        divide=np.sqrt(144.0))
         for step, (t,) in expected.items():
-            assert written[step] == pytest.approx(t / np.sqrt(144.0), rel=1e-5)
+            assert written[step] == pytest.approx(t, rel=1e-5)
         for step in range(SPIKE_STEP, STEPS + 1):
             largest = max(np.abs(d).max() for d in deltas[step - 1])
             assert largest <= LR * written[step] * (1 + 1e-5)

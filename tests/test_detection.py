@@ -17,38 +17,33 @@ DEFAULTS = AdaptiveConfig()
 
 
 class NumpyDetector:
-    """Independent float64 reimplementation: running mean/variance of log norms, then EMA."""
+    """Independent float64 reimplementation: numpy sort of the last `window` healthy log-norms."""
 
     def __init__(self, config):
         self.config = config
-        self.count, self.mean, self.var = 0, 0.0, 0.0
+        self.logs = []  # every healthy log-norm, oldest first
 
     def threshold(self):
         c = self.config
-        if self.count < c.warmup_steps:
-            return math.inf if self.count < 3 else math.exp(self.mean) * c.warmup_ratio
-        return math.exp(self.mean + self._margin())
-
-    def _margin(self):
-        c = self.config
-        return min(max(c.z_threshold * math.sqrt(self.var), math.log(c.min_ratio)), math.log(c.max_ratio))
+        if not self.logs:
+            return math.inf
+        window = np.sort(self.logs[-c.window:])
+        n = len(window)
+        median, low = window[(n - 1) // 2], window[int(math.floor((n - 1) * 0.16))]
+        if len(self.logs) < c.warmup_steps:
+            return math.exp(median) * c.warmup_ratio
+        margin = min(max(c.z_threshold * (median - low), math.log(c.min_ratio)), math.log(c.max_ratio))
+        return math.exp(median + margin)
 
     def step(self, norm):
         exploded = not norm < self.threshold()
         if not exploded and 0 < norm < math.inf:
-            if self.count >= self.config.warmup_steps:  # small outliers are winsorized
-                norm = max(norm, self.threshold() / math.exp(2 * self._margin()))
-            self.count += 1
-            weight = max(1.0 / self.count, 1.0 - self.config.decay)
-            old_mean = self.mean
-            self.mean += weight * (math.log(norm) - old_mean)
-            # textbook EMA variance form, different from the implementation's.
-            self.var = (1 - weight) * self.var + weight * (1 - weight) * (math.log(norm) - old_mean) ** 2
+            self.logs.append(math.log(norm))
         return exploded
 
 
 def run_eagerly(norms, config):
-    state, thresholds, alarms = initial_adaptive_state(), [], []
+    state, thresholds, alarms = initial_adaptive_state(config), [], []
     for norm in norms:
         threshold = adaptive_threshold(state, config)
         exploded = is_explosion(norm, threshold)
@@ -70,7 +65,7 @@ def compiled_replay(config, jit_compile):
             return step + 1, state, thresholds.write(step, threshold), alarms.write(step, exploded)
 
         size = tf.shape(norms)[0]
-        loop_vars = (0, initial_adaptive_state(), tf.TensorArray(tf.float32, size), tf.TensorArray(tf.bool, size))
+        loop_vars = (0, initial_adaptive_state(config), tf.TensorArray(tf.float32, size), tf.TensorArray(tf.bool, size))
         _, state, thresholds, alarms = tf.while_loop(lambda step, *_: step < size, body, loop_vars)
         return thresholds.stack(), alarms.stack(), state
 
@@ -118,8 +113,10 @@ def test_is_explosion_elementwise_and_overflowing_float64():
 
 # --- adaptive detector vs. the numpy reference ---------------------------------------------------
 
+OTHER_CONFIGS = [AdaptiveConfig(window=8, warmup_steps=10, warmup_ratio=3.0, z_threshold=1.5, min_ratio=1.5, max_ratio=50.0), AdaptiveConfig(window=1, warmup_steps=0, warmup_ratio=1.0, z_threshold=1.0, min_ratio=1.0, max_ratio=1.0)]
 
-@pytest.mark.parametrize("config", [DEFAULTS, AdaptiveConfig(10, 0.9, 3.0, 1.5, 50.0), AdaptiveConfig(0, 0.0, 1.0, 1.0, 1.0)])
+
+@pytest.mark.parametrize("config", [DEFAULTS] + OTHER_CONFIGS)
 def test_matches_numpy_reference(config):
     norms = healthy_sequence(0, 150, 0.4, -300, 2.0)
     norms[[70, 90, 91]] *= 1000.0  # explosions, kept out of the statistics
@@ -140,7 +137,8 @@ def test_matches_numpy_reference(config):
 
 def run_on_host(norms, config):
     """The detector on Python floats (`FLOAT_OPS`), as the host runs it."""
-    ops, state, thresholds, alarms = detection.FLOAT_OPS, initial_adaptive_state(detection.FLOAT_OPS), [], []
+    ops, thresholds, alarms = detection.FLOAT_OPS, [], []
+    state = initial_adaptive_state(config, detection.FLOAT_OPS)
     for norm in norms:
         threshold = adaptive_threshold(state, config, ops)
         exploded = is_explosion(float(norm), threshold, ops)
@@ -150,7 +148,7 @@ def run_on_host(norms, config):
     return np.array(thresholds), np.array(alarms), state
 
 
-@pytest.mark.parametrize("config", [DEFAULTS, AdaptiveConfig(10, 0.9, 3.0, 1.5, 50.0), AdaptiveConfig(0, 0.0, 1.0, 1.0, 1.0)])
+@pytest.mark.parametrize("config", [DEFAULTS] + OTHER_CONFIGS)
 def test_host_float_maths_matches_the_in_graph_maths_and_the_reference(config):
     norms = healthy_sequence(3, 200, 0.4, 100, 0.01)
     norms[[60, 61, 120]] *= 1000.0
@@ -162,60 +160,98 @@ def test_host_float_maths_matches_the_in_graph_maths_and_the_reference(config):
     np.testing.assert_array_equal(alarms, graph_alarms)
     np.testing.assert_array_equal(alarms, reference_alarms)
     np.testing.assert_allclose(thresholds, graph_thresholds, rtol=2e-5)
-    np.testing.assert_allclose(list(state), [float(v) for v in graph_state], rtol=2e-5, atol=1e-6)
-    assert all(type(value) is float for value in state) and type(alarms[0]) is np.bool_
+    assert state.count == float(graph_state.count) == len(reference.logs)
+    np.testing.assert_allclose(state.log_norms, graph_state.log_norms.numpy(), rtol=2e-5, atol=1e-6)
+    assert type(state.count) is float and all(type(v) is float for v in state.log_norms)
+    assert type(alarms[0]) is np.bool_
 
 
 def test_host_maths_survives_huge_norms():
-    state = detection.AdaptiveState(60.0, 709.0, 0.0)  # typical norm e^709: the threshold overflows float64
+    state = detection.AdaptiveState(60.0, (709.0,) * DEFAULTS.window)  # typical e^709: overflows float64
     assert adaptive_threshold(state, DEFAULTS, detection.FLOAT_OPS) == math.inf
     assert is_explosion(math.inf, math.inf, detection.FLOAT_OPS) is True
 
 
-def test_state_is_exact_running_mean_and_variance_before_the_ema_takes_over():
-    config = AdaptiveConfig(decay=0.9)  # weight 1/n for the first 10 steps
-    norms = [1.0, 2.0, 4.0, 0.5, 3.0]
-    _, _, state = run_eagerly(norms, config)
+def test_window_holds_the_last_healthy_log_norms_in_ring_order():
+    config = AdaptiveConfig(window=3)
+    _, _, state = run_eagerly([1.0, 2.0, 4.0, 0.5, 3.0], config)
     assert float(state.count) == 5
-    assert float(state.log_norm_mean) == pytest.approx(np.mean(np.log(norms)), rel=1e-6)
-    assert float(state.log_norm_var) == pytest.approx(np.var(np.log(norms)), rel=1e-5)
+    # slots 0, 1, 2 got steps 1, 2, 3; then step 4 went to slot 0 and step 5 to slot 1
+    np.testing.assert_allclose(state.log_norms.numpy(), np.log([0.5, 3.0, 4.0]), rtol=1e-6)
 
 
-def test_warmup_gives_inf_then_warmup_ratio_then_the_z_threshold():
-    config = AdaptiveConfig(warmup_steps=5)
-    state = initial_adaptive_state()
-    for _ in range(3):
-        assert float(adaptive_threshold(state, config)) == math.inf
-        state = update_adaptive_state(state, 1e30, False, config)  # huge but finite: no alarm yet
-    for _ in range(2):
+def test_the_second_step_is_judged_against_the_first_then_warmup_then_the_spread():
+    config = AdaptiveConfig(window=8, warmup_steps=5)
+    state = initial_adaptive_state(config)
+    assert float(adaptive_threshold(state, config)) == math.inf  # the first step: nothing to compare
+    state = update_adaptive_state(state, 1e30, False, config)  # huge but finite: no alarm
+    for _ in range(4):
         assert float(adaptive_threshold(state, config)) == pytest.approx(config.warmup_ratio * 1e30, rel=1e-5)
         state = update_adaptive_state(state, 1e30, False, config)
-    assert float(adaptive_threshold(state, config)) == pytest.approx(4e30, rel=1e-5)  # min_ratio * norm
+    assert float(adaptive_threshold(state, config)) == pytest.approx(config.min_ratio * 1e30, rel=1e-5)
 
 
-def test_a_run_diverging_in_its_first_steps_is_caught_during_warmup():
-    norms = 0.5 * 2.0 ** np.arange(30)  # doubling every step from the start
-    alarms = [NumpyDetector(DEFAULTS)]
-    detector = alarms[0]
-    flagged = [step for step, norm in enumerate(norms) if detector.step(norm)]
-    _, tf_alarms, _ = run_eagerly(norms, DEFAULTS)
-    assert flagged and flagged[0] < 10
-    assert list(np.flatnonzero(tf_alarms)) == flagged
+def test_a_corrupted_first_step_does_not_poison_the_baseline():
+    """Step 1 50x the clean norm: from step 3 on, the threshold is that of the clean steps."""
+    norms = healthy_sequence(5, 80, 0.1, 1e9, 1.0)
+    norms[0] *= 50.0
+    norms[2] *= 10.0  # a 10x spike at step 3, right after: caught
+    norms[40] *= 10.0  # and later
+    thresholds, alarms, _ = run_eagerly(norms, DEFAULTS)
+    reference = NumpyDetector(DEFAULTS)
+    assert [reference.step(float(n)) for n in norms] == alarms.tolist()
+    assert np.flatnonzero(alarms).tolist() == [2, 40]
+    # the warm-up threshold at step 3 is warmup_ratio x the lower median of steps 1 and 2 (= step 2)
+    assert thresholds[2] == pytest.approx(DEFAULTS.warmup_ratio * norms[1], rel=1e-5)
 
 
-def test_one_tiny_norm_after_warmup_cannot_drag_the_threshold_down():
+def test_frequent_10x_spikes_stay_10x_spikes():
+    """Every fourth step 12x the clean level (a quarter of the batches): each one alarms, the
+    threshold stays within the clean level's min/max ratios (an EMA that took them in rose)."""
+    norms = healthy_sequence(6, 400, 0.15, 1e9, 2.0)
+    spikes = np.arange(3, 400, 4)
+    norms[spikes] *= 12.0
+    thresholds, alarms, _ = run_eagerly(norms, DEFAULTS)
+    flagged = set(np.flatnonzero(alarms).tolist())
+    assert flagged <= set(spikes.tolist())  # no clean step
+    assert {s for s in spikes.tolist() if s >= DEFAULTS.warmup_steps} <= flagged  # every spike past warm-up
+    assert len(flagged) >= len(spikes) - 4  # in warm-up (threshold 10x the median) most of them too
+    clean = np.median(np.delete(norms, spikes))
+    later = thresholds[DEFAULTS.warmup_steps:]
+    assert (later <= DEFAULTS.max_ratio * clean * 1.5).all() and (later >= DEFAULTS.min_ratio * clean / 1.5).all()
+
+
+def test_geometric_growth_from_the_first_step_is_caught_within_five_steps():
+    norms = 3.0 ** np.arange(30)  # x3 a step from the start, no healthy step at all
+    reference = NumpyDetector(DEFAULTS)
+    flagged = [step for step, norm in enumerate(norms) if reference.step(norm)]
+    _, alarms, _ = run_eagerly(norms, DEFAULTS)
+    assert list(np.flatnonzero(alarms)) == flagged
+    assert flagged[0] == 4  # 81 vs 10 x the lower median (3) of 1, 3, 9, 27
+    assert flagged == list(range(4, 30))  # and never taken in: every later step alarms too
+
+
+def test_a_run_doubling_every_step_is_caught_during_warmup():
+    norms = 0.5 * 2.0 ** np.arange(30)
+    _, alarms, _ = run_eagerly(norms, DEFAULTS)
+    assert 0 < np.flatnonzero(alarms)[0] < 10
+
+
+def test_one_tiny_norm_cannot_drag_the_threshold_down():
     _, _, state = run_eagerly(np.ones(60), DEFAULTS)
     after = update_adaptive_state(state, 1e-30, False, DEFAULTS)
     assert float(after.count) == 61
-    # entered as typical / min_ratio = 0.25, not 1e-30
-    assert float(adaptive_threshold(after, DEFAULTS)) > 0.9 * float(adaptive_threshold(state, DEFAULTS))
+    assert float(adaptive_threshold(after, DEFAULTS)) == pytest.approx(float(adaptive_threshold(state, DEFAULTS)))
 
 
 def test_threshold_is_clipped_between_min_and_max_ratio_of_the_typical_norm():
-    quiet = detection.AdaptiveState(50.0, math.log(3.0), 0.0)
-    noisy = detection.AdaptiveState(50.0, math.log(3.0), 100.0)
-    assert float(adaptive_threshold(quiet, DEFAULTS)) == pytest.approx(3.0 * DEFAULTS.min_ratio, rel=1e-6)
-    assert float(adaptive_threshold(noisy, DEFAULTS)) == pytest.approx(3.0 * DEFAULTS.max_ratio, rel=1e-6)
+    quiet = detection.AdaptiveState(50.0, tf.fill([DEFAULTS.window], math.log(3.0)))
+    spread = np.log(3.0) + np.linspace(-5.0, 5.0, DEFAULTS.window)
+    noisy = detection.AdaptiveState(50.0, tf.constant(spread, tf.float32))
+    assert float(adaptive_threshold(quiet, DEFAULTS)) == pytest.approx(3.0 * DEFAULTS.min_ratio, rel=1e-5)
+    median = np.sort(spread)[(DEFAULTS.window - 1) // 2]
+    assert float(adaptive_threshold(noisy, DEFAULTS)) == pytest.approx(
+        math.exp(median) * DEFAULTS.max_ratio, rel=1e-5)
 
 
 @pytest.mark.parametrize("norm, exploded", [
@@ -223,16 +259,26 @@ def test_threshold_is_clipped_between_min_and_max_ratio_of_the_typical_norm():
     (math.nan, False), (math.inf, False), (-math.inf, False), (0.0, False), (-1.0, False),
 ])
 def test_exploded_and_unusable_norms_do_not_move_the_state(norm, exploded):
-    state = detection.AdaptiveState(*(tf.constant(v) for v in (60.0, 0.5, 0.25)))
+    window = tf.constant(np.linspace(0.0, 1.0, DEFAULTS.window), tf.float32)
+    state = detection.AdaptiveState(tf.constant(60.0), window)
     new_state = update_adaptive_state(state, norm, exploded, DEFAULTS)
-    assert [float(v) for v in new_state] == [60.0, 0.5, 0.25]
-    assert all(v.dtype == tf.float32 and v.shape == () for v in new_state)
+    assert float(new_state.count) == 60.0
+    np.testing.assert_array_equal(new_state.log_norms.numpy(), window.numpy())
+    assert new_state.count.dtype == tf.float32 and new_state.log_norms.shape == [DEFAULTS.window]
 
 
 def test_accepts_python_and_numpy_numbers():
-    state = update_adaptive_state((0, 0, 0), np.float64(2.0), np.bool_(False), DEFAULTS)
-    assert [round(float(v), 5) for v in state] == [1.0, round(math.log(2.0), 5), 0.0]
-    assert adaptive_threshold((np.int64(60), 0.0, 0.0), DEFAULTS).dtype == tf.float32
+    empty = (0, np.full(DEFAULTS.window, np.inf))
+    state = update_adaptive_state(empty, np.float64(2.0), np.bool_(False), DEFAULTS)
+    assert float(state.count) == 1.0 and float(state.log_norms[0]) == pytest.approx(math.log(2.0))
+    assert adaptive_threshold((np.int64(60), np.zeros(DEFAULTS.window)), DEFAULTS).dtype == tf.float32
+
+
+def test_count_stays_exact_over_very_long_runs():
+    config = AdaptiveConfig(window=2, warmup_steps=0)
+    state = detection.AdaptiveState(2.0 * 1024 - 1.0, (0.0, 0.0))
+    state = update_adaptive_state(state, 1.0, False, config, detection.FLOAT_OPS)
+    assert state.count == 2.0 * 512 and state.count % 2 == 0  # stepped back a multiple of the window
 
 
 # --- compiled use ---------------------------------------------------------------------------------
@@ -249,7 +295,7 @@ def test_xla_while_loop_matches_eager_python_loop():
 
 
 def test_xla_train_step_with_variables_traces_once():
-    variables = [tf.Variable(v) for v in initial_adaptive_state()]
+    variables = [tf.Variable(v) for v in initial_adaptive_state()]  # count, window
     traces = []
 
     @tf.function(jit_compile=True)
@@ -268,17 +314,18 @@ def test_xla_train_step_with_variables_traces_once():
     alarms = [bool(step(tf.constant(n))) for n in norms]
     assert len(traces) == 1
     assert np.flatnonzero(alarms).tolist() == [70, 75]
-    assert float(variables[0].numpy()) == 78
+    assert float(variables[0].numpy()) == 78  # healthy steps: 80 minus the NaN and the spike
 
 
 def test_vector_states_work_elementwise():
     norms = np.stack([healthy_sequence(s, 70, 0.3, 40, 1.0) for s in range(3)], axis=1)
-    state = detection.AdaptiveState(*(tf.zeros([3]) for _ in range(3)))
+    state = detection.AdaptiveState(tf.zeros([3]), tf.fill([DEFAULTS.window, 3], math.inf))
     for row in norms:
         state = update_adaptive_state(state, row, is_explosion(row, adaptive_threshold(state, DEFAULTS)), DEFAULTS)
     for column in range(3):
         _, _, single = run_eagerly(norms[:, column], DEFAULTS)
-        np.testing.assert_allclose([v[column] for v in state], [float(v) for v in single], rtol=1e-6)
+        assert float(state.count[column]) == float(single.count)
+        np.testing.assert_allclose(state.log_norms[:, column].numpy(), single.log_norms.numpy(), rtol=1e-6)
 
 
 # --- properties -------------------------------------------------------------------------------------
@@ -310,11 +357,13 @@ def test_falling_norms_never_alarm(factors, start):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(z_threshold=-1), "`z_threshold` must be a positive number. Received: z_threshold=-1"),
-    (dict(warmup_steps=-1), "`warmup_steps` must be a non-negative integer. Received: warmup_steps=-1"),
+    (dict(warmup_steps=-1), "`warmup_steps` must be an integer in [0, 256 * window] (window=32). "
+                            "Received: warmup_steps=-1"),
     (dict(warmup_steps=2.5), "Received: warmup_steps=2.5"),
     (dict(warmup_steps=True), "Received: warmup_steps=True"),
-    (dict(decay=1.0), "`decay` must be a number in [0, 1). Received: decay=1.0"),
-    (dict(decay=math.nan), "Received: decay=nan"),
+    (dict(window=0), "`window` must be an integer in [1, 4096]. Received: window=0"),
+    (dict(window=2.0), "Received: window=2.0"),
+    (dict(warmup_ratio=math.nan), "`warmup_ratio` must be a number >= 1. Received: warmup_ratio=nan"),
     (dict(min_ratio=0.5), "`min_ratio` must be a number >= 1. Received: min_ratio=0.5"),
     (dict(min_ratio=4.0, max_ratio=3.0), "`max_ratio` must be a number >= min_ratio (4.0). Received: max_ratio=3.0"),
     (dict(max_ratio="10"), "Received: max_ratio='10'"),
@@ -327,7 +376,7 @@ def test_config_validation_messages(kwargs, message):
 
 def test_config_is_frozen_and_defaults_catch_100x():
     with pytest.raises(AttributeError):
-        DEFAULTS.decay = 0.5
+        DEFAULTS.window = 5
     assert DEFAULTS.max_ratio < 100 and DEFAULTS.warmup_steps > 0
 
 
