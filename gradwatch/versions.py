@@ -109,6 +109,8 @@ class UnsupportedVersionError(RuntimeError):
     instead, whatever its version.
     """
 
+    __module__ = "gradwatch"  # the public name, in tracebacks: gradwatch.UnsupportedVersionError
+
 
 class UnsupportedBackendError(RuntimeError):
     """Raised when Keras 3 runs on another backend than TensorFlow (JAX,
@@ -127,6 +129,8 @@ class UnsupportedBackendError(RuntimeError):
     (`gradwatch report`, the TensorBoard dashboard), on any backend. A tf_keras
     model is never refused: tf_keras always runs on TensorFlow.
     """
+
+    __module__ = "gradwatch"  # the public name, in tracebacks: gradwatch.UnsupportedBackendError
 
 
 def parse_version(text):

@@ -12,6 +12,7 @@ torch is not installed."""
 import importlib.util
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -53,6 +54,9 @@ def test_error_is_exported_and_documented():
     assert issubclass(gradwatch.UnsupportedBackendError, RuntimeError)
     assert not issubclass(gradwatch.UnsupportedBackendError, gradwatch.UnsupportedVersionError)
     assert "KERAS_BACKEND=tensorflow" in gradwatch.UnsupportedBackendError.__doc__
+    for error in (gradwatch.UnsupportedBackendError, gradwatch.UnsupportedVersionError):
+        assert f"{error.__module__}.{error.__qualname__}" == f"gradwatch.{error.__name__}"  # tracebacks
+        assert pickle.loads(pickle.dumps(error("message"))).args == ("message",)
     assert "UnsupportedBackendError" in gradwatch.GradientMonitor.__doc__
     assert "UnsupportedBackendError" in gradwatch.ClippingSweep.__doc__
 
