@@ -6,7 +6,7 @@ TensorFlow; the public classes are imported on first use.
 
 __version__ = "0.1.0"
 __all__ = ["GradientMonitor", "Explosion", "ClippingSweep", "Vanishing", "VanishingConfig",
-           "UnsupportedVersionError", "__version__"]
+           "UnsupportedVersionError", "UnsupportedBackendError", "__version__"]
 
 
 def __getattr__(name):
@@ -34,4 +34,8 @@ def __getattr__(name):
         from gradwatch.versions import UnsupportedVersionError
 
         return UnsupportedVersionError
+    if name == "UnsupportedBackendError":
+        from gradwatch.versions import UnsupportedBackendError
+
+        return UnsupportedBackendError
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

@@ -84,7 +84,9 @@ hostile run or layer name cannot move the terminal's cursor or reorder text.
 Notes (truncated tails, refused records) are also printed to stderr.
 
 New keys may be added within version 1; renaming or removing one bumps the version.
-Importing this module or running `report` does not import TensorFlow.
+Importing this module or running `report` imports neither TensorFlow nor Keras,
+so `report` works whatever Keras backend is set (`KERAS_BACKEND`); `demo` needs
+Keras' TensorFlow backend (on another: a one-line error, exit status 2).
 """
 
 import argparse
@@ -154,8 +156,12 @@ def _positive_int(text):
 
 def run_demo(args, out, err):
     """`gradwatch demo`: see `gradwatch.demo`."""
-    from gradwatch import demo
+    from gradwatch import demo, versions
 
+    try:
+        versions.check_backend()  # before any data or model: the whole message, no traceback
+    except versions.UnsupportedBackendError as error:
+        raise _ReportError(str(error))
     logdir = args.logdir or demo.default_logdir()
     return demo.run_demo(logdir, args.epochs, args.seed, out)
 

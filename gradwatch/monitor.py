@@ -92,6 +92,15 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         verbose: 0 silent, 1 or 2 print alerts to the console (they always go
             to the `"gradwatch"` logger).
 
+    Raises:
+        gradwatch.UnsupportedBackendError: at construction, if Keras 3 runs on
+            another backend than TensorFlow (`KERAS_BACKEND=jax`, ...), unless
+            tf_keras has been imported (a tf_keras model always runs on
+            TensorFlow; a Keras 3 model is then refused when `fit()` starts).
+        gradwatch.UnsupportedVersionError: from `fit()`, before the first step,
+            on a Keras, tf_keras or TensorFlow version gradwatch does not support.
+        ValueError: an argument out of range (named in the message).
+
     Example:
 
     ```python
@@ -116,6 +125,8 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
                  auto_clip=None, clip_threshold=1.0, skip_nonfinite=None, reset_momentum=RESET_MOMENTUM,
                  vanishing=True, optimizers=None,
                  top_layers=3, verbose=1):
+        # First: on JAX/PyTorch nothing below can work (`UnsupportedBackendError`).
+        versions.check_backend(tf_keras_imported_ok=True)
         super().__init__()
         self.log_dir = validation.check_log_dir(log_dir)
         self.update_freq = validation.check_update_freq(update_freq)
@@ -147,6 +158,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         return {name: layers for name, layers in paths.items() if layers}
 
     def on_train_begin(self, logs=None):
+        versions.check_backend(self.model)  # a Keras 3 model off TensorFlow: before anything else
         if self._recorders:  # an earlier fit() ended abnormally (KeyboardInterrupt)
             self._finish_recorders()  # writes what they recorded, removes their hooks
         self.explosions, self.clipping_events, self.vanishing = [], [], []

@@ -27,11 +27,32 @@ Why the Keras floor is 3.8 (measured with gradwatch's core tests and by hand):
 a distribution strategy (`scale_loss_for_distribution`, Keras 3.8), so the
 applied gradient is N times the single-device one on N replicas.
 
-Everything but `check()` is pure (no Keras import) and tested with doctests.
+The backend comes first. gradwatch's capture runs inside TensorFlow's compiled
+train step (`tf.function`, `tf.cond`, TensorFlow variables), so Keras 3 must run
+on its TensorFlow backend. On another backend (`KERAS_BACKEND=jax`, `torch`,
+...) the optimizer methods above are missing because they are TensorFlow's, not
+because of the Keras version; so `GradientMonitor(...)` and `ClippingSweep(...)`
+call `check_backend()` at construction, before any training, and `check()`
+calls it before looking at any version: the error is `UnsupportedBackendError`,
+naming the backend found and how to switch. A tf_keras model is never refused
+(tf_keras always runs on TensorFlow, whatever `KERAS_BACKEND` says).
+
+How Keras 3 picks its backend (`keras/src/backend/config.py`, the same code in
+Keras 3.8.0 and 3.15.1; tried by hand on 3.15.1): once, when `keras` is first
+imported in the process, from the environment variable `KERAS_BACKEND` if set
+and not empty, else from the `"backend"` entry of `keras.json` in `$KERAS_HOME`
+(default `~/.keras`), else `"tensorflow"`. Changing `KERAS_BACKEND` after the
+import does nothing.
+
+Everything but `check()` and `check_backend()` is pure (no Keras import) and
+tested with doctests.
 """
 
 import inspect
+import json
+import os
 import re
+import sys
 
 KERAS_FLOOR = (3, 8)
 TF_KERAS_FLOOR = (2, 16)
@@ -83,7 +104,33 @@ class UnsupportedVersionError(RuntimeError):
     A `RuntimeError`: the versions are found at run time, in the `fit()` that
     uses them; importing gradwatch still works. The message names the version
     found, the versions supported and the missing piece.
+
+    A Keras 3 on another backend than TensorFlow raises `UnsupportedBackendError`
+    instead, whatever its version.
     """
+
+    __module__ = "gradwatch"  # the public name, in tracebacks: gradwatch.UnsupportedVersionError
+
+
+class UnsupportedBackendError(RuntimeError):
+    """Raised when Keras 3 runs on another backend than TensorFlow (JAX,
+    PyTorch, ...): by `GradientMonitor(...)` and `ClippingSweep(...)` when they
+    are constructed, before any training, and, as a backstop, by
+    `GradientMonitor` when the training of a Keras 3 model starts.
+
+    gradwatch records and clips gradients inside TensorFlow's compiled train
+    step, so it needs Keras' TensorFlow backend. The message names the backend
+    found (`keras.backend.backend()`), where it was set, and how to switch:
+    set the environment variable `KERAS_BACKEND=tensorflow` before Keras is
+    first imported (it takes precedence over `~/.keras/keras.json`).
+
+    A `RuntimeError`, like `UnsupportedVersionError`: the backend is found at
+    run time; importing gradwatch still works, and so does reading logs
+    (`gradwatch report`, the TensorBoard dashboard), on any backend. A tf_keras
+    model is never refused: tf_keras always runs on TensorFlow.
+    """
+
+    __module__ = "gradwatch"  # the public name, in tracebacks: gradwatch.UnsupportedBackendError
 
 
 def parse_version(text):
@@ -236,16 +283,103 @@ def error_message(name, version_text, problems):
             f"`pip install \"{package}>={_floor_text(floor)}\"`, or train without GradientMonitor.")
 
 
-# -- the check (imports Keras / tf_keras / TensorFlow) -----------------------
+def backend_error_message(backend, env_backend=None, config_path=None, config_backend=None):
+    """The `UnsupportedBackendError` message for Keras 3 running on `backend`,
+    or None for `"tensorflow"`.
+
+    Args:
+        backend: `keras.backend.backend()`.
+        env_backend: the environment variable `KERAS_BACKEND` now (None if unset).
+        config_path: the path of Keras' `keras.json`.
+        config_backend: its `"backend"` entry (None if none or unreadable).
+
+    >>> backend_error_message("tensorflow") is None
+    True
+    >>> print(backend_error_message("jax", env_backend="jax"))
+    gradwatch needs Keras' TensorFlow backend; this Keras runs on the "jax" backend (keras.backend.backend() == "jax", set by the environment variable KERAS_BACKEND=jax). Set the environment variable KERAS_BACKEND=tensorflow before Keras is first imported, e.g. `KERAS_BACKEND=tensorflow python train.py`, or `os.environ["KERAS_BACKEND"] = "tensorflow"` before the first `import keras` (in a notebook: restart the kernel, then set it in the first cell); it takes precedence over the "backend" entry of ~/.keras/keras.json. Reading logs (`gradwatch report`, the TensorBoard dashboard) works on any backend.
+    >>> message = backend_error_message("torch", None, "/home/me/.keras/keras.json", "torch")
+    >>> message.split("; ")[1].split(". ")[0]
+    'this Keras runs on the "torch" backend (keras.backend.backend() == "torch", set by "backend": "torch" in /home/me/.keras/keras.json)'
+    >>> message.split("first cell); ")[1].split(". ")[0]
+    'it takes precedence over /home/me/.keras/keras.json, or set "backend": "tensorflow" there'
+    >>> "set by" in backend_error_message("jax", "tensorflow", "/k/keras.json", None)  # changed after the import
+    False
+    """
+    if backend == "tensorflow":
+        return None
+    in_config = bool(config_path) and config_backend == backend
+    if env_backend and env_backend == backend:
+        source = f", set by the environment variable KERAS_BACKEND={backend}"
+    elif in_config:
+        source = f', set by "backend": "{backend}" in {config_path}'
+    else:
+        source = ""
+    precedence = (f'it takes precedence over {config_path}, or set "backend": "tensorflow" there' if in_config
+                  else 'it takes precedence over the "backend" entry of ~/.keras/keras.json')
+    return (f"gradwatch needs Keras' TensorFlow backend; this Keras runs on the \"{backend}\" backend "
+            f"(keras.backend.backend() == \"{backend}\"{source}). Set the environment variable "
+            "KERAS_BACKEND=tensorflow before Keras is first imported, e.g. "
+            "`KERAS_BACKEND=tensorflow python train.py`, or `os.environ[\"KERAS_BACKEND\"] = \"tensorflow\"` "
+            "before the first `import keras` (in a notebook: restart the kernel, then set it in the first "
+            f"cell); {precedence}. Reading logs (`gradwatch report`, the TensorBoard dashboard) "
+            "works on any backend.")
+
+
+# -- the checks (import Keras / tf_keras / TensorFlow) ------------------------
+def check_backend(model=None, *, tf_keras_imported_ok=False):
+    """Raises `UnsupportedBackendError` if Keras 3 runs on another backend
+    than TensorFlow (see the module docstring).
+
+    Args:
+        model: the model to be trained, if known: a tf_keras model always
+            passes (tf_keras runs on TensorFlow whatever Keras 3's backend).
+        tf_keras_imported_ok: with no model yet (at construction): pass when
+            tf_keras has been imported, as the model may be a tf_keras one
+            (a Keras 3 model is then refused when training starts).
+    """
+    tf_keras = sys.modules.get("tf_keras")
+    if tf_keras is not None and (
+            (model is None and tf_keras_imported_ok) or isinstance(model, tf_keras.Model)):
+        return
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    config_path, config_backend = _keras_config(keras)
+    raise UnsupportedBackendError(backend_error_message(
+        backend, os.environ.get("KERAS_BACKEND") or None, config_path, config_backend))
+
+
+def _keras_config(keras):
+    """(path of Keras' keras.json, its "backend" entry or None)."""
+    try:
+        from keras.src.backend import config
+
+        home = config.keras_home()
+    except (ImportError, AttributeError):
+        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    path = os.path.expanduser(os.path.join(home, "keras.json"))
+    try:
+        with open(path) as file:
+            entry = json.load(file).get("backend")
+    except (OSError, ValueError, AttributeError):
+        entry = None
+    return path, entry if isinstance(entry, str) else None
+
+
 def check(model, optimizers=None):
     """Raises `UnsupportedVersionError` if gradwatch cannot monitor `model`'s
-    training with the installed versions (see the module docstring).
+    training with the installed versions (see the module docstring), or first
+    `UnsupportedBackendError` if Keras 3 does not run on TensorFlow (a Keras 3
+    model; never a tf_keras one).
 
     Args:
         model: a Keras 3 or tf_keras model.
         optimizers: the optimizers gradwatch will hook (a loss-scale optimizer
             as itself); default `[model.optimizer]`.
     """
+    check_backend(model)  # first: never blame the version for the backend
     import tensorflow as tf
 
     from gradwatch.capture import is_tf_keras_model

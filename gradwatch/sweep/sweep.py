@@ -6,7 +6,7 @@ import logging
 import os
 import shutil
 
-from gradwatch import clipping, tags, validation
+from gradwatch import clipping, tags, validation, versions
 from gradwatch.sweep import arguments
 from gradwatch.sweep import results as results_lib
 from gradwatch.sweep import thresholds as thresholds_lib
@@ -79,6 +79,10 @@ class ClippingSweep:
             (they are in each trial's run, and counted in the table); 2 lets
             them through too.
 
+    Raises:
+        gradwatch.UnsupportedBackendError: at construction, if Keras runs on
+            another backend than TensorFlow (`KERAS_BACKEND=jax`, ...).
+
     Example:
 
     ```python
@@ -98,6 +102,7 @@ class ClippingSweep:
     def __init__(self, build_model, *, log_dir="logs/clipping_sweep", objective="val_loss",
                  modes=("clipvalue", "clipnorm", "global_clipnorm"), thresholds="auto", seed=0,
                  probe_steps=200, overwrite=False, verbose=1):
+        versions.check_backend()  # first: KerasTuner's Keras 3 must run on TensorFlow
         if not callable(build_model):
             raise ValueError(f"`build_model` must be a function with no arguments returning a compiled "
                              f"model. Received: build_model={build_model!r}")
