@@ -143,8 +143,20 @@ def train(job):
         optimizer = keras.optimizers.Adam(lr, **clip)
     net = build(family, seed, optimizer)
     callbacks, monitor = [keras.callbacks.TerminateOnNaN()], None
-    if run.startswith("auto"):
-        extra = {"reset_momentum": run == "auto+reset"} if run != "auto" else {}
+    if run.startswith("auto"):  # "auto", or variants: "auto+reset", "auto+noreset+p10", ...
+        import dataclasses
+
+        from gradwatch import clipping
+
+        clipping.AUTO = clipping.AutoThreshold()  # the defaults (workers run many jobs)
+        extra, parts = {}, run.split("+")[1:]
+        for part in parts:
+            if part in ("reset", "noreset"):
+                extra["reset_momentum"] = part == "reset"
+            elif part.startswith("p"):
+                clipping.AUTO = dataclasses.replace(clipping.AUTO, percentile=float(part[1:]))
+            elif part.startswith("rise"):
+                clipping.AUTO = dataclasses.replace(clipping.AUTO, rise=float(part[4:]))
         monitor = gradwatch.GradientMonitor(tempfile.mkdtemp(prefix="gw_auto_"), auto_clip=mode,
                                             clip_threshold="auto", verbose=0, vanishing=False, **extra)
         callbacks.append(monitor)

@@ -39,13 +39,15 @@ class AutoThreshold:
     which can take it down with the run but never above `rise` times the
     baseline: steps that explode never enter the window, and the others enter
     at most at `rise` times the baseline, so a divergence cannot ratchet it up.
-    Last, while clipping is on, a step that still explodes with a norm
-    `1 / shrink` (2) times that of the switch, or of the last such step,
-    multiplies the threshold by `shrink` (halves it, down to `min_scale` of
-    it): a run whose norms keep growing although clipped is clipped harder,
-    once per doubling, until it stops growing; it comes back up slowly,
-    doubling over `recover_steps` calm steps (not exploding, and below the
-    norm that switched clipping on), up to the window's value.
+    Last, while clipping is on, a step that still explodes with a norm at
+    least `1 / shrink` (2) times that of the switch, or of the last such step,
+    shrinks the threshold in proportion (a norm 8x the reference: 1/8, at
+    least halved, never below `min_scale` of the window's value): a run whose
+    norms keep growing although clipped -- momentum carrying a spike, a
+    divergence -- is clipped harder, until its norms stop doubling. Every
+    other finite step lets the threshold come back up, doubling over
+    `recover_steps` steps, so a run that settled at a higher norm is not left
+    frozen under a tiny threshold.
 
     Why these defaults: `benchmarks/auto_threshold.py` (kinds of trouble x
     model families x optimizers x seeds, each against 4 fixed thresholds from
@@ -76,7 +78,7 @@ class AutoThreshold:
     follow: bool = True
     rise: float = 1.0
     shrink: float = 0.5
-    min_scale: float = 1.0 / 1024.0
+    min_scale: float = 1.0 / 64.0
     recover_steps: int = 16
 
     def __post_init__(self):
@@ -104,21 +106,21 @@ def grew(norm, reference, auto):
     return tf.cast(norm, tf.float32) * auto.shrink >= tf.cast(reference, tf.float32)
 
 
-def auto_scale(scale, was_active, exploded, growing, calm, auto, factor=None):
+def auto_scale(scale, was_active, exploded, growing, finite, auto, factor=None):
     """The shrinking factor after a step (float32 scalars, branch-free).
 
-    Multiplied by `factor` (at most `auto.shrink`; default `auto.shrink`)
-    when clipping was already on and the step still explodes and `growing`
-    (`grew`); divided by `shrink **
-    (1 / recover_steps)` (at most 1) when `calm` (not exploding, and below the
-    norm that switched clipping on); else unchanged.
+    Multiplied by `factor` (at most `auto.shrink`; default `auto.shrink`;
+    never below `auto.min_scale`) when clipping was already on and the step
+    still explodes and `growing` (`grew`); else, on a `finite` step, divided
+    by `shrink ** (1 / recover_steps)` (at most 1): back to 1 within
+    `recover_steps` steps per halving once the norms stop doubling.
 
     >>> auto = AutoThreshold(recover_steps=1)
-    >>> [float(auto_scale(1.0, True, True, True, False, auto)), float(auto_scale(0.25, True, False, False, True, auto))]
+    >>> [float(auto_scale(1.0, True, True, True, True, auto)), float(auto_scale(0.25, True, True, False, True, auto))]
     [0.5, 0.5]
-    >>> float(auto_scale(1.0, False, True, True, False, auto))  # the switching step itself: not yet
+    >>> float(auto_scale(1.0, False, True, True, True, auto))  # the switching step itself: not yet
     1.0
-    >>> float(auto_scale(0.25, True, False, False, False, auto))  # not exploding, not calm: held
+    >>> float(auto_scale(0.25, True, False, False, False, auto))  # a NaN step: held
     0.25
     """
     scale = tf.cast(scale, tf.float32)
@@ -127,13 +129,13 @@ def auto_scale(scale, was_active, exploded, growing, calm, auto, factor=None):
     factor = auto.shrink if factor is None else tf.minimum(tf.cast(factor, tf.float32), auto.shrink)
     shrunk = tf.maximum(scale * factor, auto.min_scale)
     recovered = tf.minimum(scale / auto.shrink ** (1.0 / auto.recover_steps), 1.0)
-    return tf.where(keeps_growing, shrunk, tf.where(tf.cast(calm, tf.bool), recovered, scale))
+    return tf.where(keeps_growing, shrunk, tf.where(tf.cast(finite, tf.bool), recovered, scale))
 
 
 def bounded_threshold(window_value, baseline, scale, auto):
     """The threshold in force: `min(window value, rise * baseline) * scale`.
 
-    >>> float(bounded_threshold(5.0, 1.0, 0.5, AutoThreshold()))  # capped at 2 x baseline, halved
+    >>> float(bounded_threshold(5.0, 1.0, 0.5, AutoThreshold(rise=2.0)))  # capped at 2 x baseline, halved
     1.0
     """
     return tf.minimum(tf.cast(window_value, tf.float32), auto.rise * tf.cast(baseline, tf.float32)) * scale
@@ -143,8 +145,8 @@ def window_entry(values, baseline, clipping_on, auto):
     """What a healthy step adds to the window: its statistic, at most `rise`
     times the baseline once clipping is on.
 
-    >>> window_entry([1.0, 9.0], [2.0, 2.0], True, AutoThreshold()).numpy().tolist()
-    [1.0, 4.0]
+    >>> window_entry([1.0, 9.0], [2.0, 2.0], True, AutoThreshold()).numpy().tolist()  # rise 1
+    [1.0, 2.0]
     """
     values = tf.cast(values, tf.float32)
     capped = tf.minimum(values, auto.rise * tf.cast(baseline, tf.float32))

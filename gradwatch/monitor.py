@@ -15,7 +15,7 @@ from gradwatch.recorder import NO_GRADIENT, Recorder
 logger = logging.getLogger("gradwatch")
 
 # Default of `reset_momentum` (measured: benchmarks/auto_threshold.py).
-RESET_MOMENTUM = False
+RESET_MOMENTUM = True
 
 # "epoch" still drains the device buffer at least this often (bounded memory).
 _EPOCH_DRAIN_STEPS = 1024
@@ -71,7 +71,12 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             True when `auto_clip` is set, else False.
         reset_momentum: with `auto_clip`, zero the optimizer's first-moment
             slots (SGD's momentum, Adam's `m`) at the step clipping switches
-            on. Default False: on the benchmarks it changed nothing on average.
+            on, so the updates already in the momentum do not go on after
+            the switch. Default True: after a learning-rate spike the
+            momentum carried the spiked updates on for tens of steps
+            (SGD+momentum, 3 models: "auto" ended 92-8271x the best fixed
+            threshold without the reset, 1.00-1.32x with it); on corrupted
+            targets it changed nothing on average.
         vanishing: detect vanishing and dead gradients on the host, from the
             recorded layer norms (nothing is added to the step): `True`
             (default), `False`, or a `gradwatch.vanishing.VanishingConfig` with

@@ -149,11 +149,8 @@ class StepPolicy:
         # last shrink) halves the threshold and becomes the reference.
         reference = device_state.reference_norm.read_value()
         grew = clipping.grew(global_norm, reference, auto)
-        switch_norm = tf.where(switching, global_norm, device_state.switch_norm.read_value())
-        device_state.switch_norm.assign(switch_norm)
-        calm = tf.logical_and(tf.logical_not(finite_explosion), global_norm < switch_norm)
         scale = clipping.auto_scale(device_state.auto_scale.read_value(), was_active, finite_explosion,
-                                    grew, calm, auto, factor=reference / global_norm)
+                                    grew, tf.logical_not(nonfinite), auto, factor=reference / global_norm)
         keeps_growing = tf.logical_and(tf.logical_and(was_active, finite_explosion), grew)
         device_state.reference_norm.assign(
             tf.where(tf.logical_or(switching, keeps_growing), global_norm, reference))
