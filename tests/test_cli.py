@@ -182,3 +182,21 @@ def test_console_script(exploded_logdir):
     missing = subprocess.run([script, "report", str(exploded_logdir / "nope")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and missing.stderr.startswith("gradwatch: error: ")
+
+
+def test_demo_imports_tensorflow_without_its_start_up_lines():
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    code = ("from gradwatch import demo; import sys; hid = demo.import_tensorflow_quietly(); "
+            "import os; print(hid, 'tensorflow' in sys.modules, os.environ['TF_CPP_MIN_LOG_LEVEL'])")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["True", "True", "3"]
+    assert done.stderr == ""
+
+
+def test_demo_keeps_tensorflow_log_setting_the_user_chose(monkeypatch):
+    from gradwatch import demo
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    assert demo.import_tensorflow_quietly() is False and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
