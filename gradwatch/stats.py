@@ -58,20 +58,19 @@ def layer_paths(model, variables=None, sublayers=0):
         if chain is not None:
             rows.setdefault(_row_key(chain, variable, sublayers), []).append(variable)
 
-    paths, layer_of_variable, names = [], {}, {}
+    paths, layer_of_variable, index_of = [], {}, {}  # index_of: path -> index into paths
 
     def claim(key, path):
         fresh = [v for v in rows.pop(key, ()) if id(v) not in layer_of_variable]
         if not fresh:
             return
-        if key not in names:
-            unique, number = path, 2
-            while unique in paths:
-                unique, number = f"{path}_{number}", number + 1
-            names[key] = unique
-            paths.append(unique)
+        unique, number = path, 2
+        while unique in index_of:
+            unique, number = f"{path}_{number}", number + 1
+        index_of[unique] = len(paths)
+        paths.append(unique)
         for variable in fresh:
-            layer_of_variable[id(variable)] = paths.index(names[key])
+            layer_of_variable[id(variable)] = index_of[unique]
 
     def walk(container, chain, prefix):
         for layer in _direct_sublayers(container):
@@ -89,9 +88,10 @@ def layer_paths(model, variables=None, sublayers=0):
     for variable in wanted:  # held by no layer of the model
         if id(variable) not in layer_of_variable:
             path = _outside_path(variable)
-            if path not in paths:
+            if path not in index_of:
+                index_of[path] = len(paths)
                 paths.append(path)
-            layer_of_variable[id(variable)] = paths.index(path)
+            layer_of_variable[id(variable)] = index_of[path]
     return paths, layer_of_variable
 
 
