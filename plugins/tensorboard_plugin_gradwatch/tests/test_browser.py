@@ -138,6 +138,7 @@ def hostile_board(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_browser")
     write_small_run(str(root / EVIL_RUN), ["lstm", EVIL_LAYER, "embed"])
     write_small_run(str(root / "long_names"), ["lstm", "n" * 20_000, "x" * 1_000_000 + "tail"])
+    write_short_run(str(root / "short"))  # test_short_run_...: one TensorBoard for both
     with screenshot.tensorboard(str(root), load_fast="true") as (base, _):
         yield base
 
@@ -178,35 +179,27 @@ def write_short_run(run_dir, steps=8):
     writer.close()
 
 
-@pytest.fixture(scope="module")
-def short_board(tmp_path_factory):
-    root = tmp_path_factory.mktemp("short_browser")
-    write_short_run(str(root / "short"))
-    with screenshot.tensorboard(str(root), load_fast="true") as (base, _):
-        yield base
-
-
 PAGE_WIDTHS = "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
 
 
 @pytest.mark.parametrize("width", [1280, 1600])
-def test_dashboard_fits_the_window_without_horizontal_scrollbar(driver, boards, short_board, width):
+def test_dashboard_fits_the_window_without_horizontal_scrollbar(driver, boards, hostile_board, width):
     board, _ = boards["true"]
     driver.set_window_size(width, 900)
     try:
         assert driver.execute_script("return window.innerWidth") == width
-        for base in (board.base, short_board):
-            screenshot.open_dashboard(driver, base)
+        for base, fragment in ((board.base, ""), (hostile_board, "#run=short"), (hostile_board, "#run=long_names")):
+            screenshot.open_dashboard(driver, base, fragment=fragment)
             scroll, client = driver.execute_script(PAGE_WIDTHS)
-            assert scroll == client, (base, width, scroll, client)
+            assert scroll == client, (fragment, width, scroll, client)
     finally:
         driver.set_window_size(1280, 900)
 
 
-def test_short_run_has_whole_step_ticks_cells_on_steps_and_both_clipping_lines(driver, short_board):
+def test_short_run_has_whole_step_ticks_cells_on_steps_and_both_clipping_lines(driver, hostile_board):
     from selenium.webdriver.common.by import By
 
-    screenshot.open_dashboard(driver, short_board)
+    screenshot.open_dashboard(driver, hostile_board, fragment="#run=short")
     heatmap = driver.find_element(By.ID, "gw-heatmap")
     global_chart = driver.find_element(By.ID, "gw-global")
     for canvas in (heatmap, global_chart):
