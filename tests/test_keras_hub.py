@@ -75,18 +75,23 @@ def test_lora_rows_are_the_trainable_query_and_value_layers(tmp_path):
         assert paths[layer_of[id(variable)]].endswith(variable.path.rsplit("/", 1)[0])  # `path` is the backbone's
 
 
-def test_sublayers_reports_attention_feed_forward_and_norms_apart(tmp_path):
+def test_sublayers_reports_attention_feed_forward_and_norms_apart():
+    """The rows of each depth (no fit: the norms of finer rows are checked against a tape in
+    tests/test_norms.py, on a plain-Keras block; here, which rows keras-hub's blocks give)."""
     model = gpt2()
-    monitor = fit_and_compare(model, tmp_path, sublayers=1)
-    block = ["self_attention", "self_attention_layer_norm", "feedforward_intermediate_dense",
-             "feedforward_output_dense", "feedforward_layer_norm"]
-    assert monitor.layer_paths == (
-        ["gpt2_backbone/token_embedding", "gpt2_backbone/position_embedding"]
-        + [f"gpt2_backbone/transformer_layer_{i}/{name}" for i in range(2) for name in block]
-        + ["gpt2_backbone/layer_norm", "head"])
     default, _ = stats.layer_paths(model)
     assert default == ["gpt2_backbone/token_embedding", "gpt2_backbone/position_embedding",
                        "gpt2_backbone/transformer_layer_0", "gpt2_backbone/transformer_layer_1",
                        "gpt2_backbone/layer_norm", "head"]
+    block = ["self_attention", "self_attention_layer_norm", "feedforward_intermediate_dense",
+             "feedforward_output_dense", "feedforward_layer_norm"]
+    finer, layer_of = stats.layer_paths(model, sublayers=1)
+    assert finer == (
+        ["gpt2_backbone/token_embedding", "gpt2_backbone/position_embedding"]
+        + [f"gpt2_backbone/transformer_layer_{i}/{name}" for i in range(2) for name in block]
+        + ["gpt2_backbone/layer_norm", "head"])
+    layers = layer_objects(model, finer)
+    for variable in model.trainable_variables:  # each variable in the row of the sublayer holding it
+        assert any(variable is held for held in layers[finer[layer_of[id(variable)]]].weights)
     finest, _ = stats.layer_paths(model, sublayers=2)
-    assert "gpt2_backbone/transformer_layer_1/self_attention/key" in finest and len(finest) == 4 + 2 * 8
+    assert len(finest) == 4 + 2 * 8 and "gpt2_backbone/transformer_layer_1/self_attention/key" in finest
