@@ -24,10 +24,46 @@ def default_logdir():
     return path
 
 
+def import_tensorflow_quietly():
+    """Imports TensorFlow without its C++ start-up lines, unless the user set
+    `TF_CPP_MIN_LOG_LEVEL`; returns whether it hid anything.
+
+    `TF_CPP_MIN_LOG_LEVEL=3` (also hiding the harmless Grappler errors on the
+    demo's ReLU RNN graph) does not hide the lines TensorFlow writes while it
+    loads (absl's "All log messages before absl::InitializeLog() is called
+    are written to STDERR" and cudart_stub's "Could not find cuda drivers",
+    each printed twice on a machine without a GPU): they go to file descriptor
+    2 before any setting is read. So descriptor 2 points to a temporary file
+    during the import; if the import fails, what was written there is shown.
+    """
+    import sys
+    import tempfile
+
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+        return False
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            except BaseException:
+                os.dup2(saved, 2)
+                captured.seek(0)
+                sys.stderr.write(captured.read().decode("utf-8", "replace"))
+                raise
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+    return True
+
+
 def run_demo(logdir, epochs, seed, out):
     """Trains both runs, prints alerts, a comparison and how to look. Returns 0."""
-    # 3: TensorFlow's C++ log without its harmless Grappler errors on this ReLU RNN's graph.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import_tensorflow_quietly()
     import keras
 
     from gradwatch import scenarios

@@ -1,9 +1,12 @@
 """Low-level reading of TensorBoard event files, without TensorFlow.
 
 A small pure-Python TFRecord reader: record framing is checked (lengths and
-their CRC32C), and a truncated or garbled file raises `LogReadError` instead of
-being cut short silently, as TensorBoard's own loader does. Payload checksums
-are not verified (pure-Python CRC32C would dominate the read time).
+their CRC32C). A file whose last record is damaged (cut short, a bad length
+checksum with nothing valid after it, zeros appended, a bad data checksum) is
+read up to the damage, as TensorBoard reads it, and the damage is reported to
+the caller; damage before the end of a file, or a file that is not an event
+file, raises `LogReadError`. Payload checksums are verified for the last
+record of a file only (pure-Python CRC32C would dominate the read time).
 
 The wire-level fast path below reads the float32 scalars of plain `Event`s
 with numpy, without parsing each event with protobuf. `gradwatch.logs` builds
@@ -59,14 +62,25 @@ class TruncatedTail(Exception):
     """The file ends inside its last record (a live or interrupted write)."""
 
 
-def iter_records(path, on_truncated_tail=None):
+class DamagedTail(Exception):
+    """The last record of the file is damaged: no whole, valid record follows the damage."""
+
+
+def iter_records(path, on_damaged_tail=None):
     """Yields `(byte offset, payload)` of each TFRecord in the file at `path`.
 
-    A record cut short by the end of the file (a write in progress, or one
-    interrupted by a full disk or a crash) ends the iteration: with
-    `on_truncated_tail`, it is called with the record's byte offset; without,
-    `LogReadError` is raised. Damage before the end of the file (a bad length
-    checksum) is always a `LogReadError` naming the file and the byte offset.
+    A damaged last record ends the iteration: a record cut short by the end
+    of the file (a write in progress, or one interrupted by a full disk or a
+    crash), a bad length checksum with no valid record after it (a torn
+    write; zeros appended after a power loss), or a bad data checksum of the
+    record that ends the file. With `on_damaged_tail`, it is called with the
+    record's byte offset and a reason (`"record cut short at byte N (...)"`,
+    `"damaged record at byte N (...)"`); without, `LogReadError` is raised.
+    Damage before the end of the file (a bad length checksum followed by a
+    valid record), or a first record that is neither valid nor zeros (not an
+    event file), is always a `LogReadError` naming the file and the byte
+    offset. Data checksums are verified for the last record only (pure-Python
+    CRC32C, ~0.2 s per MB).
     """
     with open(path, "rb") as stream:
         size = os.fstat(stream.fileno()).st_size
@@ -74,25 +88,82 @@ def iter_records(path, on_truncated_tail=None):
         try:
             while header := stream.read(_HEADER.size):
                 if len(header) < _HEADER.size:
-                    raise TruncatedTail(f"truncated record header at byte {offset}")
+                    raise TruncatedTail(f"record cut short at byte {offset} (a write in progress or interrupted)")
                 length, length_crc = _HEADER.unpack(header)
                 if masked_crc32c(header[:8]) != length_crc:
-                    raise LogReadError(
-                        path, f"corrupt record at byte {offset} (bad length checksum; "
-                        "is it a TensorBoard event file?)")
+                    zeros = _zeros_to_end(stream, offset)
+                    if (offset == 0 and not zeros) or (not zeros and _valid_record_after(stream, offset + 1)):
+                        raise LogReadError(
+                            path, f"corrupt record at byte {offset} (bad length checksum; "
+                            "is it a TensorBoard event file?)")
+                    what = "zeros to the end of the file" if zeros else "bad length checksum, no record after it"
+                    raise DamagedTail(f"damaged record at byte {offset} ({what})")
                 if length + 4 > size - stream.tell():  # never allocate more than the file holds
                     size = os.fstat(stream.fileno()).st_size  # it may be growing
                     if length + 4 > size - stream.tell():
-                        raise TruncatedTail(f"truncated record at byte {offset}")
+                        raise TruncatedTail(f"record cut short at byte {offset} (a write in progress or interrupted)")
                 payload = stream.read(length + 4)  # data, then its masked CRC32C
                 if len(payload) < length + 4:
-                    raise TruncatedTail(f"truncated record at byte {offset}")
+                    raise TruncatedTail(f"record cut short at byte {offset} (a write in progress or interrupted)")
+                if stream.tell() >= size and not _data_checksum_ok(payload):
+                    raise DamagedTail(f"damaged record at byte {offset} (bad data checksum)")
                 yield offset, payload[:length]
                 offset += _HEADER.size + length + 4
-        except TruncatedTail as tail:
-            if on_truncated_tail is None:
+        except (TruncatedTail, DamagedTail) as tail:
+            if on_damaged_tail is None:
                 raise LogReadError(path, str(tail))
-            on_truncated_tail(offset)
+            on_damaged_tail(offset, str(tail))
+
+
+def _data_checksum_ok(payload):
+    """`payload` is a record's data followed by its masked CRC32C."""
+    return masked_crc32c(payload[:-4]) == struct.unpack("<I", payload[-4:])[0]
+
+
+_SCAN_CHUNK = 1 << 20
+
+
+def _zeros_to_end(stream, start):
+    stream.seek(start)
+    while chunk := stream.read(_SCAN_CHUNK):
+        if chunk.count(0) != len(chunk):
+            return False
+    return True
+
+
+def _valid_record_after(stream, start):
+    """Whether a whole record with valid checksums starts at or after byte `start`.
+
+    The headers are screened with numpy (a length that fits in the file), so
+    only a few positions are checked in Python; a run of zeros is never a header.
+    """
+    size = os.fstat(stream.fileno()).st_size
+    position = start
+    zero_header_crc = masked_crc32c(bytes(8))
+    while position + _HEADER.size + 4 <= size:
+        stream.seek(position)
+        chunk = stream.read(_SCAN_CHUNK + _HEADER.size)
+        if len(chunk) < _HEADER.size:
+            return False
+        buf = np.frombuffer(chunk, np.uint8)
+        count = len(chunk) - _HEADER.size + 1
+        windows = np.lib.stride_tricks.sliding_window_view(buf, 8)[:count]
+        low = windows[:, :4].astype(np.uint64) @ (np.uint64(1) << np.arange(0, 32, 8, dtype=np.uint64))
+        high_zero = ~windows[:, 4:].any(axis=1)
+        room = size - (position + np.arange(count, dtype=np.int64)) - _HEADER.size - 4
+        for index in np.flatnonzero(high_zero & (low.astype(np.int64) <= room)):
+            header = chunk[index:index + _HEADER.size]
+            length, length_crc = _HEADER.unpack(header)
+            if length_crc == 0 and length == 0 and zero_header_crc != 0:
+                continue
+            if masked_crc32c(header[:8]) != length_crc:
+                continue
+            stream.seek(position + int(index) + _HEADER.size)
+            payload = stream.read(length + 4)
+            if len(payload) == length + 4 and _data_checksum_ok(payload):
+                return True
+        position += count
+    return False
 
 
 # -- wire-level fast path -----------------------------------------------------

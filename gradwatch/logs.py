@@ -3,8 +3,7 @@
 Shared by `gradwatch report` (and usable by the TensorBoard plugin). Files are
 read whole and exactly -- every record, no reservoir sampling -- with the small
 pure-Python reader of `gradwatch.eventfile`, so importing this module or reading
-logs never imports TensorFlow. A truncated or garbled file raises
-`LogReadError`; a payload that no longer parses as an `Event` is reported as
+logs never imports TensorFlow. A garbled file raises `LogReadError`; a payload that no longer parses as an `Event` is reported as
 corrupt.
 
 A *run* is a folder under LOGDIR (LOGDIR itself included, named ".") that
@@ -19,8 +18,10 @@ last wins, for scalar series and for explosion and clipping records alike.
 Explosion and clipping records are read as `gradwatch.rundata` describes; a
 record that is not of that shape raises `LogReadError`.
 
-A record cut short at the end of a file (a live or interrupted write) is
-skipped and noted in `RunData.notes`, as are JSON records too large or too deep
+A damaged last record of a file -- cut short (a live or interrupted write), a
+bad length or data checksum, zeros appended after a power loss -- is skipped:
+the file is read up to the damage, as TensorBoard reads it, with one note
+naming the file and the byte in `RunData.notes`, as are JSON records too large or too deep
 (refused before parsing); damage before the end of a file is a `LogReadError`
 naming the file and byte offset.
 

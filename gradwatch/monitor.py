@@ -93,6 +93,18 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             One optimizer writes to `log_dir/train`; several each to their own
             run, `log_dir/train/<name>` (the attribute's name or the dict key),
             with their own detection and clipping; alerts then start `[name]`.
+        sublayers: finer rows. 0 (default): one row per layer that is not a
+            model -- a transformer block is one row, its attention,
+            feed-forward layers and norms together; a layer of a nested model
+            is reported as `outer/inner`. 1: each sublayer of such a layer
+            has its own row (`.../transformer_layer_0/self_attention`,
+            `.../feedforward_output_dense`, `.../feedforward_layer_norm`);
+            2: one level further (the attention's `query`, `key`, `value`,
+            `attention_output`); and so on. Rows always follow the layers
+            that hold the variables, whatever their `trainable` flags: after
+            keras-hub's `enable_lora`, the trainable `query` and `value`
+            layers of each frozen block are rows of their own. More rows cost
+            a little more per step (README, "Finer rows").
         top_layers: how many layers an alert names.
         verbose: 0 silent, 1 or 2 print alerts to the console (they always go
             to the `"gradwatch"` logger).
@@ -128,7 +140,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
 
     def __init__(self, log_dir="logs", *, update_freq=100, explosion_threshold=None,
                  auto_clip=None, clip_threshold=1.0, skip_nonfinite=None, reset_momentum=RESET_MOMENTUM,
-                 vanishing=True, optimizers=None,
+                 vanishing=True, optimizers=None, sublayers=0,
                  top_layers=3, verbose=1):
         # First: on JAX/PyTorch nothing below can work (`UnsupportedBackendError`).
         versions.check_backend(tf_keras_imported_ok=True)
@@ -142,6 +154,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         self.skip_nonfinite = (auto_clip is not None) if skip is None else skip
         self.reset_momentum = validation.check_bool("reset_momentum", reset_momentum)
         self.top_layers = validation.check_positive_int("top_layers", top_layers)
+        self.sublayers = validation.check_sublayers(sublayers)
         self.verbose = validation.check_verbose(verbose)
         self.vanishing_config = validation.check_vanishing(vanishing)
         self.optimizers = validation.check_optimizers(optimizers)
@@ -182,7 +195,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
                 label = name if several else None
                 writer = _open_writer(self._run_dir(optimizer, label))
                 capture_ = captures[index] if captures else capture.capture_class(self.model)(
-                    self.model, policy, self._capacity(), optimizer=optimizer, name=label,
+                    self.model, policy, self._capacity(), optimizer=optimizer, name=label, sublayers=self.sublayers,
                     return_records=not several and self._drains_every_step())
                 recorders.append(Recorder(self, capture_, writer, print_fn, name=name,
                                           report_unused=self.optimizers is not None or not several))
@@ -289,6 +302,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
                 and self.model.train_function is plain_function
                 and all(c.model is self.model and c.outer is optimizer and c.policy == policy
                         and c.capacity == self._capacity() and c.ready
+                and c.sublayers == self.sublayers
                         for c, (_, optimizer), policy in zip(captures, watched, policies)))
         return (captures, hooked_function) if same else (None, None)
 
@@ -331,7 +345,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
                 "clip_threshold": self.clip_threshold, "skip_nonfinite": self.skip_nonfinite,
                 "reset_momentum": self.reset_momentum,
                 "vanishing": _vanishing_setting(self.vanishing_config),
-                "top_layers": self.top_layers, "verbose": self.verbose}
+                "sublayers": self.sublayers, "top_layers": self.top_layers, "verbose": self.verbose}
 
 
 def _vanishing_setting(config):

@@ -39,7 +39,7 @@ def last_step_written(run_dir):
     last = 0
     for name in names:
         try:
-            for _, payload in iter_records(os.path.join(run_dir, name), on_truncated_tail=lambda offset: None):
+            for _, payload in iter_records(os.path.join(run_dir, name), on_damaged_tail=lambda offset, reason: None):
                 last = max(last, _event_step(payload))
         except Exception:  # a damaged file is the readers' business, not a reason to stop training
             continue

@@ -3,9 +3,9 @@
 Plain scalar events go through the numpy fast path of `gradwatch.eventfile`;
 any other event is parsed with TensorBoard's protos (imported on first use,
 never TensorFlow). A payload that no longer parses as an `Event` is reported as
-corrupt (`LogReadError`). A record cut short at the end of a file (a live or
-interrupted write) is skipped with a note, and so is a JSON record refused as
-too large or too deep (`gradwatch.rundata.parse_json_record`): one note per
+corrupt (`LogReadError`). A damaged last record of a file (cut short by a live
+or interrupted write, a bad checksum, zeros appended) is skipped with a note,
+and so is a JSON record refused as too large or too deep (`gradwatch.rundata.parse_json_record`): one note per
 file or tag, in `notes`.
 """
 
@@ -50,11 +50,10 @@ class RunReader:
         from google.protobuf.message import DecodeError
         from tensorboard.compat.proto import event_pb2
 
-        def truncated(offset):
-            self._tails.append(f"{path}: record cut short at byte {offset} (a write in progress or "
-                               "interrupted) skipped; the records before it are read")
+        def damaged(offset, reason):
+            self._tails.append(f"{path}: {reason} skipped; the records before it are read")
 
-        for offset, payload in iter_records(path, on_truncated_tail=truncated):
+        for offset, payload in iter_records(path, on_damaged_tail=damaged):
             if self._add_fast(payload):
                 continue
             try:

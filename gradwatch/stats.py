@@ -15,62 +15,142 @@ Example:
 import tensorflow as tf
 
 
-def layer_paths(model, variables=None):
+def layer_paths(model, variables=None, sublayers=0):
     """Orders the variables an optimizer updates into reported layers.
 
     `variables`: the variables of the optimizer's step (default: the model's
     trainable variables). Returns `(paths, layer_of_variable)`: the paths of the
-    layers holding them, in model order, and a dict from `id(variable)` to an
-    index into `paths`. Top-level layers are named by their name; layers of
-    nested models as `outer/inner`; a layer that is not a model (an RNN and its
-    cell, an attention block) reports all of its variables under its own path.
-    Variables owned by a model directly are reported under the variable's name.
-    A layer none of whose variables is in `variables` is left out (a layer that
-    another optimizer updates, a frozen one). A variable the model does not
-    hold is reported under its own path without the last part (Keras 3
-    `variable.path` such as `critic/dense/kernel` gives `critic/dense`).
-    """
-    paths, layer_of_variable = [], {}
+    reported layers, in model order, and a dict from `id(variable)` to an index
+    into `paths`.
 
-    def claim(path, variables):
-        fresh = [v for v in variables if id(v) not in layer_of_variable]
+    Each variable is reported under a layer that holds it, found from the
+    layers that hold it, whatever the `trainable` flags of the layers above
+    it: the outermost layer holding it that is not a model and is trainable
+    (`layer.trainable`); models (`outer/inner` for a nested one) and frozen
+    layers are walked through. So a layer that is not a model (an RNN and its
+    cell, a transformer block) reports all of its variables under its own path,
+    and where a frozen block keeps some sublayers trainable (LoRA: keras-hub's
+    `enable_lora` freezes each transformer layer and re-enables its query and
+    value sublayers) each trainable sublayer has its own row, such as
+    `gpt2_backbone/transformer_layer_0/self_attention/query`.
+
+    `sublayers`: how many levels of sublayers below that layer get rows of
+    their own (0: none). With 1, a transformer block's attention, feed-forward
+    layers and norms are reported apart (`.../transformer_layer_0/self_attention`,
+    `.../feedforward_output_dense`, ...); with 2 also the attention's query,
+    key, value and output. A variable is never reported deeper than the layer
+    that holds it.
+
+    No row holds variables of two different layers (two layers of one path get
+    `path`, `path_2`, ...). Variables owned by a model directly are reported
+    under the model's path and the variable's name. A layer none of whose
+    variables is in `variables` is left out (a layer that another optimizer
+    updates, a frozen one). A variable the model does not hold is reported
+    under its own path without the last part (Keras 3 `variable.path` such as
+    `critic/dense/kernel` gives `critic/dense`).
+    """
+    wanted = list(model.trainable_variables) if variables is None else list(variables)
+    wanted_ids = {id(v) for v in wanted}
+    owner = _owners(model)
+    rows = {}  # row key -> [variables]
+    for variable in wanted:
+        chain = owner.get(id(variable))
+        if chain is not None:
+            rows.setdefault(_row_key(chain, variable, sublayers), []).append(variable)
+
+    paths, layer_of_variable, index_of = [], {}, {}  # index_of: path -> index into paths
+
+    def claim(key, path):
+        fresh = [v for v in rows.pop(key, ()) if id(v) not in layer_of_variable]
         if not fresh:
             return
-        if path not in paths:
-            paths.append(path)
+        unique, number = path, 2
+        while unique in index_of:
+            unique, number = f"{path}_{number}", number + 1
+        index_of[unique] = len(paths)
+        paths.append(unique)
         for variable in fresh:
-            layer_of_variable[id(variable)] = paths.index(path)
+            layer_of_variable[id(variable)] = index_of[unique]
 
-    def walk(container, prefix):
+    def walk(container, chain, prefix):
         for layer in _direct_sublayers(container):
+            sub = chain + (layer,)
+            if len(sub) > _MAX_DEPTH or any(layer is above for above in chain):
+                continue
             path = prefix + layer.name
-            if _is_model(layer):
-                walk(layer, path + "/")
-            claim(path, layer.trainable_variables)
-        for variable in container.trainable_variables:
-            if id(variable) not in layer_of_variable:
-                claim(prefix + variable.name, [variable])
+            claim(_ids(sub), path)
+            walk(layer, sub, path + "/")
+        for variable in _own_variables(container, owner, chain):
+            if id(variable) in wanted_ids:
+                claim(("model", _ids(chain), id(variable)), prefix + _variable_name(variable))
 
-    walk(model, "")
-    if variables is None:
-        return paths, layer_of_variable
-    return _restrict(paths, layer_of_variable, list(variables))
+    walk(model, (), "")
+    for variable in wanted:  # held by no layer of the model
+        if id(variable) not in layer_of_variable:
+            path = _outside_path(variable)
+            if path not in index_of:
+                index_of[path] = len(paths)
+                paths.append(path)
+            layer_of_variable[id(variable)] = index_of[path]
+    return paths, layer_of_variable
 
 
-def _restrict(paths, layer_of_variable, variables):
-    """`(paths, layer_of_variable)` for `variables` only (see `layer_paths`)."""
-    path_of = {id(v): (paths[layer_of_variable[id(v)]] if id(v) in layer_of_variable else None)
-               for v in variables}
-    used = {path for path in path_of.values() if path is not None}
-    kept = [path for path in paths if path in used]  # model order
-    for variable in variables:
-        if path_of[id(variable)] is None:
-            path_of[id(variable)] = _outside_path(variable)
-            if path_of[id(variable)] not in used:
-                used.add(path_of[id(variable)])
-                kept.append(path_of[id(variable)])
-    position = {path: index for index, path in enumerate(kept)}
-    return kept, {key: position[path] for key, path in path_of.items()}
+# Nesting deeper than this is not walked (a guard against odd layer graphs).
+_MAX_DEPTH = 64
+
+
+def _ids(chain):
+    return tuple(id(layer) for layer in chain)
+
+
+def _owners(model):
+    """`{id(variable): chain}`: the layers from a direct sublayer of `model` down
+    to the deepest layer holding the variable (`()` for the model's own)."""
+    owner = {id(variable): () for variable in _weights(model)}
+
+    def visit(container, chain):
+        for layer in _direct_sublayers(container):
+            sub = chain + (layer,)
+            if len(sub) > _MAX_DEPTH or any(layer is above for above in chain):
+                continue
+            for variable in _weights(layer):
+                held = owner.get(id(variable))
+                # deeper only along the same branch: a layer used twice keeps its first place
+                if held is None or _ids(sub[:len(held)]) == _ids(held):
+                    owner[id(variable)] = sub
+            visit(layer, sub)
+
+    visit(model, ())
+    return owner
+
+
+def _row_key(chain, variable, sublayers):
+    """The key of the row of `variable`, held by `chain[-1]` (the model itself when empty)."""
+    if not chain or _is_model(chain[-1]):
+        return ("model", _ids(chain), id(variable))
+    layers = [i for i, layer in enumerate(chain) if not _is_model(layer)]
+    trainable = [i for i in layers if getattr(chain[i], "trainable", True)]
+    row = (trainable or layers)[0]
+    return _ids(chain[:min(row + int(sublayers), len(chain) - 1) + 1])
+
+
+def _own_variables(container, owner, chain):
+    """The variables a model (the root when `chain == ()`) holds itself, not through a layer."""
+    if chain and not _is_model(container):
+        return []
+    return [v for v in _weights(container) if id(v) in owner and _ids(owner[id(v)]) == _ids(chain)]
+
+
+def _weights(layer):
+    try:
+        return list(layer.weights)
+    except Exception:  # a layer that cannot list its weights holds none we can name
+        return []
+
+
+def _variable_name(variable):
+    name = str(getattr(variable, "name", "variable")).split(":")[0]
+    return name.rsplit("/", 1)[-1]
 
 
 def _outside_path(variable):

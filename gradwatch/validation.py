@@ -147,6 +147,13 @@ def check_positive_int(name, value):
     raise ValueError(f"`{name}` must be a positive integer. {_received(name, value)}")
 
 
+def check_sublayers(value):
+    """`sublayers`: an integer >= 0 (levels of sublayers reported apart)."""
+    if _is_int(value) and value >= 0:
+        return int(value)
+    raise ValueError(f"`sublayers` must be an integer >= 0 (0: one row per layer). {_received('sublayers', value)}")
+
+
 def check_verbose(value):
     if isinstance(value, bool):  # Keras callbacks accept verbose=True/False too
         return int(value)

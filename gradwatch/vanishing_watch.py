@@ -94,7 +94,8 @@ class VanishingWatch:
 
     def _start(self):
         paths = list(self.capture.layer_paths)
-        model_paths, layer_of_variable = stats.layer_paths(self.capture.model)
+        model_paths, layer_of_variable = stats.layer_paths(
+            self.capture.model, sublayers=getattr(self.capture, "sublayers", 0))
         if model_paths == paths:
             self.sizes = vanishing.layer_sizes(self.capture.model.trainable_variables, layer_of_variable, len(paths))
         else:  # the model changed since it was traced: sizes unknown, compare norms

@@ -82,14 +82,22 @@ def layer_norm(variable_norms, layer):
 
 
 def layer_objects(model, paths):
-    """The layer object of each reported path (walking nested models)."""
+    """The layer object of each reported path (walking nested models and layers)."""
     found = {}
     for path in paths:
         layer = model
         for name in path.split("/"):
-            layer = layer.get_layer(name)
+            layer = sublayer(layer, name)
         found[path] = layer
     return found
+
+
+def sublayer(layer, name):
+    """The direct sublayer `name` of a model or a layer."""
+    for candidate in layer._flatten_layers(include_self=False, recursive=False):
+        if candidate.name == name:
+            return candidate
+    return layer.get_layer(name)
 
 
 def assert_logged_norms_equal(logged, model, layer_paths, expected, rtol):

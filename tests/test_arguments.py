@@ -45,6 +45,7 @@ VALID = {
     "skip_nonfinite": lambda v: v is None or isinstance(v, (bool, np.bool_)),
     "reset_momentum": lambda v: isinstance(v, (bool, np.bool_)),
     "top_layers": lambda v: is_int(v) and v > 0,
+    "sublayers": lambda v: is_int(v) and v >= 0,
     "verbose": lambda v: isinstance(v, bool) or (is_int(v) and v in (0, 1, 2)),
 }
 
@@ -72,6 +73,7 @@ VALUES = {
     "skip_nonfinite": junk,
     "reset_momentum": junk,
     "top_layers": st.one_of(junk, st.integers(-2, 50)),
+    "sublayers": st.one_of(junk, st.integers(-2, 5)),
     "verbose": st.one_of(junk, st.integers(-1, 3)),
 }
 

@@ -158,9 +158,17 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_demo_trains_leaves_event_files_and_says_how_to_look(capsys, tmp_path):
-    status, out, _ = run_main(capsys, "demo", "--logdir", str(tmp_path / "demo"), "--epochs", "1")
-    assert status == 0
-    assert f"tensorboard --logdir {tmp_path / 'demo'}" in out
+    """As a user runs it (its own process, TF_CPP_MIN_LOG_LEVEL unset): its first line is its own,
+    and nothing of TensorFlow's start-up (absl, cudart_stub) reaches the terminal."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "gradwatch.cli", "demo", "--logdir", str(tmp_path / "demo"),
+                           "--epochs", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.startswith("gradwatch demo: a ReLU SimpleRNN")
+    assert f"tensorboard --logdir {tmp_path / 'demo'}" in done.stdout
     for run in ("plain", "gradwatch_auto_clip"):
         assert list((tmp_path / "demo" / run / "train").glob("events.out.tfevents.*"))
     assert run_main(capsys, "report", str(tmp_path / "demo"))[0] == 0
@@ -182,3 +190,10 @@ def test_console_script(exploded_logdir):
     missing = subprocess.run([script, "report", str(exploded_logdir / "nope")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and missing.stderr.startswith("gradwatch: error: ")
+
+
+def test_demo_keeps_tensorflow_log_setting_the_user_chose(monkeypatch):
+    from gradwatch import demo
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    assert demo.import_tensorflow_quietly() is False and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"

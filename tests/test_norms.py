@@ -162,3 +162,76 @@ def test_custom_train_step_norms_equal_tape_norms(tmp_path, update_freq):
     monitor, _ = fit_and_compare(model, tmp_path, update_freq=update_freq)
     assert monitor.layer_paths == ["hidden", "out"]
     assert sorted(model.history.history) == ["my_loss"]  # nothing of gradwatch in the logs
+
+
+class Block(keras.layers.Layer):
+    """A layer (not a model) of three sublayers, like a small transformer block."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense_a = keras.layers.Dense(8, activation="tanh", name="dense_a")
+        self.dense_b = keras.layers.Dense(8, name="dense_b")
+        self.norm = keras.layers.LayerNormalization(name="norm")
+
+    def build(self, input_shape):
+        self.dense_a.build(input_shape)
+        self.dense_b.build((None, 8))
+        self.norm.build((None, 8))
+
+    def call(self, x):
+        return self.norm(x + self.dense_b(self.dense_a(x)))
+
+
+def blocks_in_nested_model():
+    inner = keras.Sequential([keras.Input((8,)), Block(name="block_0"), Block(name="block_1")], name="encoder")
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, keras.layers.Dense(1, name="head")(inner(inputs)))
+
+
+def test_partly_frozen_block_reports_each_trainable_sublayer(tmp_path):
+    """`outer.trainable = False; inner.trainable = True`: the row is the inner layer
+    (Keras gives `[]` for the frozen block's trainable variables)."""
+    model = blocks_in_nested_model()
+    for name in ("block_0", "block_1"):
+        block = model.get_layer("encoder").get_layer(name)
+        block.trainable = False
+        block.dense_a.trainable = True
+        block.norm.trainable = True
+    fit_and_compare(model, tmp_path, expected_paths=[
+        "encoder/block_0/dense_a", "encoder/block_0/norm", "encoder/block_1/dense_a", "encoder/block_1/norm",
+        "head"])
+
+
+def test_sublayers_reports_sublayers_apart(tmp_path):
+    from gradwatch import stats
+
+    model = blocks_in_nested_model()
+    assert stats.layer_paths(model)[0] == ["encoder/block_0", "encoder/block_1", "head"]  # the default
+    sublayers, paths = 1, ["encoder/block_0/dense_a", "encoder/block_0/dense_b", "encoder/block_0/norm",
+                           "encoder/block_1/dense_a", "encoder/block_1/dense_b", "encoder/block_1/norm", "head"]
+    x, y = regression_data(n=48)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), sublayers=sublayers, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    assert monitor.layer_paths == paths
+    expected = expected_norms_per_step(model, snapshots.snapshots, x, y, 16)
+    assert_logged_norms_equal(read_tags(str(tmp_path)), model, paths, expected, RTOL)
+
+
+def test_two_layers_of_one_name_are_two_rows():
+    from gradwatch import stats
+
+    class Twice(keras.layers.Layer):
+        def __init__(self):
+            super().__init__(name="twice")
+            self.first, self.second = keras.layers.Dense(2, name="d"), keras.layers.Dense(2, name="d")
+
+        def call(self, x):
+            return self.second(self.first(x))
+
+    model = keras.Sequential([keras.Input((3,)), Twice()])
+    paths, layer_of = stats.layer_paths(model, sublayers=1)
+    assert paths == ["twice/d", "twice/d_2"]
+    twice = model.layers[0]
+    assert [layer_of[id(v)] for v in twice.first.weights + twice.second.weights] == [0, 0, 1, 1]

@@ -126,7 +126,8 @@ def test_gan_each_optimizer_norms_equal_tape_norms_per_step(tmp_path, compile_wi
             for path, norm in per_layer.items():
                 np.testing.assert_allclose(logged[tags.layer_tag(path)][step], norm, rtol=RTOL)
                 assert norm > 0
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # gradwatch says nothing (TensorFlow may warn of retracing, depending on the tests run before)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("gradwatch")]
 
 
 def test_gan_auto_clip_switches_on_for_the_exploding_optimizer_only(tmp_path, caplog):

@@ -88,7 +88,8 @@ def test_tf_keras_gan_each_optimizer_norms_equal_tape_norms(tmp_path, compile_wi
             np.testing.assert_allclose(logged[tags.GLOBAL][step], global_norm, rtol=RTOL)
             for path, norm in per_layer.items():
                 np.testing.assert_allclose(logged[tags.layer_tag(path)][step], norm, rtol=RTOL)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # gradwatch says nothing (TensorFlow may warn of retracing, depending on the tests run before)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("gradwatch")]
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["plain", "xla"])

@@ -40,15 +40,17 @@ class KerasCapture:
             step then also returns it (see `make_train_function`).
         optimizer: the optimizer to watch (default `model.optimizer`).
         name: the optimizer's name in alerts and run folders (None: the only one).
+        sublayers: levels of sublayers reported apart (`stats.layer_paths`).
 
     The reported layers are those whose variables the optimizer's step updates,
     read when the step is first traced (`_begin_step`); until then, a guess
     from the optimizer's own variables, or the model's.
     """
 
-    def __init__(self, model, policy, capacity, return_records=False, optimizer=None, name=None):
+    def __init__(self, model, policy, capacity, return_records=False, optimizer=None, name=None, sublayers=0):
         self.model, self.policy, self.return_records = model, policy, return_records
         self.name = name
+        self.sublayers = sublayers
         self.host_detector = None if policy.decides_in_graph else HostDetector(policy)
         self.outer = optimizer if optimizer is not None else model.optimizer
         self.optimizer = getattr(self.outer, "inner_optimizer", self.outer)
@@ -80,7 +82,7 @@ class KerasCapture:
         if variables is None:
             variables = self._expected_variables()
         self._prepared_ids = frozenset(id(v) for v in variables)
-        self.layer_paths, self._layer_of_variable = stats.layer_paths(self.model, variables)
+        self.layer_paths, self._layer_of_variable = stats.layer_paths(self.model, variables, self.sublayers)
         # The "auto" window has a column per variable of the step (in its order) or one.
         self._column_of_variable = {id(v): i for i, v in enumerate(variables)}
         auto_shape = None

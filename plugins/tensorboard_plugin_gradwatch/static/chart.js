@@ -59,7 +59,9 @@ export function drawAxes(ctx, layout, y, data) {
   ctx.textAlign = 'center';
   ctx.textBaseline = 'top';
   const bottom = TOP + PLOT_HEIGHT;
-  for (const step of stepTicks(data.first_step, data.last_step, Math.floor(layout.plotWidth / 90))) {
+  const ticks = stepTicks(data.first_step, data.last_step, Math.floor(layout.plotWidth / 90));
+  ctx.canvas.dataset.ticks = ticks.join(' ');  // read by the browser test
+  for (const step of ticks) {
     ctx.fillRect(layout.xOfStep(step + 0.5), bottom, 1, 4);
     ctx.fillText(fmtStep(step), layout.xOfStep(step + 0.5), bottom + 6);
   }
@@ -159,8 +161,12 @@ export function drawGlobalChart(canvas, data, layout, highlightStep) {
   drawAxes(ctx, layout, y, data);
   drawLine(ctx, layout, y, lines.threshold, COLORS.threshold, [6, 4], 1.5);
   drawLine(ctx, layout, y, lines.clip, COLORS.clipThreshold, [2, 3], 1.5);
+  // After clipping: a wide, see-through line under the pre-clip one, so that both show where they
+  // coincide (clipping off, or a step under the threshold).
+  ctx.globalAlpha = 0.55;
+  drawLine(ctx, layout, y, lines.post, COLORS.postClip, [], 5);
+  ctx.globalAlpha = 1;
   drawLine(ctx, layout, y, lines.pre, COLORS.preClip, [], 1.5);
-  drawLine(ctx, layout, y, lines.post, COLORS.postClip, [], 1.5);
   drawMarkers(ctx, layout, y, data, lines.pre);
   if (highlightStep != null) drawHighlight(ctx, layout, highlightStep);
   canvas.dataset.drawn = 'true';

@@ -78,12 +78,12 @@ export function decadeLabel(d) {
   return d >= -2 && d <= 3 ? String(10 ** d >= 1 ? 10 ** d : Number((10 ** d).toFixed(-d))) : `1e${d}`;
 }
 
-/** About `count` round step ticks in [first, last]. */
+/** About `count` round step ticks in [first, last]: whole steps only (a short run gets 1, 2, 3, ...). */
 export function stepTicks(first, last, count) {
   const span = Math.max(1, last - first);
-  const raw = span / Math.max(1, count);
+  const raw = Math.max(1, span / Math.max(1, count));
   const magnitude = 10 ** Math.floor(Math.log10(raw));
-  const stride = [1, 2, 5, 10].map((m) => m * magnitude).find((s) => s >= raw) || raw;
+  const stride = Math.max(1, Math.round([1, 2, 5, 10].map((m) => m * magnitude).find((s) => s >= raw) || raw));
   const ticks = [];
   for (let s = Math.ceil(first / stride) * stride; s <= last; s += stride) ticks.push(s);
   return ticks;

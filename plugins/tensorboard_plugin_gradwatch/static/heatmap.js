@@ -63,7 +63,10 @@ function drawStepAxis(ctx, layout, first, last, y) {
   ctx.strokeStyle = COLORS.axis;
   ctx.textAlign = 'center';
   ctx.textBaseline = 'top';
-  for (const step of stepTicks(first, last, Math.floor(layout.plotWidth / 90))) {
+  const ticks = stepTicks(first, last, Math.floor(layout.plotWidth / 90));
+  ctx.canvas.dataset.ticks = ticks.join(' ');  // read by the browser test, with data-plot
+  ctx.canvas.dataset.plot = `${layout.left} ${layout.plotWidth} ${TOP}`;
+  for (const step of ticks) {
     const x = layout.xOfStep(step + 0.5);
     ctx.beginPath();
     ctx.moveTo(x, y);
@@ -82,7 +85,15 @@ export function drawHeatmap(canvas, data, cells, layout, highlightStep) {
   const ctx = setupCanvas(canvas, layout.width, height);
   const [lo, hi] = data.log10_range || [0, 1];
   ctx.imageSmoothingEnabled = false;
-  ctx.drawImage(cellImage(data, cells, lo, hi), layout.left, TOP, layout.plotWidth, rows * rowH);
+  // Column i holds steps first + i * bin_width ... : drawn from the x of its first step to that of the
+  // next column's, so cells sit on whole steps under the ticks (the last bin may run past the last step).
+  const binsWidth = layout.xOfStep(data.first_step + data.columns * data.bin_width) - layout.left;
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(layout.left, TOP, layout.plotWidth, rows * rowH);
+  ctx.clip();
+  ctx.drawImage(cellImage(data, cells, lo, hi), layout.left, TOP, binsWidth, rows * rowH);
+  ctx.restore();
   ctx.strokeStyle = COLORS.axis;
   ctx.strokeRect(layout.left - 0.5, TOP - 0.5, layout.plotWidth + 1, rows * rowH + 1);
   drawRowLabels(ctx, data.layers, layout, rowH);
@@ -110,7 +121,8 @@ function drawHighlight(ctx, layout, step, top, height) {
 }
 
 function hitTest(data, cells, layout, rowH, x, y) {
-  const column = Math.floor(((x - layout.left) / layout.plotWidth) * data.columns);
+  if (x < layout.left || x > layout.left + layout.plotWidth) return null;
+  const column = Math.floor((layout.stepOfX(x) - data.first_step) / data.bin_width);
   const row = Math.floor((y - TOP) / rowH);
   if (column < 0 || column >= data.columns || row < 0 || row >= data.layers.length) return null;
   const start = data.first_step + column * data.bin_width;

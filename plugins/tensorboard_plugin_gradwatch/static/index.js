@@ -134,7 +134,8 @@ function drawCharts() {
   state.hoverGlobal = drawGlobalChart(ui.global, global, layout, state.selected);
   state.hitHeatmap = drawHeatmap(ui.heatmap, heatmap, cells, layout, state.selected);
   markVanishing(ui.heatmap, heatmap, layout, state.data.vanishing);
-  drawLegend(ui.heatmapLegend, heatmap, layout.width);
+  // Under the plot, inside the card: its left margin comes off its width (no horizontal scrollbar).
+  drawLegend(ui.heatmapLegend, heatmap, layout.width - (layout.left - 10));
   ui.heatmapLegend.style.marginLeft = `${layout.left - 10}px`;
 }
 

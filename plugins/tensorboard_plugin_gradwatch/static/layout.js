@@ -106,7 +106,7 @@ function legendItem(kind, color, label) {
 /** Legend entries for the series present in the /global response. */
 export function globalLegend(container, data) {
   const items = [legendItem('line', COLORS.preClip, data.post_clip ? 'global norm, before clipping' : 'global norm')];
-  if (data.post_clip) items.push(legendItem('line', COLORS.postClip, 'after clipping'));
+  if (data.post_clip) items.push(legendItem('wide', COLORS.postClip, 'after clipping (wide, under)'));
   if (data.threshold) items.push(legendItem('dashed', COLORS.threshold, 'explosion threshold'));
   if (data.clip_threshold) items.push(legendItem('dotted', COLORS.clipThreshold, 'clip threshold'));
   if (data.clipping_spans.length) items.push(legendItem('area', COLORS.clipSpan, 'clipping on'));

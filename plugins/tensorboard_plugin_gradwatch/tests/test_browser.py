@@ -138,6 +138,7 @@ def hostile_board(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_browser")
     write_small_run(str(root / EVIL_RUN), ["lstm", EVIL_LAYER, "embed"])
     write_small_run(str(root / "long_names"), ["lstm", "n" * 20_000, "x" * 1_000_000 + "tail"])
+    write_short_run(str(root / "short"))  # test_short_run_...: one TensorBoard for both
     with screenshot.tensorboard(str(root), load_fast="true") as (base, _):
         yield base
 
@@ -162,3 +163,78 @@ def test_hostile_names_render_as_text_and_long_names_draw(driver, hostile_board)
     assert root.get_attribute("data-state") == "ready"
     assert driver.find_element(By.ID, "gw-heatmap").get_attribute("data-drawn") == "true"
     assert driver.execute_script("return window.__gw_xss === undefined")
+
+
+def write_short_run(run_dir, steps=8):
+    """A short run with `auto_clip` set and clipping never on: the after-clipping norm is the
+    before-clipping one; each step's norm differs, so each heat-map cell has its own colour."""
+    from gradwatch import summaries, tags
+
+    writer = summaries.EventWriter(run_dir)
+    writer.write_json(0, tags.LAYERS, ["dense", "out"])
+    for step in range(1, steps + 1):
+        norm = 2.0 ** step
+        writer.write_scalars(step, {tags.layer_tag("dense"): norm, tags.layer_tag("out"): norm / 3,
+                                    tags.GLOBAL: norm, tags.GLOBAL_CLIPPED: norm})
+    writer.close()
+
+
+PAGE_WIDTHS = "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+
+
+@pytest.mark.parametrize("width", [1280, 1600])
+def test_dashboard_fits_the_window_without_horizontal_scrollbar(driver, boards, hostile_board, width):
+    board, _ = boards["true"]
+    driver.set_window_size(width, 900)
+    try:
+        assert driver.execute_script("return window.innerWidth") == width
+        for base, fragment in ((board.base, ""), (hostile_board, "#run=short"), (hostile_board, "#run=long_names")):
+            screenshot.open_dashboard(driver, base, fragment=fragment)
+            scroll, client = driver.execute_script(PAGE_WIDTHS)
+            assert scroll == client, (fragment, width, scroll, client)
+    finally:
+        driver.set_window_size(1280, 900)
+
+
+def test_short_run_has_whole_step_ticks_cells_on_steps_and_both_clipping_lines(driver, hostile_board):
+    from selenium.webdriver.common.by import By
+
+    screenshot.open_dashboard(driver, hostile_board, fragment="#run=short")
+    heatmap = driver.find_element(By.ID, "gw-heatmap")
+    global_chart = driver.find_element(By.ID, "gw-global")
+    for canvas in (heatmap, global_chart):
+        assert canvas.get_attribute("data-ticks").split() == [str(step) for step in range(1, 9)]
+    left, plot_width, top = (float(v) for v in heatmap.get_attribute("data-plot").split())
+    # Every step's cell (row "dense") is one colour from just after its start to just before its end,
+    # and neighbouring steps differ: cells sit on whole steps.
+    colours = driver.execute_script("""
+        const [canvas, left, width, top] = arguments;
+        const ratio = canvas.width / canvas.getBoundingClientRect().width;
+        const ctx = canvas.getContext('2d');
+        const at = (x) => Array.from(ctx.getImageData(Math.round(x * ratio), Math.round((top + 5) * ratio), 1, 1).data);
+        const out = [];
+        for (let step = 1; step <= 8; step++) {
+          const x0 = left + ((step - 1) / 8) * width, x1 = left + (step / 8) * width;
+          out.push([at(x0 + 2), at((x0 + x1) / 2), at(x1 - 2)]);
+        }
+        return out;""", heatmap, left, plot_width, top)
+    for start, middle, end in colours:
+        assert start == middle == end
+    assert len({tuple(middle) for _, middle, _ in colours}) == 8
+    # Before and after clipping coincide: the blue pre-clip line lies on a wider green one.
+    legend = [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#gw-global-legend .gw-legend-item")]
+    assert legend[:2] == ["global norm, before clipping", "after clipping (wide, under)"]
+    blue, green = driver.execute_script("""
+        const canvas = arguments[0], left = arguments[1], width = arguments[2];
+        const ratio = canvas.width / canvas.getBoundingClientRect().width;
+        const ctx = canvas.getContext('2d');
+        const x = Math.round((left + (4.5 / 8) * width) * ratio);  // mid-step 5, on the lines
+        const column = ctx.getImageData(x, 0, 1, canvas.height).data;
+        let blue = 0, green = 0;
+        for (let i = 0; i < column.length; i += 4) {
+          const [r, g, b] = [column[i], column[i + 1], column[i + 2]];
+          if (b > 180 && r < 90 && g < 150) blue++;
+          if (g > r + 30 && g > b + 20) green++;
+        }
+        return [blue, green];""", global_chart, left, plot_width)
+    assert blue >= 1 and green >= 2, (blue, green)
