@@ -251,3 +251,44 @@ def test_per_variable_thresholds_when_some_variables_have_no_gradient(tmp_path):
     spike_update = [b - a for a, b in zip(snapshots.snapshots[SPIKE_STEP - 1], snapshots.snapshots[SPIKE_STEP])]
     for delta in spike_update[:2]:  # the used kernel and bias: clipped at their own threshold, at most the max
         assert 0 < np.linalg.norm(delta) <= LR * written[SPIKE_STEP] * (1 + 1e-5)
+
+
+class GrowingLearningRate(keras.callbacks.Callback):
+    """The learning rate times `factor` at every step from `step` on (a run that diverges
+    however it is clipped)."""
+
+    def __init__(self, step, factor):
+        super().__init__()
+        self.step, self.factor, self.seen = step, factor, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.seen += 1
+        if self.seen >= self.step:
+            self.model.optimizer.learning_rate.assign(LR * self.factor ** (self.seen - self.step + 1))
+
+
+@pytest.mark.parametrize("mode", ["clipnorm", "global_clipnorm"])
+def test_the_threshold_cannot_climb_with_a_divergence(tmp_path, mode):
+    """From step 8 the learning rate grows x4 a step (clean data) and the run diverges; the adaptive
+    detector switches clipping on: the threshold written at every step is the rule replayed
+    independently, never above its value at the switch, and it comes down while the norms
+    keep doubling."""
+    x, y = regression_data(n=STEPS * BATCH)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", use_bias=False, name="hidden"),
+                              keras.layers.Dense(1, use_bias=False, name="out")])
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip=mode, clip_threshold="auto",
+                                        verbose=0, update_freq=5)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[GrowingLearningRate(SPIKE_STEP, 4.0), monitor])
+    logged = read_tags(str(tmp_path))
+    names = ["hidden", "out"] if mode == "clipnorm" else ["global"]
+    expected = _expected_thresholds(logged, names, clipping.AUTO.percentile, False, clipping.AUTO.window)
+    written = logged["grad_norm/clip_threshold"]
+    for step, per_column in expected.items():
+        assert written[step] == pytest.approx(float(np.max(per_column)), rel=1e-5), step
+    switch = monitor.clipping_events[0]["step"]
+    assert SPIKE_STEP < switch < STEPS - 3 and sorted(written) == list(range(switch, STEPS + 1))
+    at_switch = written[switch]
+    assert all(value <= at_switch * (1 + 1e-6) for value in written.values())
+    assert min(written.values()) < 0.5 * at_switch  # it shrank while the norms kept doubling
