@@ -269,6 +269,33 @@ def table(rows, mode, auto_run="auto"):
     return "\n".join(lines)
 
 
+def summary_table(rows):
+    """One line per (mode, kind): hurt runs, auto within 1.5x / 3x of the best fixed, worst, finite."""
+    by = cells(rows)
+    lines = ["| mode | kind | runs | hurt | auto within 1.5x of the best fixed | within 3x | worst | "
+             "plain NaN: auto finite |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    total = collections.Counter()
+    for mode in ("clipnorm", "global_clipnorm", "clipvalue"):
+        for kind in KINDS:
+            judged = [judge(by[key], mode) for key in by if key[0] == kind]
+            judged = [j for j in judged if j is not None]
+            if not judged or kind == "healthy":
+                continue
+            hurt = [j for j in judged if j[4] or j[0] == float("inf")]
+            ratios = [j[3] for j in hurt]
+            nan = [j for j in judged if j[0] == float("inf")]
+            within, within3 = sum(r <= 1.5 for r in ratios), sum(r <= 3 for r in ratios)
+            total.update({(mode, "hurt"): len(hurt), (mode, "within"): within, (mode, "within3"): within3})
+            lines.append(f"| {mode} | {kind} | {len(judged)} | {len(hurt)} | {within}/{len(hurt)} | {within3}/{len(hurt)} | "
+                         f"{max(ratios) if ratios else float('nan'):.2f} | "
+                         f"{sum(j[2] != float('inf') for j in nan)}/{len(nan)} |")
+        if total[(mode, "hurt")]:
+            h = total[(mode, "hurt")]
+            lines.append(f"| **{mode}** | **all** | | **{h}** | **{total[(mode, 'within')]}/{h} = "
+                         f"{100 * total[(mode, 'within')] / h:.0f}%** | {total[(mode, 'within3')]}/{h} | | |")
+    return "\n".join(lines)
+
+
 def healthy_table(rows):
     by = cells(rows)
     lines = ["\n### healthy runs\n", "| family | opt | seed | mode | alarms | switched | weights = plain |",
@@ -301,14 +328,19 @@ def main():
     parser.add_argument("--out", default="auto_threshold.jsonl")
     parser.add_argument("--table", help="print the tables of a results file and exit")
     parser.add_argument("--table-label", default=None, help="only the rows with this label")
+    parser.add_argument("--table-seeds", type=int, nargs="+", help="only the rows of these seeds")
     args = parser.parse_args()
     if args.table:
         rows = load(args.table, args.table_label)
+        if args.table_seeds:
+            rows = [r for r in rows if r["seed"] in args.table_seeds]
         for mode in ("clipnorm", "global_clipnorm", "clipvalue"):
             for auto_run in sorted({r["run"] for r in rows if r["run"].startswith("auto")}):
                 if any(r["mode"] == mode and r["run"] == auto_run for r in rows):
                     print(table(rows, mode, auto_run))
         print(healthy_table(rows))
+        print("\n### summary\n")
+        print(summary_table(rows))
         return
     jobs = list(jobs_for(args.kinds, args.families, args.optimizers, args.seeds, args.modes, args.runs))
     if os.path.exists(args.out):  # resume: runs already in the file (same label) are not run again

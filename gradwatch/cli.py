@@ -156,7 +156,10 @@ def _positive_int(text):
 
 def run_demo(args, out, err):
     """`gradwatch demo`: see `gradwatch.demo`."""
-    from gradwatch import demo, versions
+    from gradwatch import demo
+
+    demo.import_tensorflow_quietly()  # first: the backend check imports Keras, hence TensorFlow
+    from gradwatch import versions
 
     try:
         versions.check_backend()  # before any data or model: the whole message, no traceback
