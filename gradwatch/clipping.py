@@ -44,7 +44,10 @@ class AutoThreshold:
     shrinks the threshold in proportion (a norm 8x the reference: 1/8, at
     least halved, never below `min_scale` of the window's value): a run whose
     norms keep growing although clipped -- momentum carrying a spike, a
-    divergence -- is clipped harder, until its norms stop doubling. Every
+    divergence -- is clipped harder, until its norms stop doubling (and with
+    `GradientMonitor(reset_momentum=True)`, the default, the optimizer's
+    momentum is zeroed at that step too, as at the switch: it is what carries
+    a clipped run on after a learning-rate spike). Every
     other finite step lets the threshold come back up, doubling over
     `recover_steps` steps, so a run that settled at a higher norm is not left
     frozen under a tiny threshold.

@@ -72,11 +72,12 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         reset_momentum: with `auto_clip`, zero the optimizer's first-moment
             slots (SGD's momentum, Adam's `m`) at the step clipping switches
             on, so the updates already in the momentum do not go on after
-            the switch. Default True: after a learning-rate spike the
-            momentum carried the spiked updates on for tens of steps
-            (SGD+momentum, 3 models: "auto" ended 92-8271x the best fixed
-            threshold without the reset, 1.00-1.32x with it); on corrupted
-            targets it changed nothing on average.
+            the switch; with `clip_threshold="auto"`, also whenever the
+            clipped norms double again (`clipping.AutoThreshold`). Default
+            True: after a learning-rate spike the momentum carried the spiked
+            updates on for tens of steps (SGD+momentum, 3 models: "auto" ended
+            92-8271x the best fixed threshold without the reset, 1.00-1.32x
+            with it); on corrupted targets it changed nothing on average.
         vanishing: detect vanishing and dead gradients on the host, from the
             recorded layer norms (nothing is added to the step): `True`
             (default), `False`, or a `gradwatch.vanishing.VanishingConfig` with

@@ -29,6 +29,7 @@ class StepResult(NamedTuple):
     skip: tf.Tensor  # the update is skipped (non-finite gradient)
     switching: tf.Tensor  # clipping switches on at this step
     flags: tf.Tensor  # float32 bit set, see `state`
+    shrinking: tf.Tensor  # "auto": clipped norms doubled again, the threshold shrinks at this step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,33 +92,35 @@ class StepPolicy:
             _update_adaptive(device_state, self.adaptive, global_norm, exploded)
         if self.clip_mode is None:  # monitor only: no clipping state to read or keep
             false = tf.constant(False)
-            clip_active, switching, clip_threshold = false, false, tf.constant([0.0])
+            clip_active, switching, clip_threshold, shrinking = false, false, tf.constant([0.0]), false
         else:
-            clip_active, switching, clip_threshold = self._update_clipping(
+            clip_active, switching, clip_threshold, shrinking = self._update_clipping(
                 device_state, auto_values, threshold, exploded, nonfinite, global_norm)
         skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
         flags = _flags(exploded, nonfinite, skip, switching, clip_active)
-        return StepResult(threshold, exploded, clip_active, clip_threshold, skip, switching, flags)
+        return StepResult(threshold, exploded, clip_active, clip_threshold, skip, switching, flags, shrinking)
 
     def _update_clipping(self, device_state, auto_values, threshold, exploded, nonfinite, global_norm):
-        """In-graph: `(clip_active, switching, clip_threshold)` of this step."""
+        """In-graph: `(clip_active, switching, clip_threshold, shrinking)` of this step."""
         was_active = device_state.clip_active.read_value()
         finite_explosion = tf.logical_and(exploded, tf.logical_not(nonfinite))
         switching = tf.logical_and(tf.constant(self.auto_switch),
                                    tf.logical_and(tf.logical_not(was_active), finite_explosion))
         clip_active = tf.logical_or(was_active, switching)
+        shrinking = tf.constant(False)
         if self.clip_threshold == "auto":
-            clip_threshold = self._auto_threshold(device_state, auto_values, threshold, global_norm,
+            clip_threshold, shrinking = self._auto_threshold(device_state, auto_values, threshold, global_norm,
                                                   was_active, switching, finite_explosion, nonfinite)
         else:
             clip_threshold = tf.constant([float(self.clip_threshold)], tf.float32)
         device_state.clip_active.assign(clip_active)
         device_state.clip_threshold.assign(clip_threshold)
-        return clip_active, switching, clip_threshold
+        return clip_active, switching, clip_threshold, shrinking
 
     def _auto_threshold(self, device_state, auto_values, explosion_threshold, global_norm,
                         was_active, switching, finite_explosion, nonfinite):
-        """In-graph: the "auto" threshold of this step (`clipping.AutoThreshold`).
+        """In-graph: the "auto" threshold of this step (`clipping.AutoThreshold`) and
+        whether it shrinks at this step (the clipped norms doubled again).
         The window's percentile is computed (sorted) only while clipping is on;
         with `follow=False` only at the switch."""
         auto = self.auto
@@ -155,7 +158,7 @@ class StepPolicy:
         device_state.reference_norm.assign(
             tf.where(tf.logical_or(switching, keeps_growing), global_norm, reference))
         device_state.auto_scale.assign(scale)
-        return clipping.bounded_threshold(window_value, baseline, scale, auto)
+        return clipping.bounded_threshold(window_value, baseline, scale, auto), keeps_growing
 
     def _threshold(self, device_state):
         if self.explosion_threshold is not None:

@@ -292,3 +292,32 @@ def test_the_threshold_cannot_climb_with_a_divergence(tmp_path, mode):
     at_switch = written[switch]
     assert all(value <= at_switch * (1 + 1e-6) for value in written.values())
     assert min(written.values()) < 0.5 * at_switch  # it shrank while the norms kept doubling
+
+
+def test_the_momentum_is_zeroed_at_each_shrinking_step(tmp_path):
+    """SGD with momentum, the learning rate growing x4 a step after step 8: at every step where
+    the threshold shrinks (the clipped norm doubled again) the update is exactly -lr * the clipped
+    gradient (the momentum was zeroed first); at the other clipped steps it is not."""
+    x, y = regression_data(n=STEPS * BATCH)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", use_bias=False, name="hidden"),
+                              keras.layers.Dense(1, use_bias=False, name="out")])
+    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9), loss="mse")
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip="global_clipnorm", clip_threshold="auto",
+                                        verbose=0, update_freq=5)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[GrowingLearningRate(SPIKE_STEP, 4.0), snapshots, monitor])
+    logged = read_tags(str(tmp_path))
+    written, clipped = logged["grad_norm/clip_threshold"], logged["grad_norm/global_clipped"]
+    weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
+    switch = monitor.clipping_events[0]["step"]
+    shrinking = [s for s in sorted(written) if s > switch and written[s] < 0.99 * written[s - 1]]
+    steady = [s for s in sorted(written) if s > switch and s not in shrinking]
+    assert shrinking and steady
+    for step in shrinking + steady:
+        lr = LR * 4.0 ** (step - SPIKE_STEP + 1)
+        update = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in zip(weights[step - 1], weights[step])))
+        if step in shrinking:
+            assert update == pytest.approx(lr * clipped[step], rel=1e-4), step
+        else:
+            assert abs(update - lr * clipped[step]) > 1e-3 * lr * clipped[step], step

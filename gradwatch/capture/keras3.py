@@ -60,7 +60,7 @@ class KerasCapture:
         self.traced = False  # the hook has run: the optimizer is reached
         self.sparse_layers = frozenset()  # trace time: layers with `IndexedSlices` gradients
         self._skip_pred = None
-        self._reset_pred = None  # trace time: clipping switches on at this step (reset_momentum)
+        self._reset_pred = None  # trace time: zero the momentum at this step (reset_momentum)
         self._installed = {}
         self.latest_record = None  # the train function's last record output, if any
         self.last_stored = None  # trace time: the record tensor `_process` appended
@@ -286,7 +286,10 @@ class KerasCapture:
             clipped_norm = _clipped_global_norm(
                 policy.clip_mode, new_grads, variable_sq, threshold, step_result.clip_active)
         self._skip_pred = step_result.skip if policy.skip_nonfinite else None
-        self._reset_pred = step_result.switching if policy.reset_momentum else None
+        # The momentum is zeroed at the switch and, with "auto", whenever the clipped norms
+        # doubled again (the momentum is carrying the run away: `clipping.AutoThreshold`).
+        self._reset_pred = (tf.logical_or(step_result.switching, step_result.shrinking)
+                            if policy.reset_momentum else None)
         recorded = policy.recorded_threshold(step_result.clip_threshold)
         return new_grads, [global_norm, clipped_norm, step_result.threshold,
                            tf.where(step_result.clip_active, recorded, 0.0),
