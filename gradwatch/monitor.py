@@ -88,6 +88,16 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             One optimizer writes to `log_dir/train`; several each to their own
             run, `log_dir/train/<name>` (the attribute's name or the dict key),
             with their own detection and clipping; alerts then start `[name]`.
+        culprits: which samples made the gradient explode
+            (`gradwatch.culprits`). `None` (default): the batch of an exploding
+            step and the weights it saw are copied on the device inside the
+            step (healthy steps pay one comparison), ranked on the host (each
+            sample's loss and gradient norm: `Explosion.culprits`), held in
+            memory (`Explosion.batch()`), and named in the alert; only the
+            ranking (indices, losses, norms) is written to the logs. `True`:
+            the same, and the kept samples' arrays and previews are written to
+            the run folder too (`culprits/`; see the README). `False`: nothing
+            is kept.
         top_layers: how many layers an alert names.
         verbose: 0 silent, 1 or 2 print alerts to the console (they always go
             to the `"gradwatch"` logger).
@@ -123,7 +133,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
 
     def __init__(self, log_dir="logs", *, update_freq=100, explosion_threshold=None,
                  auto_clip=None, clip_threshold=1.0, skip_nonfinite=None, reset_momentum=RESET_MOMENTUM,
-                 vanishing=True, optimizers=None,
+                 vanishing=True, optimizers=None, culprits=None,
                  top_layers=3, verbose=1):
         # First: on JAX/PyTorch nothing below can work (`UnsupportedBackendError`).
         versions.check_backend(tf_keras_imported_ok=True)
@@ -140,6 +150,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         self.verbose = validation.check_verbose(verbose)
         self.vanishing_config = validation.check_vanishing(vanishing)
         self.optimizers = validation.check_optimizers(optimizers)
+        self.culprits = validation.check_optional_bool("culprits", culprits)
         self.explosions, self.vanishing = [], []
         self.clipping_events = []
         self._recorders = []
@@ -178,9 +189,12 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
                 writer = _open_writer(self._run_dir(optimizer, label))
                 capture_ = captures[index] if captures else capture.capture_class(self.model)(
                     self.model, policy, self._capacity(), optimizer=optimizer, name=label,
-                    return_records=not several and self._drains_every_step())
+                    return_records=not several and self._drains_every_step(),
+                    keeper=self._keeper(policy))
                 recorders.append(Recorder(self, capture_, writer, print_fn, name=name,
                                           report_unused=self.optimizers is not None or not several))
+            for recorder in recorders:
+                recorder.capture.data_sinks = [r.capture for r in recorders]
             for recorder in recorders:
                 recorder.start()
             self._plain_function = self.model.train_function  # what fit() would have run
@@ -233,7 +247,8 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             return
         done = self._batches_before_epoch + batch + 1
         interval = self._drain_interval()
-        if done - self._batches_at_drain >= interval:
+        early = self.culprits is not False and done < interval and done & (done - 1) == 0  # 1, 2, 4, ...
+        if done - self._batches_at_drain >= interval or early:
             self._batches_at_drain = done
             for recorder in self._recorders:
                 recorder.drain(self._epoch)
@@ -308,6 +323,15 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             skip_nonfinite=self.skip_nonfinite and not hasattr(optimizer, "inner_optimizer"),
             reset_momentum=self.reset_momentum and self.auto_clip is not None and own_mode is None)
 
+    def _keeper(self, policy):
+        """The `BatchKeeper` of a capture, or None with `culprits=False`."""
+        if self.culprits is False:
+            return None
+        from gradwatch.culprits.keep import BatchKeeper
+
+        fixed = policy.explosion_threshold
+        return BatchKeeper(bound=float("inf") if fixed is None else float(fixed))
+
     def _capacity(self):
         return 2 * (self._drain_interval() + self._steps_per_execution()) + 16
 
@@ -324,7 +348,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         return {"log_dir": self.log_dir, "update_freq": self.update_freq,
                 "explosion_threshold": self.explosion_threshold, "auto_clip": self.auto_clip,
                 "clip_threshold": self.clip_threshold, "skip_nonfinite": self.skip_nonfinite,
-                "reset_momentum": self.reset_momentum,
+                "reset_momentum": self.reset_momentum, "culprits": self.culprits,
                 "vanishing": _vanishing_setting(self.vanishing_config),
                 "top_layers": self.top_layers, "verbose": self.verbose}
 
