@@ -66,6 +66,9 @@ def per_sample(model, kept):
         raise CannotRank("the kept batch has no inputs")
     size = batch_size(x)
     loss = _loss_function(model)
+    if not all(np.isfinite(w).all() for w in kept.weights if np.issubdtype(w.dtype, np.floating)):
+        # The step's weights already held NaN/Inf: every sample's loss and gradient do.
+        return np.full([size], np.nan), np.full([size], np.nan)
     trainable = list(model.trainable_variables)
     metric_vars = _metric_variables(model)
     metric_values = [np.array(v.numpy()) for v in metric_vars]

@@ -104,10 +104,12 @@ def dominant(culprits: Sequence[Culprit]) -> Optional[List[Culprit]]:
     True
     >>> [c.index for c in dominant(rank([1.0, float("nan")] * 4, [1.0, float("nan")] * 4))]
     [1, 3, 5, 7]
+    >>> dominant(rank([float("nan")] * 4, [float("nan")] * 4)) is None  # the weights, not a sample
+    True
     """
     bad = [c for c in culprits if not c.finite]
     if bad:
-        return bad
+        return bad if len(bad) < len(culprits) or len(culprits) == 1 else None
     size = len(culprits)
     total = 0.0
     chosen = []
@@ -145,15 +147,15 @@ def describe(culprits: Sequence[Culprit]) -> str:
     """
     if not culprits:
         return "the kept batch is empty"
+    if len(culprits) > 1 and not any(c.finite for c in culprits):
+        return ("every sample of the batch has a NaN/Inf loss or gradient "
+                "(the weights already were, or the whole batch is bad: not one sample)")
     named = dominant(culprits)
     median = _median([c.loss for c in culprits if math.isfinite(c.loss)])
     if named is None:
         return ("no single sample dominates: the whole batch's gradient is large "
                 "(look at the learning rate or the model, not the data)")
     if not named[0].finite:
-        if len(named) == len(culprits) and len(culprits) > 1:
-            return (f"every sample of the batch has a NaN/Inf loss or gradient "
-                    f"(the weights or the whole batch are bad, not one sample)")
         shown = named[:FEW]
         more = f" and {len(named) - FEW} more" if len(named) > FEW else ""
         which = ", ".join(str(c.index) for c in shown)

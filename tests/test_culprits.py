@@ -1,0 +1,179 @@
+"""Culprits (issue 25): the exploding step's batch kept, its samples ranked,
+checked against independent computations (`tf.GradientTape` on each sample
+alone at the weights before the step; corrupted rows injected at known places)."""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradwatch
+from gradwatch.culprits import ranking
+from helpers import WeightsBeforeEachStep
+
+pytestmark = pytest.mark.core
+
+
+def mlp(inputs=8):
+    return keras.Sequential([keras.Input((inputs,)), keras.layers.Dense(8, activation="tanh"),
+                             keras.layers.Dense(1)])
+
+
+def data(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    return x, (x[:, :1] - x[:, 1:2]).astype("float32")
+
+
+def train(tmp_path, model, x, y=None, *, lr=0.01, batch_size=16, shuffle=False, callbacks=(), fit_args=None,
+          compile_args=None, **monitor_args):
+    model.compile(keras.optimizers.SGD(lr), "mse", **(compile_args or {}))
+    monitor_args.setdefault("verbose", 0)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), **monitor_args)
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=shuffle, verbose=0,
+              callbacks=list(callbacks) + [monitor], **(fit_args or {}))
+    return monitor
+
+
+def tape_per_sample(model, weights, x, y, sample_weight=None):
+    """Each sample alone: (loss, gradient norm) at `weights`, by `tf.GradientTape`."""
+    current = [v.numpy() for v in model.trainable_variables]
+    for v, w in zip(model.trainable_variables, weights):
+        v.assign(w)
+    loss_fn = keras.losses.MeanSquaredError()
+    out = []
+    size = len(tf.nest.flatten(x)[0])
+    for i in range(size):
+        xi = tf.nest.map_structure(lambda a: a[i:i + 1], x)
+        with tf.GradientTape() as tape:
+            sw = None if sample_weight is None else sample_weight[i:i + 1]
+            loss = loss_fn(y[i:i + 1], model(xi, training=False), sample_weight=sw)
+        grads = tape.gradient(loss, model.trainable_variables)
+        out.append((float(loss), float(tf.linalg.global_norm(grads))))
+    for v, w in zip(model.trainable_variables, current):
+        v.assign(w)
+    return out
+
+
+def test_per_sample_norms_match_a_tape_on_each_sample_alone(tmp_path):
+    x, y = data()
+    y[70] = 400.0  # step 5 (batch 4, index 6)
+    model = mlp()
+    before = WeightsBeforeEachStep()
+    monitor = train(tmp_path, model, x, y, callbacks=[before], update_freq=1000)
+    first = monitor.explosions[0]
+    assert first.step == 5
+    bx, by, sw = first.batch()
+    np.testing.assert_array_equal(bx, x[64:80])
+    np.testing.assert_array_equal(by, y[64:80])
+    assert sw is None
+    expected = tape_per_sample(model, before.snapshots[4], bx, by)
+    assert len(first.culprits) == 16
+    for culprit in first.culprits:
+        loss, norm = expected[culprit.index]
+        assert culprit.loss == pytest.approx(loss, rel=1e-4)
+        assert culprit.grad_norm == pytest.approx(norm, rel=1e-4)
+    assert first.culprits[0].index == 6
+    norms = [c.grad_norm for c in first.culprits]
+    assert norms == sorted(norms, reverse=True)
+    assert sum(c.share for c in first.culprits) == pytest.approx(1.0)
+
+
+def test_dict_inputs_sample_weights_and_tf_data(tmp_path, caplog):
+    x, y = data(128)
+    y[37] = 400.0  # batch 2 (step 3), index 5
+    weights = np.linspace(0.5, 1.5, 128).astype("float32")
+    a = keras.Input((5,), name="a")
+    b = keras.Input((3,), name="b")
+    h = keras.layers.Dense(8, activation="tanh")(keras.layers.Concatenate()([a, b]))
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(1)(h))
+    inputs = {"a": x[:, :5], "b": x[:, 5:]}
+    dataset = tf.data.Dataset.from_tensor_slices((inputs, y, weights)).batch(16)
+    before = WeightsBeforeEachStep()
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        monitor = train(tmp_path, model, dataset, callbacks=[before], update_freq=1000)
+    first = monitor.explosions[0]
+    assert first.step == 3
+    bx, by, sw = first.batch()
+    assert set(bx) == {"a", "b"}
+    np.testing.assert_array_equal(bx["a"], x[32:48, :5])
+    np.testing.assert_array_equal(sw, weights[32:48])
+    expected = tape_per_sample(model, before.snapshots[2], bx, by, sw)
+    for culprit in first.culprits:
+        assert culprit.loss == pytest.approx(expected[culprit.index][0], rel=1e-4)
+        assert culprit.grad_norm == pytest.approx(expected[culprit.index][1], rel=1e-4)
+    assert first.culprits[0].index == 5
+    line = next(r.getMessage() for r in caplog.records if "at step 3 " in r.getMessage())
+    assert "sample 5 of the batch carries" in line
+    # Found back in the dataset by content.
+    assert gradwatch.find_culprits(monitor.explosions[:1], dataset).tolist() == [37]
+
+
+def test_corrupted_rows_found_in_shuffled_data_at_their_steps(tmp_path):
+    x, y = data(512, seed=1)
+    corrupted = [41, 222, 400]
+    y[corrupted] = 300.0
+    x[333, 2] = np.nan
+    keras.utils.set_random_seed(7)  # NaN row at step 13, after two corrupted rows
+    model = mlp()
+    monitor = train(tmp_path, model, x, y, lr=0.003, shuffle=True, batch_size=32)
+    assert monitor.explosions
+    by_step = gradwatch.find_culprits(monitor.explosions, x, y, by_step=True)
+    nan_steps = [e.step for e in monitor.explosions if e.nonfinite]
+    first_nan = min(nan_steps)
+    # The NaN row is named first at the first NaN step.
+    nan_explosion = next(e for e in monitor.explosions if e.step == first_nan)
+    assert not nan_explosion.culprits[0].finite
+    assert by_step[first_nan][0] == 333
+    # Each finite explosion before the NaN names a corrupted row first, found at its step.
+    finite = [e for e in monitor.explosions if e.step < first_nan and e.culprits]
+    assert len(finite) >= 2
+    for explosion in finite:
+        assert by_step[explosion.step][0] in corrupted
+    # One call, the indices in the user's arrays.
+    found = gradwatch.find_culprits(monitor.explosions, x, y)
+    assert 333 in found and set(found) <= set(corrupted + [333])
+
+
+class LearningRateSpike(keras.callbacks.Callback):
+    def __init__(self, at_batch, factor):
+        super().__init__()
+        self.at_batch, self.factor = at_batch, factor
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.at_batch:
+            lr = self.model.optimizer.learning_rate
+            self.saved = float(lr.numpy())
+            lr.assign(self.saved * self.factor)
+        elif batch == self.at_batch + 1:
+            self.model.optimizer.learning_rate.assign(self.saved)
+
+
+def test_learning_rate_spike_no_single_sample_dominates(tmp_path, caplog):
+    x, y = data(512, seed=2)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        monitor = train(tmp_path, model, x, y, lr=0.01, batch_size=32,
+                        callbacks=[LearningRateSpike(12, 3000.0)], update_freq=4)
+    explosion = next(e for e in monitor.explosions if e.step == 14)
+    assert ranking.dominant(explosion.culprits) is None
+    line = next(r.getMessage() for r in caplog.records if "at step 14 " in r.getMessage())
+    assert "no single sample dominates" in line
+    assert gradwatch.find_culprits(explosion, x, y).tolist() == []
+
+
+def test_culprits_false_keeps_nothing_and_says_why(tmp_path):
+    x, y = data(64)
+    y[40] = 400.0  # step 3
+    monitor = train(tmp_path, mlp(), x, y, culprits=False)
+    explosion = monitor.explosions[0]
+    assert explosion.culprits is None
+    with pytest.raises(gradwatch.BatchNotKeptError, match="was not kept"):
+        explosion.batch()
+
+
+def test_culprits_argument_is_validated():
+    with pytest.raises(ValueError, match="culprits"):
+        gradwatch.GradientMonitor("logs", culprits="yes")
