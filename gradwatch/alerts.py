@@ -87,8 +87,19 @@ class Explosion:
         if self.optimizer is not None:
             record["optimizer"] = self.optimizer
         if self.culprits is not None:
-            record["culprits"] = [c.to_json() for c in self.culprits]
+            previews = getattr(self._kept, "previews", None) or {}
+            docs = []
+            for culprit in self.culprits[:ranking.WRITTEN]:
+                doc = culprit.to_json()
+                if culprit.index in previews:
+                    doc["preview"] = previews[culprit.index]
+                docs.append(doc)
+            record["culprits"] = docs
+            record["batch_size"] = len(self.culprits)
             record["culprits_summary"] = ranking.describe(self.culprits)
+            arrays = getattr(self._kept, "arrays_path", None)
+            if arrays:
+                record["culprits_arrays"] = arrays
         return record
 
 

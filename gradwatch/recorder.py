@@ -80,7 +80,7 @@ class Recorder:
         if getattr(capture, "keeper", None) is not None:
             from gradwatch.culprits.book import CulpritBook
 
-            self._book = CulpritBook(capture.model)
+            self._book = CulpritBook(capture.model, self._store_batch if monitor.culprits else None)
         capture.recorder = self
 
     # -- lifecycle -----------------------------------------------------------
@@ -301,6 +301,17 @@ class Recorder:
         active = np.flatnonzero(state.has_flag(flags, state.CLIP_ACTIVE) & ~state.has_flag(flags, state.OVERFLOW))
         if len(active):
             setattr(self.capture.optimizer, policy.clip_mode, float(rows[active[-1], state.CLIP_THRESHOLD]))
+
+    def _store_batch(self, record, step):
+        """`culprits=True`: previews in the event record, the arrays in the run folder."""
+        from gradwatch.culprits import store
+
+        if record.culprits is not None:
+            record.previews = store.previews(record.data, record.culprits)
+        if self.run_dir and self.monitor._role.chief:
+            path = store.write_batch(self.run_dir, step, record.data)
+            if path is not None:
+                record.arrays_path = os.path.relpath(path, self.run_dir)
 
     def _check_unused(self, flush):
         """The optimizer's hook has not run: was it used in a step traced before?"""

@@ -2,6 +2,7 @@
 checked against independent computations (`tf.GradientTape` on each sample
 alone at the weights before the step; corrupted rows injected at known places)."""
 
+import base64
 import logging
 
 import keras
@@ -177,3 +178,58 @@ def test_culprits_false_keeps_nothing_and_says_why(tmp_path):
 def test_culprits_argument_is_validated():
     with pytest.raises(ValueError, match="culprits"):
         gradwatch.GradientMonitor("logs", culprits="yes")
+
+
+def test_run_folder_and_report(tmp_path, capsys):
+    import json
+    import os
+
+    from gradwatch import cli
+    from gradwatch.culprits import store
+
+    x, y = data(64)
+    y[40] = 400.0  # step 3, index 8
+    image_model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
+    images = np.repeat(x[:, :, None, None], 8, axis=2)
+    monitor = train(tmp_path, image_model, images, y, culprits=True, update_freq=1000)
+    explosion = next(e for e in monitor.explosions if e.step == 3)
+    assert explosion.culprits[0].index == 8
+    # The arrays file (culprits=True) holds the batch.
+    path = os.path.join(tmp_path, "train", "culprits", "step-3.npz")
+    bx, by, sw = store.load_batch(path)
+    np.testing.assert_array_equal(bx, images[32:48])
+    np.testing.assert_array_equal(by, y[32:48])
+    # The report lists the culprits, in text and JSON.
+    assert cli.main(["report", str(tmp_path), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    record = next(r for r in document["runs"][0]["explosions"]["records"] if r["step"] == 3)
+    assert record["culprits"][0]["index"] == 8
+    assert record["culprits"][0]["grad_norm"] == pytest.approx(explosion.culprits[0].grad_norm, rel=1e-6)
+    assert "carries" in record["culprits_summary"]
+    assert record["culprits_arrays"] == os.path.join("culprits", "step-3.npz")
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert "step 3 culprits: #8 (loss" in capsys.readouterr().out
+    # Previews (culprits=True): a PNG thumbnail of the image input, the target's value.
+    from helpers import read_tags
+
+    docs = [d for text in read_tags(str(tmp_path))["gradwatch/explosions"].values() for d in json.loads(text)]
+    top = next(d for d in docs if d["step"] == 3)["culprits"][0]
+    assert top["preview"]["inputs"][0]["kind"] == "image"
+    assert base64.b64decode(top["preview"]["inputs"][0]["png"]).startswith(b"\x89PNG")
+    assert top["preview"]["target"] == [400.0]
+
+
+def test_default_writes_the_ranking_but_no_sample_content(tmp_path):
+    import json
+    import os
+
+    from helpers import read_tags
+
+    x, y = data(64)
+    y[40] = 400.0
+    monitor = train(tmp_path, mlp(), x, y, update_freq=1000)
+    assert monitor.explosions[0].culprits[0].index == 8
+    assert not os.path.exists(os.path.join(tmp_path, "train", "culprits"))
+    docs = [d for text in read_tags(str(tmp_path))["gradwatch/explosions"].values() for d in json.loads(text)]
+    assert docs[0]["culprits"][0]["index"] == 8
+    assert all("preview" not in c for d in docs for c in d["culprits"])

@@ -67,10 +67,13 @@ class CulpritBook:
                                                   f"({type(error).__name__}: {error}); training goes on."))
                 record.culprits = culprits
                 self._hold(record, explosion.global_norm)
-            explosion = dataclasses.replace(explosion, culprits=culprits, _kept=record)
-            if kept is not None and self.on_ranked is not None:
-                self.on_ranked(explosion, kept)
-            result.append(explosion)
+            if kept is not None and self.on_ranked is not None and record.data is not None:
+                try:
+                    self.on_ranked(record, explosion.step)
+                except Exception as error:  # monitoring must never stop training
+                    self.failures.append(("store", f"gradwatch could not write an exploding batch to the run "
+                                                   f"folder ({type(error).__name__}: {error}); training goes on."))
+            result.append(dataclasses.replace(explosion, culprits=culprits, _kept=record))
         return result
 
     def _hold(self, record, norm):

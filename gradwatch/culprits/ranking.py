@@ -23,6 +23,8 @@ from typing import List, Optional, Sequence
 MOST = 0.5
 FEW = 3
 FEW_FRACTION = 0.25
+# The top-ranked samples of a batch written in its explosion's record.
+WRITTEN = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,3 +208,5 @@ class KeptRecord:
 
     def __init__(self, data=None, reason=None, culprits=None):
         self.data, self.reason, self.culprits = data, reason, culprits
+        self.previews = None  # {index: preview} written with culprits=True (gradwatch.culprits.store)
+        self.arrays_path = None  # the arrays file in the run folder (relative), if written
