@@ -29,8 +29,8 @@ def data(n=256, seed=0):
 
 
 def train(tmp_path, model, x, y=None, *, lr=0.01, batch_size=16, shuffle=False, callbacks=(), fit_args=None,
-          compile_args=None, **monitor_args):
-    model.compile(keras.optimizers.SGD(lr), "mse", **(compile_args or {}))
+          compile_args=None, optimizer=None, **monitor_args):
+    model.compile(optimizer or keras.optimizers.SGD(lr), "mse", **(compile_args or {}))
     monitor_args.setdefault("verbose", 0)
     monitor = gradwatch.GradientMonitor(str(tmp_path), **monitor_args)
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=shuffle, verbose=0,
@@ -233,3 +233,134 @@ def test_default_writes_the_ranking_but_no_sample_content(tmp_path):
     docs = [d for text in read_tags(str(tmp_path))["gradwatch/explosions"].values() for d in json.loads(text)]
     assert docs[0]["culprits"][0]["index"] == 8
     assert all("preview" not in c for d in docs for c in d["culprits"])
+
+
+# -- everywhere gradwatch works -------------------------------------------------------
+
+
+def _corrupted(n=128, at=70):
+    x, y = data(n)
+    y[at] = 400.0
+    return x, y
+
+
+def test_steps_per_execution_keeps_the_right_step(tmp_path):
+    x, y = _corrupted()  # row 70: step 5, index 6
+    model = mlp()
+    before = WeightsBeforeEachStep()  # called once per execution: weights before steps 1, 5, ...
+    monitor = train(tmp_path, model, x, y, callbacks=[before], compile_args={"steps_per_execution": 4},
+                    update_freq=1000)
+    explosion = next(e for e in monitor.explosions if e.step == 5)
+    np.testing.assert_array_equal(explosion.batch()[0], x[64:80])
+    assert explosion.culprits[0].index == 6
+    expected = tape_per_sample(model, before.snapshots[1], *explosion.batch()[:2])
+    assert explosion.culprits[0].grad_norm == pytest.approx(expected[6][1], rel=1e-4)
+
+
+def test_mixed_precision(tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")
+    x, y = _corrupted()  # row 70: step 5, index 6
+    # A small loss scale, so that the spike does not overflow float16 (the
+    # loss-scale optimizer would skip that step: no explosion, nothing to keep).
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=1.0)
+    monitor = train(tmp_path, mlp(), x, y, optimizer=optimizer, update_freq=1000)
+    explosion = next(e for e in monitor.explosions if e.step == 5)
+    assert explosion.culprits[0].index == 6
+    assert gradwatch.find_culprits(explosion, x, y).tolist() == [70]
+
+
+def test_xla_is_a_documented_limitation(tmp_path, caplog):
+    x, y = _corrupted()
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        monitor = train(tmp_path, mlp(), x, y, compile_args={"jit_compile": True}, update_freq=1000)
+    explosion = next(e for e in monitor.explosions if e.step == 5)
+    assert explosion.culprits is None
+    with pytest.raises(gradwatch.BatchNotKeptError, match="XLA"):
+        explosion.batch()
+    assert sum("could not keep" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
+def test_mirrored_strategy_is_a_documented_limitation(tmp_path):
+    from helpers import two_cpu_strategy
+
+    strategy = two_cpu_strategy()
+    x, y = _corrupted()
+    with strategy.scope():
+        model = mlp()
+        monitor = train(tmp_path, model, x, y, update_freq=1000)
+    explosion = next(e for e in monitor.explosions if e.step == 5)
+    assert explosion.culprits is None
+    with pytest.raises(gradwatch.BatchNotKeptError, match="distribution strategy"):
+        explosion.batch()
+
+
+class TinyGAN(keras.Model):
+    """A GAN's custom train_step: its batch is real samples only (no loss to rank by)."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4)])
+        self.discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile()
+        self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
+
+    def train_step(self, real):
+        noise = tf.random.normal([tf.shape(real)[0], 2])
+        with tf.GradientTape() as tape:
+            fake = self.generator(noise)
+            loss = tf.reduce_mean(self.discriminator(fake)) - tf.reduce_mean(tf.square(self.discriminator(real)))
+        grads = tape.gradient(loss, self.discriminator.trainable_variables)
+        self.d_optimizer.apply_gradients(zip(grads, self.discriminator.trainable_variables))
+        with tf.GradientTape() as tape:
+            loss_g = -tf.reduce_mean(self.discriminator(self.generator(noise)))
+        grads = tape.gradient(loss_g, self.generator.trainable_variables)
+        self.g_optimizer.apply_gradients(zip(grads, self.generator.trainable_variables))
+        return {"d": loss, "g": loss_g}
+
+
+def test_custom_train_step_gan_keeps_the_batch(tmp_path):
+    real = np.random.default_rng(0).normal(size=(128, 4)).astype("float32")
+    real[70] = 300.0  # step 5 of the discriminator
+    gan = TinyGAN()
+    gan.compile(keras.optimizers.SGD(0.01), keras.optimizers.SGD(0.01))
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, update_freq=1000)
+    gan.fit(real, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    explosion = next(e for e in monitor.explosions if e.step == 5 and e.optimizer == "d_optimizer")
+    x, y, sw = explosion.batch()
+    np.testing.assert_array_equal(x, real[64:80])
+    assert explosion.culprits is None  # no compiled loss: kept, not ranked
+    assert "no compiled loss" in explosion.culprits_note
+
+
+def test_tf_keras(tmp_path):
+    tf_keras = pytest.importorskip("tf_keras")
+    x, y = _corrupted()
+    model = tf_keras.Sequential([tf_keras.Input((8,)), tf_keras.layers.Dense(8, activation="tanh"),
+                                 tf_keras.layers.Dense(1)])
+    model.compile(tf_keras.optimizers.SGD(0.01), "mse")
+    before = WeightsBeforeEachStep.__new__(WeightsBeforeEachStep)
+    snapshots = []
+
+    class Before(tf_keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            snapshots.append([v.numpy().copy() for v in self.model.trainable_variables])
+
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, update_freq=1000)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Before(), monitor])
+    del before
+    explosion = next(e for e in monitor.explosions if e.step == 5)
+    assert explosion.culprits[0].index == 6
+    bx, by, _ = explosion.batch()
+    np.testing.assert_array_equal(bx, x[64:80])
+    # Against a tape on each sample alone at the weights before step 5.
+    current = [v.numpy() for v in model.trainable_variables]
+    for v, w in zip(model.trainable_variables, snapshots[4]):
+        v.assign(w)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(bx[6:7]) - by[6:7]))
+    norm = float(tf.linalg.global_norm(tape.gradient(loss, model.trainable_variables)))
+    for v, w in zip(model.trainable_variables, current):
+        v.assign(w)
+    assert explosion.culprits[0].grad_norm == pytest.approx(norm, rel=1e-4)
