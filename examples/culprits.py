@@ -47,17 +47,19 @@ def main(argv=None):
     keras.utils.set_random_seed(3)
     x, y = make_data()
     model = build()
-    monitor = gradwatch.GradientMonitor(os.path.join(args.logdir, "corrupted"), update_freq=10)
+    # skip_nonfinite: a NaN update would make every later step NaN (and hide the other rows).
+    monitor = gradwatch.GradientMonitor(os.path.join(args.logdir, "corrupted"), update_freq=10, culprits="rank",
+                                        skip_nonfinite=True)
     model.fit(x, y, batch_size=32, epochs=args.epochs, shuffle=True, verbose=0, callbacks=[monitor])
 
-    for explosion in monitor.explosions[:4]:
+    for explosion in monitor.explosions[:6]:
         top = explosion.culprits[0] if explosion.culprits else None
         print(f"step {explosion.step}: global norm {explosion.global_norm:.3g}; top sample of the batch: "
               + (f"#{top.index} (loss {top.loss:.3g}, {top.share:.0%} of the gradient)" if top else "-"))
     found = gradwatch.find_culprits(monitor.explosions, x, y)
     print(f"rows found: {found.tolist()} (corrupted: {sorted(CORRUPTED_TARGETS + (NAN_ROW,))})")
     for row in found:
-        print(f"  row {row}: x = {np.round(x[row], 2).tolist()}, y = {float(y[row, 0]):.4g}")
+        print(f"  row {row}: x = [{', '.join(f'{v:.2f}' for v in x[row])}], y = {float(y[row, 0]):.4g}")
 
     # The recipe: drop the rows found, train again.
     keep = np.setdiff1d(np.arange(len(x)), found)

@@ -80,7 +80,7 @@ class Recorder:
         if getattr(capture, "keeper", None) is not None:
             from gradwatch.culprits.book import CulpritBook
 
-            self._book = CulpritBook(capture.model, self._store_batch if monitor.culprits else None)
+            self._book = CulpritBook(capture.model, self._store_batch if monitor.culprits is True else None)
         capture.recorder = self
 
     # -- lifecycle -----------------------------------------------------------

@@ -32,6 +32,7 @@ def train(tmp_path, model, x, y=None, *, lr=0.01, batch_size=16, shuffle=False, 
           compile_args=None, optimizer=None, **monitor_args):
     model.compile(optimizer or keras.optimizers.SGD(lr), "mse", **(compile_args or {}))
     monitor_args.setdefault("verbose", 0)
+    monitor_args.setdefault("culprits", "rank")
     monitor = gradwatch.GradientMonitor(str(tmp_path), **monitor_args)
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=shuffle, verbose=0,
               callbacks=list(callbacks) + [monitor], **(fit_args or {}))
@@ -165,10 +166,13 @@ def test_learning_rate_spike_no_single_sample_dominates(tmp_path, caplog):
     assert gradwatch.find_culprits(explosion, x, y).tolist() == []
 
 
-def test_culprits_false_keeps_nothing_and_says_why(tmp_path):
+def test_by_default_nothing_is_kept_and_batch_says_why(tmp_path):
     x, y = data(64)
     y[40] = 400.0  # step 3
-    monitor = train(tmp_path, mlp(), x, y, culprits=False)
+    model = mlp()
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0)  # culprits=False
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     explosion = monitor.explosions[0]
     assert explosion.culprits is None
     with pytest.raises(gradwatch.BatchNotKeptError, match="was not kept"):
@@ -176,7 +180,7 @@ def test_culprits_false_keeps_nothing_and_says_why(tmp_path):
 
 
 def test_culprits_argument_is_validated():
-    with pytest.raises(ValueError, match="culprits"):
+    with pytest.raises(ValueError, match="`culprits` must be False, 'rank' or True. Received: culprits='yes'"):
         gradwatch.GradientMonitor("logs", culprits="yes")
 
 
@@ -219,7 +223,7 @@ def test_run_folder_and_report(tmp_path, capsys):
     assert top["preview"]["target"] == [400.0]
 
 
-def test_default_writes_the_ranking_but_no_sample_content(tmp_path):
+def test_rank_writes_the_ranking_but_no_sample_content(tmp_path):
     import json
     import os
 
@@ -325,7 +329,7 @@ def test_custom_train_step_gan_keeps_the_batch(tmp_path):
     real[70] = 300.0  # step 5 of the discriminator
     gan = TinyGAN()
     gan.compile(keras.optimizers.SGD(0.01), keras.optimizers.SGD(0.01))
-    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, update_freq=1000)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, update_freq=1000, culprits="rank")
     gan.fit(real, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     explosion = next(e for e in monitor.explosions if e.step == 5 and e.optimizer == "d_optimizer")
     x, y, sw = explosion.batch()
@@ -347,7 +351,7 @@ def test_tf_keras(tmp_path):
         def on_train_batch_begin(self, batch, logs=None):
             snapshots.append([v.numpy().copy() for v in self.model.trainable_variables])
 
-    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, update_freq=1000)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, update_freq=1000, culprits="rank")
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Before(), monitor])
     del before
     explosion = next(e for e in monitor.explosions if e.step == 5)

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 # Slots per drain interval: the first SLOTS exploding steps between two
-# drains are kept.
+# drains are kept. Each slot adds a few ops to the untaken branch of every step.
 SLOTS = 4
 # The host's threshold times this is the in-step bound (a little below: the
 # host's threshold moves between drains).
@@ -110,6 +110,8 @@ class BatchKeeper:
         def store():
             branches = [functools.partial(self._store, s, step, leaves, variables)
                         for s in range(self.slots)]
+            if len(branches) == 1:
+                return branches[0]()
             return tf.switch_case(tf.minimum(count, self.slots - 1), branches)
 
         return tf.cond(keep, store, lambda: tf.constant(False))
@@ -120,7 +122,10 @@ class BatchKeeper:
                 return tf.Variable(tf.zeros([0], dtype), shape=tf.TensorShape(None), trainable=False)
 
             self._leaf_vars = [[empty(leaf.dtype) for leaf in leaves] for _ in range(self.slots)]
-            self._weight_vars = [[empty(v.dtype) for v in variables] for _ in range(self.slots)]
+            # The weights, flattened and concatenated per dtype: one variable per dtype and
+            # slot (each variable the untaken branch holds costs a little at every step).
+            self._dtypes = sorted({_dtype(v) for v in variables}, key=lambda d: d.name)
+            self._weight_vars = [[empty(d) for d in self._dtypes] for _ in range(self.slots)]
             self.steps = tf.Variable(tf.zeros([self.slots], tf.int64), trainable=False)
             self.count = tf.Variable(0, dtype=tf.int32, trainable=False)
             self.bound = tf.Variable(self._initial_bound, dtype=tf.float32, trainable=False)
@@ -133,8 +138,8 @@ class BatchKeeper:
     def _store(self, slot, step, leaves, variables):
         for var, leaf in zip(self._leaf_vars[slot], leaves):
             var.assign(leaf)
-        for var, weight in zip(self._weight_vars[slot], variables):
-            var.assign(_value_of(weight))
+        for var, dtype in zip(self._weight_vars[slot], self._dtypes):
+            var.assign(tf.concat([tf.reshape(_value_of(w), [-1]) for w in variables if _dtype(w) == dtype], 0))
         self.steps.scatter_nd_update([[slot]], tf.reshape(tf.cast(step, tf.int64), [1]))
         self.count.assign_add(1)
         return tf.constant(True)
@@ -147,6 +152,20 @@ class BatchKeeper:
                              global_norm >= self.bound.read_value())
 
     # -- host -----------------------------------------------------------------------
+    def _unflatten(self, flats):
+        """The per-variable arrays of the per-dtype flat snapshots."""
+        offsets = {dtype: 0 for dtype in self._dtypes}
+        by_dtype = dict(zip(self._dtypes, flats))
+        weights = []
+        for variable in self._variables:
+            shape = tuple(int(d) for d in variable.shape)
+            size = int(np.prod(shape)) if shape else 1
+            dtype = _dtype(variable)
+            start = offsets[dtype]
+            weights.append(np.array(by_dtype[dtype][start:start + size]).reshape(shape))
+            offsets[dtype] = start + size
+        return weights
+
     def set_bound(self, value):
         value = float(value)
         if self.ready and value != self._bound_set:
@@ -164,13 +183,17 @@ class BatchKeeper:
         kept = []
         for slot in range(min(count, self.slots)):
             leaves = [np.array(v.numpy()) for v in self._leaf_vars[slot]]
-            weights = [np.array(v.numpy()) for v in self._weight_vars[slot]]
+            weights = self._unflatten([v.numpy() for v in self._weight_vars[slot]])
             data = _pack(self._template, leaves)
             kept.append(KeptBatch(int(steps[slot]), data, weights, self._variables))
             for var in self._leaf_vars[slot] + self._weight_vars[slot]:
                 var.assign(tf.zeros([0], var.dtype))
         self.count.assign(0)
         return kept
+
+
+def _dtype(variable):
+    return tf.as_dtype(variable.dtype)  # Keras 3 variables give a string
 
 
 def _structure_of(data):
