@@ -9,6 +9,11 @@ the next slot: a healthy step pays one scalar read, a comparison and the
 untaken branch. The host takes the slots at each drain (`take`), which frees
 them (their memory too).
 
+Cost: the comparison is free; the untaken `tf.cond` is not quite (every
+variable the branch reads or writes is visited at every step), which is why
+`GradientMonitor(culprits=...)` defaults to False and the weights are copied
+flattened, one variable per dtype and slot.
+
 Which steps are kept: where detection runs in the step (`auto_clip`,
 `skip_nonfinite`), exactly the exploding ones. Where the host detects (monitor
 only, the default), the step keeps a batch when its gradient is not finite or

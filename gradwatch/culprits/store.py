@@ -1,6 +1,6 @@
 """What culprits put in the run folder.
 
-Always (the default, `culprits=None`, and `culprits=True`): the ranking, in the
+With `culprits="rank"` and `culprits=True` (nothing with the default `False`): the ranking, in the
 explosion's record of the event file (`gradwatch/explosions`, key `culprits`:
 `[{"index", "loss", "grad_norm", "share"}, ...]`, every sample of the batch,
 ranked; and `culprits_summary`, the alert's words). Indices, losses and
