@@ -368,3 +368,12 @@ def test_tf_keras(tmp_path):
     for v, w in zip(model.trainable_variables, current):
         v.assign(w)
     assert explosion.culprits[0].grad_norm == pytest.approx(norm, rel=1e-4)
+
+
+def test_ranking_doctests():
+    import doctest
+
+    from gradwatch.culprits import find, ranking as ranking_module
+
+    assert doctest.testmod(ranking_module, raise_on_error=False).failed == 0
+    assert doctest.testmod(find, raise_on_error=False).failed == 0

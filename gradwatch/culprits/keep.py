@@ -38,9 +38,9 @@ import tensorflow as tf
 # Slots per drain interval: the first SLOTS exploding steps between two
 # drains are kept. Each slot adds a few ops to the untaken branch of every step.
 SLOTS = 4
-# The host's threshold times this is the in-step bound (a little below: the
+# The host's threshold times this is the in-step bound (well below: the
 # host's threshold moves between drains).
-BOUND_FACTOR = 0.8
+BOUND_FACTOR = 0.5
 
 
 class NotKept(Exception):
