@@ -32,7 +32,7 @@ class CulpritBook:
 
     def attach(self, explosions, kept_batches, failure):
         """`explosions` with `culprits` and their kept batch (a new list)."""
-        from gradwatch.culprits.per_sample import CannotRank, per_sample
+        from gradwatch.culprits.per_sample import CannotRank, data_size, per_sample
 
         by_step = {k.step: k for k in kept_batches}
         full = len(kept_batches) >= keep.SLOTS
@@ -58,7 +58,8 @@ class CulpritBook:
                 record = ranking.KeptRecord(kept.data)
                 try:
                     losses, norms = per_sample(self.model, kept)
-                    culprits = ranking.rank(losses, norms)
+                    x, y, _ = ranking.unpack(kept.data)
+                    culprits = ranking.rank(losses, norms, data_size(x, y, len(losses)))
                 except CannotRank as error:
                     record.reason = f"its samples were not ranked: {error}"
                 except Exception as error:  # monitoring must never stop training

@@ -59,6 +59,22 @@ def _metric_variables(model):
     return found
 
 
+def data_size(x, y, size):
+    """Per sample: the largest absolute value of its input and target leaves
+    (inf where one is NaN/Inf): `ranking.rank`'s lead among NaN samples."""
+    found = np.zeros([size])
+    for leaf in tf.nest.flatten((x, y)):
+        if leaf is None:
+            continue
+        array = np.asarray(leaf)
+        if array.ndim == 0 or len(array) != size or not np.issubdtype(array.dtype, np.number):
+            continue
+        flat = np.abs(array.reshape(size, -1).astype(np.float64))
+        flat = np.where(np.isfinite(flat), flat, np.inf)
+        found = np.maximum(found, flat.max(axis=1) if flat.shape[1] else 0.0)
+    return found
+
+
 def per_sample(model, kept):
     """`(losses, grad_norms)` (NumPy float64, one entry per sample) of a `KeptBatch`."""
     x, y, sample_weight = unpack(kept.data)

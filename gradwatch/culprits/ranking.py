@@ -74,14 +74,21 @@ def _number(value):
         return float("nan")
 
 
-def rank(losses: Sequence[float], grad_norms: Sequence[float]) -> List[Culprit]:
+def rank(losses: Sequence[float], grad_norms: Sequence[float], data_size=None) -> List[Culprit]:
     """Every sample as a `Culprit`, sorted by gradient norm, largest first;
-    samples with a non-finite loss or gradient norm first (in batch order).
+    samples with a non-finite loss or gradient norm first, among them those
+    whose `data_size` (optional, e.g. the largest absolute value of the
+    sample's input and target, inf for NaN/Inf data) is largest, then in batch
+    order: where the weights are already NaN every gradient is, and the
+    sample holding NaN or huge values is the best lead.
 
     >>> [(c.index, c.share) for c in rank([0.1, 5.0, 0.2], [1.0, 6.0, 1.0])]
     [(1, 0.75), (0, 0.125), (2, 0.125)]
     >>> [c.index for c in rank([0.1, float("nan"), 0.2], [2.0, float("nan"), 1.0])]
     [1, 0, 2]
+    >>> nan = float("nan")
+    >>> [c.index for c in rank([nan] * 3, [nan] * 3, data_size=[1.0, 1000.0, nan])]
+    [2, 1, 0]
     """
     losses = [float(v) for v in losses]
     norms = [float(v) for v in grad_norms]
@@ -93,7 +100,9 @@ def rank(losses: Sequence[float], grad_norms: Sequence[float]) -> List[Culprit]:
         else:
             share = norm / finite_total if finite_total > 0 else 0.0
         culprits.append(Culprit(i, loss, norm, share))
-    return sorted(culprits, key=lambda c: (c.finite, -c.grad_norm if c.finite else 0.0, c.index))
+    size = [0.0] * len(culprits) if data_size is None else [
+        float(v) if not math.isnan(float(v)) else math.inf for v in data_size]
+    return sorted(culprits, key=lambda c: (c.finite, -c.grad_norm if c.finite else -size[c.index], c.index))
 
 
 def dominant(culprits: Sequence[Culprit]) -> Optional[List[Culprit]]:
