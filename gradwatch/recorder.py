@@ -80,7 +80,9 @@ class Recorder:
         if getattr(capture, "keeper", None) is not None:
             from gradwatch.culprits.book import CulpritBook
 
-            self._book = CulpritBook(capture.model, self._store_batch if monitor.culprits is True else None)
+            writes = monitor.culprits is True
+            self._book = CulpritBook(capture.model, self._store_batch if writes else None,
+                                     self._remove_batch if writes else None)
         capture.recorder = self
 
     # -- lifecycle -----------------------------------------------------------
@@ -312,6 +314,14 @@ class Recorder:
             path = store.write_batch(self.run_dir, step, record.data)
             if path is not None:
                 record.arrays_path = os.path.relpath(path, self.run_dir)
+
+    def _remove_batch(self, record):
+        """A batch pushed out of the held ones (`gradwatch.culprits.book`): its arrays file goes too."""
+        if record.arrays_path and self.run_dir:
+            path = os.path.join(self.run_dir, record.arrays_path)
+            if os.path.isfile(path):
+                os.remove(path)
+            record.arrays_path = None
 
     def _check_unused(self, flush):
         """The optimizer's hook has not run: was it used in a step traced before?"""

@@ -377,3 +377,21 @@ def test_ranking_doctests():
 
     assert doctest.testmod(ranking_module, raise_on_error=False).failed == 0
     assert doctest.testmod(find, raise_on_error=False).failed == 0
+
+
+def test_held_arrays_are_bounded_first_and_worst():
+    from gradwatch.culprits import book
+
+    dropped = []
+    keeper = book.CulpritBook(None, on_dropped=dropped.append)
+    records = [ranking.KeptRecord(data=i) for i in range(book.FIRST_KEPT + book.WORST_KEPT + 3)]
+    norms = list(range(len(records)))
+    norms[book.FIRST_KEPT] = float("nan")  # NaN is the worst
+    for record, norm in zip(records, norms):
+        keeper._hold(record, norm)
+    held = [r.data for r in records if r.data is not None]
+    later = list(range(book.FIRST_KEPT, len(records)))
+    worst = [book.FIRST_KEPT] + later[-(book.WORST_KEPT - 1):]
+    assert held == list(range(book.FIRST_KEPT)) + worst
+    assert all("dropped" in r.reason for r in records if r.data is None)
+    assert len(dropped) == len(records) - book.FIRST_KEPT - book.WORST_KEPT

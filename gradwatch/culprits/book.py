@@ -23,9 +23,10 @@ def _badness(norm):
 
 
 class CulpritBook:
-    def __init__(self, model, on_ranked=None):
+    def __init__(self, model, on_ranked=None, on_dropped=None):
         self.model = model
-        self.on_ranked = on_ranked  # called with (explosion, kept batch) after ranking: the run folder
+        self.on_ranked = on_ranked  # called with (record, step) for a held batch: the run folder
+        self.on_dropped = on_dropped  # called with a record whose arrays were pushed out
         self.first, self.worst = [], []  # KeptRecords holding arrays
         self.ranked = 0
         self.failures = []  # (key, message) to log once
@@ -90,3 +91,9 @@ class CulpritBook:
             least.data = None
             least.reason = (f"dropped: the arrays of the first {FIRST_KEPT} and the {WORST_KEPT} worst kept "
                             "batches are held (its ranking is kept)")
+            if self.on_dropped is not None and least is not record:
+                try:
+                    self.on_dropped(least)
+                except Exception as error:  # monitoring must never stop training
+                    self.failures.append(("store", f"gradwatch could not remove a dropped batch's file "
+                                                   f"({type(error).__name__}: {error}); training goes on."))

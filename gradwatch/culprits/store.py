@@ -19,8 +19,10 @@ Only with `culprits=True`, in `<run folder>/culprits/`:
   THUMBNAIL px a side>} or {"name", "kind": "values", "shape", "values":
   <first PREVIEW_VALUES values>}], "target": [...] or None}`.
 
-The kept batches are bounded by `gradwatch.culprits.book` (at most
-`FIRST_KEPT + WORST_KEPT` arrays files per `fit()` and optimizer).
+The kept batches are bounded by `gradwatch.culprits.book`: arrays files are
+written for the held batches only, at most `FIRST_KEPT + WORST_KEPT` per
+`fit()` and optimizer (a batch pushed out of the worst few has its file
+removed; its event record, already written, still names it).
 """
 
 import base64
