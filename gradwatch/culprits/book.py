@@ -29,6 +29,7 @@ class CulpritBook:
         self.on_dropped = on_dropped  # called with a record whose arrays were pushed out
         self.first, self.worst = [], []  # KeptRecords holding arrays
         self.ranked = 0
+        self._compiled = {}  # per_sample's compiled function, traced once per fit()
         self.failures = []  # (key, message) to log once
 
     def attach(self, explosions, kept_batches, failure):
@@ -58,7 +59,7 @@ class CulpritBook:
                 self.ranked += 1
                 record = ranking.KeptRecord(kept.data)
                 try:
-                    losses, norms = per_sample(self.model, kept)
+                    losses, norms = per_sample(self.model, kept, self._compiled)
                     x, y, _ = ranking.unpack(kept.data)
                     culprits = ranking.rank(losses, norms, data_size(x, y, len(losses)))
                 except CannotRank as error:

@@ -75,8 +75,12 @@ def data_size(x, y, size):
     return found
 
 
-def per_sample(model, kept):
-    """`(losses, grad_norms)` (NumPy float64, one entry per sample) of a `KeptBatch`."""
+def per_sample(model, kept, cache=None):
+    """`(losses, grad_norms)` (NumPy float64, one entry per sample) of a `KeptBatch`.
+
+    `cache`: a dict kept across calls (one per `fit()`): the compiled
+    per-sample function, traced once (a sample at a time, eagerly, if it
+    cannot be compiled)."""
     x, y, sample_weight = unpack(kept.data)
     if x is None:
         raise CannotRank("the kept batch has no inputs")
@@ -91,12 +95,9 @@ def per_sample(model, kept):
     current = [np.array(v.numpy()) for v in kept.variables]
     for variable, value in zip(kept.variables, kept.weights):
         variable.assign(value)
+    cache = {} if cache is None else cache
     try:
-        def one(i):
-            def take(leaf):
-                return None if leaf is None else tf.convert_to_tensor(leaf[i:i + 1])
-            xi, yi, wi = (tf.nest.map_structure(take, part) if part is not None else None
-                          for part in (x, y, sample_weight))
+        def loss_and_norm(xi, yi, wi):
             with tf.GradientTape() as tape:
                 y_pred = model(xi, training=False)
                 value = loss(xi, yi, y_pred, wi)
@@ -104,6 +105,23 @@ def per_sample(model, kept):
             squares = [tf.reduce_sum(tf.square(tf.cast(_dense_values(g), tf.float64)))
                        for g in grads if g is not None]
             norm = tf.sqrt(tf.add_n(squares)) if squares else tf.constant(0.0, tf.float64)
+            return value, norm
+
+        if "compiled" not in cache:
+            cache["compiled"] = tf.function(loss_and_norm, reduce_retracing=True)
+
+        def one(i):
+            def take(leaf):
+                return None if leaf is None else tf.convert_to_tensor(leaf[i:i + 1])
+            xi, yi, wi = (tf.nest.map_structure(take, part) if part is not None else None
+                          for part in (x, y, sample_weight))
+            if cache["compiled"] is not None:
+                try:
+                    value, norm = cache["compiled"](xi, yi, wi)
+                    return float(value), float(norm)
+                except Exception:  # e.g. a model that only runs eagerly: a sample at a time, eagerly
+                    cache["compiled"] = None
+            value, norm = loss_and_norm(xi, yi, wi)
             return float(value), float(norm)
 
         results = [one(i) for i in range(size)]
