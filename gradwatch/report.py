@@ -48,7 +48,7 @@ def _explosion_record(explosion):
         "nonfinite": explosion.nonfinite,
         "layers": [[name, json_safe(norm)] for name, norm in explosion.layers],
         "culprits": None if explosion.culprits is None else [
-            {key: (value if key == "index" else json_safe(value)) for key, value in culprit.items()}
+            {key: (value if key == "index" or value is None else json_safe(value)) for key, value in culprit.items()}
             for culprit in explosion.culprits],
         "culprits_summary": explosion.culprits_summary,
         "batch_size": explosion.batch_size,
@@ -269,6 +269,8 @@ def _culprit_lines(explosions):
 
 
 def _share(value):
+    if value is None:
+        return "-"
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return f"{value:.0%}"
     return str(value)

@@ -395,3 +395,26 @@ def test_held_arrays_are_bounded_first_and_worst():
     assert held == list(range(book.FIRST_KEPT)) + worst
     assert all("dropped" in r.reason for r in records if r.data is None)
     assert len(dropped) == len(records) - book.FIRST_KEPT - book.WORST_KEPT
+
+
+def test_report_reads_hand_made_culprits(tmp_path, capsys):
+    import json
+
+    from gradwatch import cli, summaries, tags
+
+    writer = summaries.EventWriter(str(tmp_path / "train"))
+    writer.write_json(0, tags.LAYERS, ["dense"])
+    for step in (1, 2, 3):
+        writer.write_scalars(step, {tags.GLOBAL: 1.0, tags.layer_tag("dense"): 1.0})
+    writer.write_json(3, tags.EXPLOSIONS, [{"step": 2, "global_norm": 50.0, "layers": [["dense", 50.0]],
+                                           "action": "none", "culprits": [{"index": 4}, {"index": 1, "loss": "nan"}],
+                                           "culprits_summary": "words\x1b[31m"}])
+    writer.close()
+    assert cli.main(["report", str(tmp_path), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)["runs"][0]["explosions"]["records"][0]
+    assert record["culprits"] == [{"index": 4, "loss": None, "grad_norm": None, "share": None},
+                                  {"index": 1, "loss": "nan", "grad_norm": None, "share": None}]
+    assert cli.main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "step 2 culprits: #4 (loss -, grad norm -, share -)" in text
+    assert "\x1b" not in text
