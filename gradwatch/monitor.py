@@ -17,6 +17,10 @@ logger = logging.getLogger("gradwatch")
 # Default of `reset_momentum` (measured: benchmarks/auto_threshold.py).
 RESET_MOMENTUM = False
 
+# With `culprits`, every this many steps the callback reads whether the step kept a
+# batch (one scalar read), and if so drains at once, freeing the device slots.
+_KEPT_CHECK_STEPS = 8
+
 # "epoch" still drains the device buffer at least this often (bounded memory).
 _EPOCH_DRAIN_STEPS = 1024
 
@@ -211,6 +215,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             raise
         self._recorders = recorders
         self._epoch, self._batches_before_epoch, self._batches_at_drain = 0, 0, 0
+        self._kept_checked = 0
 
     def _watched_optimizers(self):
         """`[(name, optimizer)]` this fit records (`optimizers=`); raises if there is none."""
@@ -248,6 +253,10 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         done = self._batches_before_epoch + batch + 1
         interval = self._drain_interval()
         early = bool(self.culprits) and done < interval and done & (done - 1) == 0  # 1, 2, 4, ...
+        if not early and self.culprits and done - getattr(self, "_kept_checked", 0) >= _KEPT_CHECK_STEPS:
+            # A batch kept on the device: read it now, which frees its slot for the next explosion.
+            self._kept_checked = done
+            early = any(recorder.has_kept() for recorder in self._recorders)
         if done - self._batches_at_drain >= interval or early:
             self._batches_at_drain = done
             for recorder in self._recorders:

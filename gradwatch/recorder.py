@@ -304,6 +304,13 @@ class Recorder:
         if len(active):
             setattr(self.capture.optimizer, policy.clip_mode, float(rows[active[-1], state.CLIP_THRESHOLD]))
 
+    def has_kept(self):
+        """The device holds a kept batch not read yet (one scalar read); never raises."""
+        keeper = getattr(self.capture, "keeper", None)
+        if keeper is None or not keeper.ready or self.closed:
+            return False
+        return bool(self._guard("keep", lambda: int(keeper.count.numpy()) > 0, False))
+
     def _store_batch(self, record, step):
         """`culprits=True`: previews in the event record, the arrays in the run folder."""
         from gradwatch.culprits import store

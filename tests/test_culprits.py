@@ -384,6 +384,7 @@ def test_held_arrays_are_bounded_first_and_worst():
 
     dropped = []
     keeper = book.CulpritBook(None, on_dropped=dropped.append)
+    keeper.small_bytes = book.HELD_BYTES  # the small batches' budget used up
     records = [ranking.KeptRecord(data=i) for i in range(book.FIRST_KEPT + book.WORST_KEPT + 3)]
     norms = list(range(len(records)))
     norms[book.FIRST_KEPT] = float("nan")  # NaN is the worst
@@ -418,3 +419,14 @@ def test_report_reads_hand_made_culprits(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "step 2 culprits: #4 (loss -, grad norm -, share -)" in text
     assert "\x1b" not in text
+
+
+def test_small_batches_are_all_held():
+    from gradwatch.culprits import book
+
+    keeper = book.CulpritBook(None)
+    records = [ranking.KeptRecord(data=(np.zeros([32, 8], np.float32), np.zeros([32, 1], np.float32)))
+               for _ in range(40)]
+    for i, record in enumerate(records):
+        keeper._hold(record, float(i))
+    assert all(r.data is not None for r in records)

@@ -2,9 +2,10 @@
 the device to the explosions the host found, ranks them, bounds what is kept.
 
 Bounds (per `fit()` and optimizer): every kept batch is ranked, up to
-`MAX_RANKED`; the arrays of the first `FIRST_KEPT` kept batches are held in
-memory (`Explosion.batch()`), plus those of the `WORST_KEPT` worst later ones
-(largest global norm, NaN/Inf worst); a batch pushed out keeps its ranking
+`MAX_RANKED`; the arrays of every ranked batch are held in memory
+(`Explosion.batch()`) while they total at most `HELD_BYTES`; beyond, those of
+the first `FIRST_KEPT` kept batches, plus those of the `WORST_KEPT` worst later
+ones (largest global norm, NaN/Inf worst); a batch pushed out keeps its ranking
 and `batch()` says it was dropped.
 """
 
@@ -15,7 +16,19 @@ from gradwatch.culprits import keep, ranking
 
 FIRST_KEPT = 8
 WORST_KEPT = 4
-MAX_RANKED = 32
+MAX_RANKED = 64
+HELD_BYTES = 64 * 2**20
+
+
+def _nbytes(data):
+    import numpy as np
+
+    from gradwatch.culprits.store import named_arrays
+
+    try:
+        return sum(np.asarray(a).nbytes for _, a in named_arrays(data))
+    except Exception:
+        return HELD_BYTES + 1
 
 
 def _badness(norm):
@@ -28,6 +41,7 @@ class CulpritBook:
         self.on_ranked = on_ranked  # called with (record, step) for a held batch: the run folder
         self.on_dropped = on_dropped  # called with a record whose arrays were pushed out
         self.first, self.worst = [], []  # KeptRecords holding arrays
+        self.small_bytes = 0  # arrays held under HELD_BYTES (never dropped)
         self.ranked = 0
         self._compiled = {}  # per_sample's compiled function, traced once per fit()
         self.failures = []  # (key, message) to log once
@@ -48,7 +62,7 @@ class CulpritBook:
                     self.failures.append(("keep", f"gradwatch could not keep an exploding step's batch: {failure}"))
                 elif full:
                     reason = (f"the first {keep.SLOTS} exploding steps between two reads of the device "
-                              "(every `update_freq` steps) are kept, and this one came after them")
+                              "(8 steps apart while batches are kept) are kept, and this one came after them")
                 else:
                     reason = ("the step did not reach the in-step bound (the host's threshold at the last "
                               "read of the device): see gradwatch.culprits.keep")
@@ -82,6 +96,10 @@ class CulpritBook:
     def _hold(self, record, norm):
         """Keeps `record`'s arrays within the bounds (or drops them)."""
         record.norm = _badness(norm)
+        size = _nbytes(record.data)
+        if self.small_bytes + size <= HELD_BYTES:
+            self.small_bytes += size
+            return
         if len(self.first) < FIRST_KEPT:
             self.first.append(record)
             return

@@ -20,7 +20,8 @@ only, the default), the step keeps a batch when its gradient is not finite or
 its global norm reaches `bound`, a variable the host sets at each drain to
 `BOUND_FACTOR` times the adaptive threshold its detector will apply next (or
 the fixed `explosion_threshold`); the host then keeps only those of exploding
-steps. Until the first drain the bound is infinite (only NaN/Inf steps are
+steps. Every 8 steps the monitor reads the slot count (one scalar) and, when a
+batch is waiting, drains at once: the slots free up well before `update_freq`. Until the first drain the bound is infinite (only NaN/Inf steps are
 kept), which is why the monitor drains at steps 1, 2, 4, ... up to
 `update_freq` when it keeps batches.
 
