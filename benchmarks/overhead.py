@@ -165,6 +165,9 @@ class _Timed(gradwatch.GradientMonitor):
         rec.writer.write_scalars = timed_write
 
 
+_ONLY = None  # --only
+
+
 def configurations(log_root, profile):
     def gw(cls=gradwatch.GradientMonitor, **kwargs):
         return lambda name: [cls(os.path.join(log_root, name), verbose=0, **kwargs)]
@@ -178,9 +181,16 @@ def configurations(log_root, profile):
         "gradwatch defaults (update_freq=100)": gw(),
         "gradwatch update_freq=1": gw(_Timed, update_freq=1) if profile else gw(update_freq=1),
         "gradwatch auto_clip='clipnorm'": gw(auto_clip="clipnorm"),
+        # Issue 25: the default (culprits=None) keeps exploding batches on the device
+        # (a tf.cond per step); culprits=False keeps none; culprits=True also writes them.
+        "gradwatch culprits=False": gw(culprits=False),
+        "gradwatch culprits=True": gw(culprits=True),
         "TensorBoard()": tb(),
         "TensorBoard(histogram_freq=1, update_freq='batch')": tb(histogram_freq=1, update_freq="batch"),
     }
+    if _ONLY:
+        configs = {name: make for name, make in configs.items()
+                   if name.startswith("plain") or any(part in name for part in _ONLY)}
     if profile:
         configs["gw hook only (no read, no write)"] = gw(_HookOnly)
         configs["gw update_freq=1, read but no write"] = gw(_NoWrite, update_freq=1)
@@ -419,7 +429,11 @@ def main(argv=None):
     parser.add_argument("--block-steps", type=int, default=None,
                         help="steps per turn (default: a sixth of an epoch)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default=None,
+                        help="comma-separated substrings: run only the matching configurations (plain always)")
     args = parser.parse_args(argv)
+    global _ONLY
+    _ONLY = args.only.split(",") if args.only else None
     rounds = args.rounds or (5 if args.quick else 9)
     print(common.machine_info(), flush=True)
     log_root = tempfile.mkdtemp(prefix="gradwatch_overhead_")

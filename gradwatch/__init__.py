@@ -5,7 +5,7 @@ TensorFlow; the public classes are imported on first use.
 """
 
 __version__ = "0.1.0"
-__all__ = ["GradientMonitor", "Explosion", "ClippingSweep", "Vanishing", "VanishingConfig",
+__all__ = ["GradientMonitor", "Explosion", "Culprit", "BatchNotKeptError", "find_culprits", "ClippingSweep", "Vanishing", "VanishingConfig",
            "UnsupportedVersionError", "UnsupportedBackendError", "__version__"]
 
 
@@ -18,6 +18,14 @@ def __getattr__(name):
         from gradwatch.alerts import Explosion
 
         return Explosion
+    if name in ("Culprit", "BatchNotKeptError"):
+        from gradwatch.culprits import ranking
+
+        return getattr(ranking, name)
+    if name == "find_culprits":
+        from gradwatch.culprits.find import find_culprits
+
+        return find_culprits
     if name == "ClippingSweep":
         from gradwatch.sweep.sweep import ClippingSweep
 

@@ -9,11 +9,12 @@ explosion is still kept in `GradientMonitor.explosions` and TensorBoard.
 import dataclasses
 import logging
 import math
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
 from gradwatch import state, tags
+from gradwatch.culprits import ranking
 
 logger = logging.getLogger("gradwatch")
 logger.addHandler(logging.NullHandler())
@@ -35,6 +36,10 @@ class Explosion:
         nonfinite: the gradient held NaN or Inf.
         optimizer: the name of the optimizer whose step exploded when the
             monitor watches several (`GradientMonitor(optimizers=...)`), else None.
+        culprits: the samples of the step's batch as `gradwatch.Culprit`
+            records, largest gradient norm first, NaN/Inf first; None when the
+            batch was not kept or not ranked (`GradientMonitor(culprits=...)`;
+            `batch()` then says why).
     """
 
     step: int
@@ -45,6 +50,32 @@ class Explosion:
     action: str
     nonfinite: bool = False
     optimizer: Optional[str] = None
+    culprits: Optional[List[ranking.Culprit]] = None
+    _kept: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def batch(self):
+        """The step's batch as NumPy `(x, y, sample_weight)`, as
+        `keras.utils.unpack_x_y_sample_weight` gives them (None for absent parts;
+        dicts and tuples kept); `x[culprit.index]` is a culprit's input.
+
+        Raises:
+            gradwatch.BatchNotKeptError: the batch was not kept, or no longer
+                is; the message says why.
+        """
+        kept = self._kept
+        if kept is None or kept.data is None:
+            reason = kept.reason if kept is not None and kept.reason else (
+                "no batch is kept for this explosion (GradientMonitor(culprits=False), or "
+                "the record was read back from a log file)")
+            raise ranking.BatchNotKeptError(f"The batch of the explosion at step {self.step} was not kept: {reason}.")
+        return ranking.unpack(kept.data)
+
+    @property
+    def culprits_note(self):
+        """Why `culprits` is None, or None."""
+        if self.culprits is not None:
+            return None
+        return self._kept.reason if self._kept is not None else None
 
     def to_json(self):
         from gradwatch.summaries import json_safe
@@ -55,6 +86,20 @@ class Explosion:
                   "action": self.action, "nonfinite": self.nonfinite}
         if self.optimizer is not None:
             record["optimizer"] = self.optimizer
+        if self.culprits is not None:
+            previews = getattr(self._kept, "previews", None) or {}
+            docs = []
+            for culprit in self.culprits[:ranking.WRITTEN]:
+                doc = culprit.to_json()
+                if culprit.index in previews:
+                    doc["preview"] = previews[culprit.index]
+                docs.append(doc)
+            record["culprits"] = docs
+            record["batch_size"] = len(self.culprits)
+            record["culprits_summary"] = ranking.describe(self.culprits)
+            arrays = getattr(self._kept, "arrays_path", None)
+            if arrays:
+                record["culprits_arrays"] = arrays
         return record
 
 
@@ -111,6 +156,8 @@ def explosion_message(record):
     else:
         text = (f"gradient explosion {where}: global norm {_num(record.global_norm)} "
                 f"> threshold {_num(record.threshold)}; top layers: {layers}")
+    if record.culprits is not None:
+        text += "; " + ranking.describe(record.culprits)
     return text + _ACTION_TEXT[record.action]
 
 

@@ -17,6 +17,10 @@ logger = logging.getLogger("gradwatch")
 # Default of `reset_momentum` (measured: benchmarks/auto_threshold.py).
 RESET_MOMENTUM = True
 
+# With `culprits`, every this many steps the callback reads whether the step kept a
+# batch (one scalar read), and if so drains at once, freeing the device slots.
+_KEPT_CHECK_STEPS = 8
+
 # "epoch" still drains the device buffer at least this often (bounded memory).
 _EPOCH_DRAIN_STEPS = 1024
 
@@ -106,6 +110,16 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             keras-hub's `enable_lora`, the trainable `query` and `value`
             layers of each frozen block are rows of their own. More rows cost
             a little more per step (README, "Finer rows").
+        culprits: which samples made the gradient explode
+            (`gradwatch.culprits`). `False` (default): nothing is kept (healthy
+            steps would pay an untaken `tf.cond`: measured, a few percent of a
+            ~1 ms step; see the README). `"rank"`: the batch of an exploding
+            step and the weights it saw are copied on the device inside the
+            step, ranked on the host (each sample's loss and gradient norm:
+            `Explosion.culprits`), held in memory (`Explosion.batch()`), and
+            named in the alert; only the ranking (positions, losses, norms) is
+            written to the logs. `True`: the same, and the kept samples' arrays
+            and previews are written to the run folder too (`culprits/`).
         top_layers: how many layers an alert names.
         verbose: 0 silent, 1 or 2 print alerts to the console (they always go
             to the `"gradwatch"` logger).
@@ -141,7 +155,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
 
     def __init__(self, log_dir="logs", *, update_freq=100, explosion_threshold=None,
                  auto_clip=None, clip_threshold=1.0, skip_nonfinite=None, reset_momentum=RESET_MOMENTUM,
-                 vanishing=True, optimizers=None, sublayers=0,
+                 vanishing=True, optimizers=None, sublayers=0, culprits=False,
                  top_layers=3, verbose=1):
         # First: on JAX/PyTorch nothing below can work (`UnsupportedBackendError`).
         versions.check_backend(tf_keras_imported_ok=True)
@@ -159,6 +173,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         self.verbose = validation.check_verbose(verbose)
         self.vanishing_config = validation.check_vanishing(vanishing)
         self.optimizers = validation.check_optimizers(optimizers)
+        self.culprits = validation.check_culprits(culprits)
         self.explosions, self.vanishing = [], []
         self.clipping_events = []
         self._recorders = []
@@ -196,10 +211,13 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
                 label = name if several else None
                 writer = _open_writer(self._run_dir(optimizer, label))
                 capture_ = captures[index] if captures else capture.capture_class(self.model)(
-                    self.model, policy, self._capacity(), optimizer=optimizer, name=label, sublayers=self.sublayers,
-                    return_records=not several and self._drains_every_step())
+                    self.model, policy, self._capacity(), optimizer=optimizer, name=label,
+                    sublayers=self.sublayers, return_records=not several and self._drains_every_step(),
+                    keeper=self._keeper(policy))
                 recorders.append(Recorder(self, capture_, writer, print_fn, name=name,
                                           report_unused=self.optimizers is not None or not several))
+            for recorder in recorders:
+                recorder.capture.data_sinks = [r.capture for r in recorders]
             for recorder in recorders:
                 recorder.start()
             self._plain_function = self.model.train_function  # what fit() would have run
@@ -216,6 +234,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             raise
         self._recorders = recorders
         self._epoch, self._batches_before_epoch, self._batches_at_drain = 0, 0, 0
+        self._kept_checked = 0
 
     def _watched_optimizers(self):
         """`[(name, optimizer)]` this fit records (`optimizers=`); raises if there is none."""
@@ -252,7 +271,12 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             return
         done = self._batches_before_epoch + batch + 1
         interval = self._drain_interval()
-        if done - self._batches_at_drain >= interval:
+        early = bool(self.culprits) and done < interval and done & (done - 1) == 0  # 1, 2, 4, ...
+        if not early and self.culprits and done - getattr(self, "_kept_checked", 0) >= _KEPT_CHECK_STEPS:
+            # A batch kept on the device: read it now, which frees its slot for the next explosion.
+            self._kept_checked = done
+            early = any(recorder.has_kept() for recorder in self._recorders)
+        if done - self._batches_at_drain >= interval or early:
             self._batches_at_drain = done
             for recorder in self._recorders:
                 recorder.drain(self._epoch)
@@ -328,6 +352,15 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             skip_nonfinite=self.skip_nonfinite and not hasattr(optimizer, "inner_optimizer"),
             reset_momentum=self.reset_momentum and self.auto_clip is not None and own_mode is None)
 
+    def _keeper(self, policy):
+        """The `BatchKeeper` of a capture, or None with `culprits=False`."""
+        if self.culprits is False:
+            return None
+        from gradwatch.culprits.keep import BatchKeeper
+
+        fixed = policy.explosion_threshold
+        return BatchKeeper(bound=float("inf") if fixed is None else float(fixed))
+
     def _capacity(self):
         return 2 * (self._drain_interval() + self._steps_per_execution()) + 16
 
@@ -344,7 +377,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         return {"log_dir": self.log_dir, "update_freq": self.update_freq,
                 "explosion_threshold": self.explosion_threshold, "auto_clip": self.auto_clip,
                 "clip_threshold": self.clip_threshold, "skip_nonfinite": self.skip_nonfinite,
-                "reset_momentum": self.reset_momentum,
+                "reset_momentum": self.reset_momentum, "culprits": self.culprits,
                 "vanishing": _vanishing_setting(self.vanishing_config),
                 "sublayers": self.sublayers, "top_layers": self.top_layers, "verbose": self.verbose}
 

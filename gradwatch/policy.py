@@ -224,6 +224,12 @@ class HostDetector:
         self.policy = policy
         self.adaptive_state = detection.initial_adaptive_state(policy.adaptive, detection.FLOAT_OPS)
 
+    def next_threshold(self):
+        """The threshold the next step will be judged against."""
+        if self.policy.explosion_threshold is not None:
+            return float(self.policy.explosion_threshold)
+        return float(detection.adaptive_threshold(self.adaptive_state, self.policy.adaptive, detection.FLOAT_OPS))
+
     def detect(self, rows):
         ops, config, fixed = detection.FLOAT_OPS, self.policy.adaptive, self.policy.explosion_threshold
         for row in rows:

@@ -76,6 +76,13 @@ class Recorder:
             monitor.vanishing_config, capture, self._alert_log, monitor.vanishing)
         self._warned = set()
         self._layers_step = None  # step of the last `gradwatch/layers` written
+        self._book = None
+        if getattr(capture, "keeper", None) is not None:
+            from gradwatch.culprits.book import CulpritBook
+
+            writes = monitor.culprits is True
+            self._book = CulpritBook(capture.model, self._store_batch if writes else None,
+                                     self._remove_batch if writes else None)
         capture.recorder = self
 
     # -- lifecycle -----------------------------------------------------------
@@ -218,13 +225,20 @@ class Recorder:
         steps, rows, total, lost = self.capture.state.read_since(
             self._records_read, self.capture.take_latest_record())
         self._records_read = total
+        keeper = getattr(self.capture, "keeper", None)
+        kept = self._guard("keep", keeper.take, []) if keeper is not None else []
         if self.capture.host_detector is not None:
             self.capture.host_detector.detect(rows)
+            if keeper is not None:
+                from gradwatch.culprits.keep import BOUND_FACTOR
+
+                detector = self.capture.host_detector
+                self._guard("keep", lambda: keeper.set_bound(BOUND_FACTOR * detector.next_threshold()))
         if lost:
             self._warn_once("lost", f"{lost} steps were overwritten on the device before being read; "
                                     "use a smaller `update_freq`.")
         if len(steps):
-            explosions, switches, lines = self._react(steps, rows, epoch)
+            explosions, switches, lines = self._react(steps, rows, epoch, kept)
             self._guard("clipping", lambda: self._follow_threshold(rows))
             events += writing.batch_events(steps, rows, self._layer_tags, self.capture.policy.clip_mode,
                                            explosions, switches, lines)
@@ -234,13 +248,21 @@ class Recorder:
         if events or flush:
             self._output.write(events, flush=flush)
 
-    def _react(self, steps, rows, epoch):
-        """`(explosions, clipping switches, alert lines)` of drained records."""
+    def _react(self, steps, rows, epoch, kept=()):
+        """`(explosions, clipping switches, alert lines)` of drained records;
+        `kept`: the batches taken from the device (`gradwatch.culprits.keep`)."""
         if self._alert_log.burst is None and not state.has_flag(
                 rows[:, state.FLAGS], state.EXPLODED | state.CLIP_SWITCHED_ON).any():
             return [], [], []  # a quiet batch: nothing to log
         explosions = alerts.explosions_from_records(
             steps, rows, self.layer_paths, epoch, self.monitor.top_layers, optimizer=self.capture.name)
+        if self._book is not None and explosions:
+            book = self._book
+            explosions = self._guard(
+                "rank", lambda: book.attach(explosions, kept, self.capture.keep_failure), explosions)
+            for key, text in book.failures:
+                self._warn_once(key, text)
+            book.failures.clear()
         self.monitor.explosions.extend(explosions)
         by_step = {e.step: e for e in explosions}
         # Log in step order: the alerts up to the switch, the switch, the rest.
@@ -281,6 +303,32 @@ class Recorder:
         active = np.flatnonzero(state.has_flag(flags, state.CLIP_ACTIVE) & ~state.has_flag(flags, state.OVERFLOW))
         if len(active):
             setattr(self.capture.optimizer, policy.clip_mode, float(rows[active[-1], state.CLIP_THRESHOLD]))
+
+    def has_kept(self):
+        """The device holds a kept batch not read yet (one scalar read); never raises."""
+        keeper = getattr(self.capture, "keeper", None)
+        if keeper is None or not keeper.ready or self.closed:
+            return False
+        return bool(self._guard("keep", lambda: int(keeper.count.numpy()) > 0, False))
+
+    def _store_batch(self, record, step):
+        """`culprits=True`: previews in the event record, the arrays in the run folder."""
+        from gradwatch.culprits import store
+
+        if record.culprits is not None:
+            record.previews = store.previews(record.data, record.culprits)
+        if self.run_dir and self.monitor._role.chief:
+            path = store.write_batch(self.run_dir, step, record.data)
+            if path is not None:
+                record.arrays_path = os.path.relpath(path, self.run_dir)
+
+    def _remove_batch(self, record):
+        """A batch pushed out of the held ones (`gradwatch.culprits.book`): its arrays file goes too."""
+        if record.arrays_path and self.run_dir:
+            path = os.path.join(self.run_dir, record.arrays_path)
+            if os.path.isfile(path):
+                os.remove(path)
+            record.arrays_path = None
 
     def _check_unused(self, flush):
         """The optimizer's hook has not run: was it used in a step traced before?"""

@@ -47,6 +47,12 @@ def _explosion_record(explosion):
         "action": explosion.action,
         "nonfinite": explosion.nonfinite,
         "layers": [[name, json_safe(norm)] for name, norm in explosion.layers],
+        "culprits": None if explosion.culprits is None else [
+            {key: (value if key == "index" or value is None else json_safe(value)) for key, value in culprit.items()}
+            for culprit in explosion.culprits],
+        "culprits_summary": explosion.culprits_summary,
+        "batch_size": explosion.batch_size,
+        "culprits_arrays": explosion.culprits_arrays,
     }
 
 
@@ -221,6 +227,7 @@ def _run_details(run):
                  e["action"] or "-", e["layers"][0][0] if e["layers"] else "-"] for e in shown]
         lines += _table(["step", "epoch", "global norm", "threshold", "action", "top layer"],
                         rows, indent="    ")
+        lines += _culprit_lines(shown)
         if explosions["count"] > len(shown):
             lines.append(f"    ... {explosions['count'] - len(shown)} more (see --json)")
     else:
@@ -241,6 +248,32 @@ def _run_details(run):
     for note in run.get("notes", ()):
         lines.append(f"  note: {note}")
     return lines
+
+
+SHOWN_CULPRITS = 3
+
+
+def _culprit_lines(explosions):
+    """Per explosion with a kept batch: its summary and top-ranked samples."""
+    lines = []
+    for e in explosions:
+        culprits = e.get("culprits")
+        if not culprits:
+            continue
+        top = ", ".join(f"#{c['index']} (loss {_num(c['loss'])}, grad norm {_num(c['grad_norm'])}, "
+                        f"share {_share(c['share'])})" for c in culprits[:SHOWN_CULPRITS])
+        lines.append(f"    step {e['step']} culprits: {top}")
+        if e.get("culprits_summary"):
+            lines.append(f"      {e['culprits_summary']}")
+    return lines
+
+
+def _share(value):
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.0%}"
+    return str(value)
 
 
 def format_text(document):

@@ -3,7 +3,9 @@
 Explosion records (`gradwatch/explosions`, JSON) are read with these keys, any
 other key is ignored and a missing one becomes None: `step`, `epoch`,
 `global_norm`, `threshold`, `layers` (`[[layer path, norm], ...]`, largest
-first), `action` (one of `gradwatch.tags.ACTIONS`), `nonfinite`. Clipping
+first), `action` (one of `gradwatch.tags.ACTIONS`), `nonfinite`, and where a
+batch was kept `culprits` (`[{"index", "loss", "grad_norm", "share"}, ...]`),
+`culprits_summary`, `batch_size`, `culprits_arrays`. Clipping
 events (`gradwatch/clipping`) are read with `step`, `epoch`, `mode`,
 `threshold`, `cause_step`. Vanishing / dead-gradient records
 (`gradwatch/vanishing`) with `step`, `epoch`, `kind`, `layers`
@@ -45,6 +47,12 @@ class Explosion:
     layers: tuple = ()  # ((layer path, norm), ...), largest first
     action: str = None
     nonfinite: bool = False  # the gradient held NaN or Inf
+    # The ranked samples of the kept batch (`gradwatch.culprits.store`): a tuple of
+    # `{"index", "loss", "grad_norm", "share"}` dicts, or None where none was kept.
+    culprits: tuple = None
+    culprits_summary: str = None
+    batch_size: int = None
+    culprits_arrays: str = None  # the arrays file, relative to the run folder (culprits=True)
 
     @property
     def leading_layer(self):
@@ -164,7 +172,30 @@ def explosion_from_doc(event_step, doc):
         layers=tuple((str(name), to_float(value)) for name, value in doc.get("layers") or ()),
         action=doc.get("action"),
         nonfinite=bool(doc.get("nonfinite", not math.isfinite(norm))),
+        culprits=_culprits(doc.get("culprits")),
+        culprits_summary=_short_text(doc.get("culprits_summary")),
+        batch_size=_optional_int(doc.get("batch_size")),
+        culprits_arrays=_short_text(doc.get("culprits_arrays")),
     )
+
+
+# At most this many culprits of one explosion are read back (the monitor writes 64).
+MAX_CULPRITS = 1024
+
+
+def _culprits(docs):
+    """The ranking of an explosion record, or None (anything but a list of objects is refused)."""
+    if docs is None:
+        return None
+    if not isinstance(docs, list):
+        raise ValueError("culprits is not a list")
+    return tuple({"index": int(d["index"]), "loss": to_float(d.get("loss")),
+                  "grad_norm": to_float(d.get("grad_norm")), "share": to_float(d.get("share"))}
+                 for d in docs[:MAX_CULPRITS])
+
+
+def _short_text(value, limit=500):
+    return None if value is None else str(value)[:limit]
 
 
 def vanishing_from_doc(event_step, doc):

@@ -26,6 +26,9 @@ Plugin data (plugin "gradwatch", string tensors holding JSON):
 | ---------------------- | ------------------------------------------------------------ |
 | `gradwatch/layers`     | JSON list of layer paths in model order (written at start)   |
 | `gradwatch/explosions` | JSON list of explosion records since the previous write      |
+|                        | (with `culprits`, `culprits_summary`, `batch_size` and        |
+|                        | `culprits_arrays` where the batch was kept and ranked:        |
+|                        | `gradwatch.culprits.store`)                                   |
 | `gradwatch/clipping`   | JSON list of clipping events (switch-on) since previous write|
 | `gradwatch/vanishing`  | JSON list of vanishing / dead-gradient records since the     |
 |                        | previous write: `step`, `epoch`, `kind` ("vanishing" or      |

@@ -116,6 +116,15 @@ def check_optional_bool(name, value):
     raise ValueError(f"`{name}` must be True, False or None. {_received(name, value)}")
 
 
+def check_culprits(value):
+    """`culprits=`: False, "rank" or True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value == "rank":
+        return value
+    raise ValueError(f"`culprits` must be False, 'rank' or True. {_received('culprits', value)}")
+
+
 def check_vanishing(value):
     """`vanishing=`: True / False, a `VanishingConfig`, or a dict of its fields
     (as `get_config` returns it); returns a `VanishingConfig` or None (off)."""

@@ -21,6 +21,7 @@ def run_example(name, tmp_path, *args):
     ("mirrored_strategy", ["--epochs", "1"], "explosions: [(41, 'clipping_on')]"),
     ("adding_problem", ["--epochs", "1", "--seeds", "2"], "gradwatch auto_clip=auto"),
     ("clipping_sweep", ["--epochs", "1", "--train-size", "512"], "x better than no clipping"),
+    ("culprits", ["--epochs", "1"], "rows found: [57, 311, 480] (corrupted: [57, 311, 480])"),
 ])
 def test_example_runs(name, args, expected, tmp_path, capsys):
     event_files = run_example(name, tmp_path, *args)

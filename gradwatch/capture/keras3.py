@@ -47,8 +47,14 @@ class KerasCapture:
     from the optimizer's own variables, or the model's.
     """
 
-    def __init__(self, model, policy, capacity, return_records=False, optimizer=None, name=None, sublayers=0):
+    def __init__(self, model, policy, capacity, return_records=False, optimizer=None, name=None,
+                 keeper=None, sublayers=0):
         self.model, self.policy, self.return_records = model, policy, return_records
+        # `gradwatch.culprits.keep.BatchKeeper` keeping exploding steps' batches, or None.
+        self.keeper = keeper
+        self.keep_failure = None  # trace time: why batches cannot be kept, if so
+        self._current_data = None  # trace time: the batch `train_step` received
+        self._exploded_pred = None  # trace time: in-graph detection's verdict
         self.name = name
         self.sublayers = sublayers
         self.host_detector = None if policy.decides_in_graph else HostDetector(policy)
@@ -103,15 +109,24 @@ class KerasCapture:
         as an extra output, taken off the logs before any callback sees them:
         no device read for the host (~75 us on a CPU; the output costs ~30 us)."""
         model = self.model
-        if not self.return_records or state.is_distributed(model.distribute_strategy):
+        distributed = state.is_distributed(model.distribute_strategy)
+        records = self.return_records and not distributed
+        if not records and self.keeper is None:
             model.make_train_function(force=True)
             return
         train_step = model.train_step
 
         def train_step_with_record(data):
             self.last_stored = None
-            logs = train_step(data)
-            if isinstance(logs, dict) and self.ready:
+            sinks = getattr(self, "data_sinks", None) or [self]
+            for sink in sinks:  # every capture of the model (a GAN's optimizers), for `_keep_batch`
+                sink._current_data = data
+            try:
+                logs = train_step(data)
+            finally:
+                for sink in sinks:
+                    sink._current_data = None
+            if records and isinstance(logs, dict) and self.ready:
                 logs = {**logs, _RECORD_KEY: self._stored_record()}
             return logs
 
@@ -124,6 +139,8 @@ class KerasCapture:
             if own is not None:
                 model.__dict__["train_step"] = own
         keras_function = model.train_function
+        if not records:
+            return
 
         def train_function(iterator):
             logs = keras_function(iterator)
@@ -258,10 +275,33 @@ class KerasCapture:
             grads, head = self._decide(grads, variable_sq, global_norm, stats.is_nonfinite(layer_sq))
         else:  # nothing in the step depends on detection: the host detects and flags (`HostDetector`)
             head = [global_norm, global_norm, tf.constant(float("nan")), tf.constant(0.0), tf.constant(0.0)]
+        if self.keeper is not None:
+            self._keep_batch(global_norm)
         row = tf.concat([tf.stack(head), tf.sqrt(layer_sq[:num_layers])], axis=0)
         self._state_in_graph = True
         self.last_stored = self.state.append(self.optimizer.iterations + 1, row)
         return grads
+
+    def _keep_batch(self, global_norm):
+        """In-graph: the step's batch and pre-update weights kept when it explodes
+        (`gradwatch.culprits.keep`). A failure is noted (`keep_failure`), never raised."""
+        from gradwatch.culprits.keep import NotKept
+
+        try:
+            if state.is_distributed(self.model.distribute_strategy):
+                raise NotKept("under a distribution strategy (each replica sees its share of the "
+                              "batch) batches are not kept")
+            if self.policy.decides_in_graph and self._exploded_pred is not None:
+                exploded = self._exploded_pred
+            else:
+                exploded = lambda keeper: keeper.explodes(global_norm)  # noqa: E731
+            self.keeper.keep(exploded, self.optimizer.iterations + 1, self._current_data,
+                             getattr(self, "_current_variables", None) or [])
+            self.keep_failure = None
+        except NotKept as error:
+            self.keep_failure = str(error)
+        except Exception as error:  # monitoring must never stop training
+            self.keep_failure = f"keeping it failed ({type(error).__name__}: {error})"
 
     def _decide(self, grads, variable_sq, global_norm, nonfinite):
         """In-graph: detection, clipping and skipping; `(new grads, record head)`."""
@@ -285,6 +325,7 @@ class KerasCapture:
                 grads, policy.clip_mode, threshold, step_result.clip_active)
             clipped_norm = _clipped_global_norm(
                 policy.clip_mode, new_grads, variable_sq, threshold, step_result.clip_active)
+        self._exploded_pred = step_result.exploded
         self._skip_pred = step_result.skip if policy.skip_nonfinite else None
         # The momentum is zeroed at the switch and, with "auto", whenever the clipped norms
         # doubled again (the momentum is carrying the run away: `clipping.AutoThreshold`).

@@ -77,8 +77,40 @@ class TfKerasCapture(KerasCapture):
     """
 
     def make_train_function(self):
-        """Has tf_keras rebuild `model.train_function` (the host reads the device buffer)."""
-        self.model.make_train_function(force=True)
+        """Has tf_keras rebuild `model.train_function` (the host reads the device
+        buffer); with a `keeper`, `train_step` is wrapped (at trace time) so the
+        step's batch is seen (`gradwatch.culprits.keep`)."""
+        model = self.model
+        if self.keeper is None:
+            model.make_train_function(force=True)
+            return
+        train_step = model.train_step
+
+        def train_step_seeing_data(data):
+            sinks = getattr(self, "data_sinks", None) or [self]
+            for sink in sinks:
+                sink._current_data = data
+            try:
+                return train_step(data)
+            finally:
+                for sink in sinks:
+                    sink._current_data = None
+
+        # tf_keras looks `model.train_step` up when the function is traced (its
+        # first call): the wrapper stays on the instance until `uninstall()`.
+        self._own_train_step = model.__dict__.get("train_step")
+        model.__dict__["train_step"] = train_step_seeing_data
+        self._train_step_wrapper = train_step_seeing_data
+        model.make_train_function(force=True)
+
+    def uninstall(self):
+        super().uninstall()
+        wrapper = getattr(self, "_train_step_wrapper", None)
+        if wrapper is not None and self.model.__dict__.get("train_step") is wrapper:
+            del self.model.__dict__["train_step"]
+            if self._own_train_step is not None:
+                self.model.__dict__["train_step"] = self._own_train_step
+        self._train_step_wrapper = None
 
     def install(self):
         import tf_keras

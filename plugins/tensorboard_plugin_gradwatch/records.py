@@ -6,6 +6,7 @@ integer); names are cut to `MAX_NAME_CHARS` and a record's layer list to
 `MAX_LAYER_PAIRS`, so responses stay bounded whatever a file holds.
 """
 
+import re
 import math
 
 from gradwatch import tags
@@ -64,7 +65,72 @@ def explosion(record):
         "layers": pairs[:MAX_LAYER_PAIRS],
         "layer_count": len(pairs),
         "action": action if isinstance(action, str) and action in tags.ACTIONS else None,
+        "culprits": _culprits(record.get("culprits")),
+        "culprits_summary": _text(record.get("culprits_summary"), _SUMMARY_CHARS),
+        "batch_size": _int(record.get("batch_size")),
     }
+
+
+# Culprits (issue 25; `gradwatch.culprits.store`): what is read of an explosion's
+# ranked samples and their previews. Anything else is dropped.
+MAX_CULPRITS_SHOWN = 10
+_SUMMARY_CHARS = 300
+_PREVIEW_INPUTS = 4
+_PREVIEW_VALUES = 16
+_PNG_CHARS = 64 * 1024
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_PNG_BASE64_START = "iVBORw0KGgo"  # the PNG signature, base64
+
+
+def _text(value, limit):
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _numbers(values):
+    if not isinstance(values, list):
+        return None
+    return [_number(v) for v in values[:_PREVIEW_VALUES]]
+
+
+def _preview_input(item):
+    if not isinstance(item, dict):
+        return None
+    name = _text(item.get("name"), 100) or ""
+    if item.get("kind") == "image":
+        png = item.get("png")
+        if (isinstance(png, str) and len(png) <= _PNG_CHARS and png.startswith(_PNG_BASE64_START)
+                and _BASE64.fullmatch(png)):
+            return {"name": name, "kind": "image", "png": png}
+        return None
+    if item.get("kind") == "values":
+        values = _numbers(item.get("values"))
+        shape = item.get("shape")
+        shape = [d for d in shape[:8] if _int(d) is not None] if isinstance(shape, list) else []
+        return {"name": name, "kind": "values", "values": values or [], "shape": shape}
+    return None
+
+
+def _preview(value):
+    if not isinstance(value, dict):
+        return None
+    inputs = value.get("inputs")
+    inputs = [p for p in map(_preview_input, inputs[:_PREVIEW_INPUTS] if isinstance(inputs, list) else [])
+              if p is not None]
+    return {"inputs": inputs, "target": _numbers(value.get("target"))}
+
+
+def _culprits(value):
+    """The first `MAX_CULPRITS_SHOWN` ranked samples, cleaned, or None."""
+    if not isinstance(value, list):
+        return None
+    found = []
+    for item in value[:MAX_CULPRITS_SHOWN]:
+        if not isinstance(item, dict) or _int(item.get("index")) is None:
+            continue
+        found.append({"index": item["index"], "loss": _number(item.get("loss")),
+                      "grad_norm": _number(item.get("grad_norm")), "share": _number(item.get("share")),
+                      "preview": _preview(item.get("preview"))})
+    return found
 
 
 def clipping(record):

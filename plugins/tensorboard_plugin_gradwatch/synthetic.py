@@ -37,15 +37,30 @@ def _layer_norms(rng, steps):
     return norms
 
 
+# A 4x4 grey PNG: the preview of the synthetic culprit (`gradwatch.culprits.store`).
+THUMBNAIL = "iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAAAAACMmsGiAAAAEElEQVR4nGNsYGBgYGJAIQAJ5ACIUhZOXwAAAABJRU5ErkJggg=="
+
+
 def _record(step, norms_row, global_norm, threshold, action):
     pairs = sorted(zip(LAYERS, norms_row), key=lambda p: (math.isfinite(p[1]), -p[1] if math.isfinite(p[1]) else 0))
-    return {
+    record = {
         "step": step, "epoch": (step - 1) // 100,
         "global_norm": summaries.json_safe(global_norm),
         "threshold": summaries.json_safe(threshold),
         "layers": [[path, summaries.json_safe(norm)] for path, norm in pairs],
         "action": action,
     }
+    if action == tags.ACTION_CLIP_ON:  # the first explosion: its batch kept and ranked (culprits=True)
+        record["culprits_summary"] = "sample 17 of the batch carries 96% of the gradient (loss 3.6e+03 vs a batch median of 0.8)"
+        record["batch_size"] = 32
+        record["culprits"] = [
+            {"index": 17, "loss": 3600.0, "grad_norm": 950.0, "share": 0.96,
+             "preview": {"inputs": [{"name": "x", "kind": "image", "png": THUMBNAIL}], "target": [7.0]}},
+            {"index": 3, "loss": 0.9, "grad_norm": 1.2, "share": 0.0012,
+             "preview": {"inputs": [{"name": "x", "kind": "values", "shape": [3], "values": [0.1, -0.4, 2.0]}],
+                         "target": [1.0]}},
+        ]
+    return record
 
 
 def write_run(run_dir, seed=0):

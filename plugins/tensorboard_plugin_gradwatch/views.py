@@ -200,6 +200,9 @@ def _alert_row(record):
         "top_layers": record.get("layers", [])[:TOP_LAYERS_PER_ALERT],
         "layer_count": record.get("layer_count", 0),
         "action": record.get("action"),
+        "culprits": record.get("culprits"),
+        "culprits_summary": record.get("culprits_summary"),
+        "batch_size": record.get("batch_size"),
     }
 
 

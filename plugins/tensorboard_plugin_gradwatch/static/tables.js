@@ -42,6 +42,49 @@ function topLayersCell(row, alert) {
   }
 }
 
+const CULPRITS_SHOWN = 3;
+const PNG_BASE64 = /^iVBORw0KGgo[A-Za-z0-9+/]*={0,2}$/;  // a PNG, base64: nothing else becomes an image
+
+function previewNode(preview) {
+  const box = el('span', 'gw-preview');
+  if (!preview) return box;
+  for (const input of preview.inputs || []) {
+    if (input.kind === 'image' && typeof input.png === 'string' && PNG_BASE64.test(input.png)) {
+      const img = document.createElement('img');
+      img.className = 'gw-thumb';
+      img.alt = `${printable(input.name)} (thumbnail)`;
+      img.src = `data:image/png;base64,${input.png}`;
+      box.appendChild(img);
+    } else if (input.kind === 'values' && Array.isArray(input.values)) {
+      box.appendChild(el('span', 'gw-values', `${input.name}: [${input.values.map(fmt).join(', ')}` +
+        `${(input.shape || []).reduce((a, b) => a * b, 1) > input.values.length ? ', …' : ''}]`));
+    }
+  }
+  if (Array.isArray(preview.target)) {
+    box.appendChild(el('span', 'gw-values', `target: [${preview.target.map(fmt).join(', ')}]`));
+  }
+  return box;
+}
+
+function culpritsCell(row, alert) {
+  const td = row.insertCell();
+  td.className = 'gw-culprits';
+  if (!Array.isArray(alert.culprits)) {
+    td.appendChild(el('span', 'gw-dim', '—'));
+    return;
+  }
+  if (alert.culprits_summary) td.appendChild(el('div', 'gw-culprit-summary', alert.culprits_summary));
+  for (const culprit of alert.culprits.slice(0, CULPRITS_SHOWN)) {
+    const item = el('div', 'gw-culprit');
+    const share = typeof culprit.share === 'number' ? `${(100 * culprit.share).toFixed(0)}%` : String(culprit.share);
+    item.appendChild(el('span', 'gw-culprit-index', `#${culprit.index}`));
+    item.appendChild(el('span', 'gw-culprit-numbers',
+      `loss ${fmt(culprit.loss)} · grad ${fmt(culprit.grad_norm)} · ${share}`));
+    item.appendChild(previewNode(culprit.preview));
+    td.appendChild(item);
+  }
+}
+
 /** Fills `container` with the alerts table; clicking a row calls onSelect(step). */
 export function renderAlerts(container, data, selectedStep, onSelect) {
   container.replaceChildren();
@@ -54,7 +97,7 @@ export function renderAlerts(container, data, selectedStep, onSelect) {
   }
   const node = table('gw-alerts', [
     ['Step', 'gw-num'], ['Epoch', 'gw-num'], ['Global norm', 'gw-num'], ['Threshold', 'gw-num'],
-    ['Top layers (norm)'], ['Action'],
+    ['Top layers (norm)'], ['Action'], ['Culprits (sample of the batch: loss · gradient norm · share)'],
   ]);
   for (const alert of data.alerts) {
     const row = node.tBodies[0].insertRow();
@@ -68,6 +111,7 @@ export function renderAlerts(container, data, selectedStep, onSelect) {
     const action = row.insertCell();
     action.appendChild(el('span', `gw-badge gw-action-${alert.action || 'unknown'}`,
       ACTION_LABELS[alert.action] || 'unknown'));
+    culpritsCell(row, alert);
     row.addEventListener('click', () => onSelect(alert.step));
   }
   container.appendChild(el('div', 'gw-scroll')).appendChild(node);

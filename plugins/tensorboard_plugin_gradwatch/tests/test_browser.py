@@ -47,6 +47,12 @@ def test_dashboard_draws_heatmap_and_lists_the_explosion(driver, boards, load_fa
     selected = driver.find_elements(By.CSS_SELECTOR, "#gw-alerts tbody tr.gw-selected")
     assert [row.get_attribute("data-step") for row in selected] == ["430"]
     assert len(driver.find_elements(By.CSS_SELECTOR, "#gw-ranking tbody tr")) == 10
+    # The culprits of the first explosion (issue 25): ranked samples, a thumbnail, values.
+    culprits = driver.find_elements(By.CSS_SELECTOR, "#gw-alerts tbody tr")[0].find_elements(
+        By.CSS_SELECTOR, ".gw-culprit")
+    assert [c.find_element(By.CSS_SELECTOR, ".gw-culprit-index").text for c in culprits] == ["#17", "#3"]
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#gw-alerts img.gw-thumb")) == 1
+    assert "x: [0.1, -0.4, 2]" in culprits[1].text
 
 
 def test_empty_state_for_a_run_without_gradwatch_data(driver, boards):
@@ -127,9 +133,15 @@ def write_small_run(run_dir, layers, steps=20, explode_step=10):
     for step in range(1, steps + 1):
         norm = 1000.0 if step == explode_step else 1.0 + step / 10
         writer.write_scalars(step, dict({tags.layer_tag(name): norm for name in layers}, **{tags.GLOBAL: norm}))
+    # Hostile culprits (issue 25): markup in the words and names, a "PNG" that is not one.
+    culprits = [{"index": 0, "loss": 1e4, "grad_norm": 5.0, "share": 1.0,
+                 "preview": {"inputs": [{"name": "x", "kind": "image", "png": 'iVBORw0KGgo" onerror="window.__gw_xss=5'},
+                                        {"name": "<img src=x onerror=window.__gw_xss=4>", "kind": "values",
+                                         "values": [1, 2]}], "target": [3]}}]
     writer.write_json(steps, tags.EXPLOSIONS, [{"step": explode_step, "epoch": 0, "global_norm": 1000.0,
                                                 "threshold": 10.0, "layers": [[layers[1], 1000.0]],
-                                                "action": "none"}])
+                                                "action": "none", "culprits": culprits,
+                                                "culprits_summary": "<img src=x onerror=window.__gw_xss=3>"}])
     writer.close()
 
 
@@ -159,6 +171,10 @@ def test_hostile_names_render_as_text_and_long_names_draw(driver, hostile_board)
     assert "\\u{202e}evil\\u{200f}<script>window.__gw_xss=2</script>" in ranking
     chips = driver.find_elements(By.CSS_SELECTOR, "#gw-alerts .gw-layer-name")
     assert chips[0].text == "\\u{202e}evil\\u{200f}<script>window.__gw_xss=2</script>"
+    summary = driver.find_element(By.CSS_SELECTOR, "#gw-alerts .gw-culprit-summary")
+    assert summary.text == "<img src=x onerror=window.__gw_xss=3>"  # text, and no image anywhere (above)
+    assert "<img src=x onerror=window.__gw_xss=4>: [1, 2]" in driver.find_element(
+        By.CSS_SELECTOR, "#gw-alerts .gw-culprit").text
     root = screenshot.open_dashboard(driver, hostile_board, fragment="#run=long_names")
     assert root.get_attribute("data-state") == "ready"
     assert driver.find_element(By.ID, "gw-heatmap").get_attribute("data-drawn") == "true"
