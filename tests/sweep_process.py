@@ -20,7 +20,7 @@ DISTRIBUTED_FIT = dict(epochs=2, batch_size=32, verbose=0)
 
 def main(log_dir):
     x, y, val = corrupted_regression()
-    sweep = gradwatch.ClippingSweep(Builder(), log_dir=log_dir, modes=("clipnorm", "global_clipnorm"),
+    sweep = gradwatch.ClippingSweep(Builder(), log_dir=log_dir, modes=("global_clipnorm",),
                                     verbose=0)
     results = sweep.search(x, y, validation_data=val, **DISTRIBUTED_FIT)
     if results is not None:

@@ -19,7 +19,10 @@ def run_example(name, tmp_path, *args):
     ("transformer", ["--epochs", "1"], "layers: tokens, attention, norm_1, ffn_in, ffn_out, norm_2, head"),
     ("mixed_precision", ["--epochs", "1"], "optimizer: LossScaleOptimizer"),
     ("mirrored_strategy", ["--epochs", "1"], "explosions: [(41, 'clipping_on')]"),
-    ("adding_problem", ["--epochs", "1", "--seeds", "2"], "gradwatch auto_clip=auto"),
+    # Two of the four runs: optimizer clipping (the plain run is its clip=None case) and gradwatch's
+    # auto clipping (the run that writes event files).
+    ("adding_problem", ["--epochs", "1", "--seeds", "2", "--runs", "clip from start", "gradwatch auto_clip=auto"],
+     "gradwatch auto_clip=auto"),
     ("clipping_sweep", ["--epochs", "1", "--train-size", "512"], "x better than no clipping"),
     ("culprits", ["--epochs", "1"], "rows found: [57, 311, 480] (corrupted: [57, 311, 480])"),
 ])
