@@ -109,30 +109,27 @@ def grew(norm, reference, auto):
     return tf.cast(norm, tf.float32) * auto.shrink >= tf.cast(reference, tf.float32)
 
 
-def auto_scale(scale, was_active, exploded, growing, finite, auto, factor=None):
+def auto_scale(scale, keeps_growing, finite, auto, factor=None):
     """The shrinking factor after a step (float32 scalars, branch-free).
 
     Multiplied by `factor` (at most `auto.shrink`; default `auto.shrink`;
-    never below `auto.min_scale`) when clipping was already on and the step
-    still explodes and `growing` (`grew`); else, on a `finite` step, divided
-    by `shrink ** (1 / recover_steps)` (at most 1): back to 1 within
-    `recover_steps` steps per halving once the norms stop doubling.
+    never below `auto.min_scale`) when the step `keeps_growing` (clipping was
+    already on, and the step still explodes with a norm that `grew`); else, on
+    a `finite` step, divided by `shrink ** (1 / recover_steps)` (at most 1):
+    back to 1 within `recover_steps` steps per halving once the norms stop
+    doubling.
 
     >>> auto = AutoThreshold(recover_steps=1)
-    >>> [float(auto_scale(1.0, True, True, True, True, auto)), float(auto_scale(0.25, True, True, False, True, auto))]
+    >>> [float(auto_scale(1.0, True, True, auto)), float(auto_scale(0.25, False, True, auto))]
     [0.5, 0.5]
-    >>> float(auto_scale(1.0, False, True, True, True, auto))  # the switching step itself: not yet
-    1.0
-    >>> float(auto_scale(0.25, True, False, False, False, auto))  # a NaN step: held
+    >>> float(auto_scale(0.25, False, False, auto))  # a NaN step: held
     0.25
     """
     scale = tf.cast(scale, tf.float32)
-    keeps_growing = tf.logical_and(tf.cast(was_active, tf.bool),
-                                   tf.logical_and(tf.cast(exploded, tf.bool), tf.cast(growing, tf.bool)))
     factor = auto.shrink if factor is None else tf.minimum(tf.cast(factor, tf.float32), auto.shrink)
     shrunk = tf.maximum(scale * factor, auto.min_scale)
     recovered = tf.minimum(scale / auto.shrink ** (1.0 / auto.recover_steps), 1.0)
-    return tf.where(keeps_growing, shrunk, tf.where(tf.cast(finite, tf.bool), recovered, scale))
+    return tf.where(tf.cast(keeps_growing, tf.bool), shrunk, tf.where(tf.cast(finite, tf.bool), recovered, scale))
 
 
 def bounded_threshold(window_value, baseline, scale, auto):

@@ -147,14 +147,15 @@ class StepPolicy:
         window_value = tf.cond(compute, from_window, lambda: baseline)
         baseline = tf.where(switching, window_value, baseline)
         device_state.auto_base.assign(baseline)
-        # The shrinking: a clipped step that still explodes with a norm
-        # 1 / shrink times the reference (the norm at the switch or at the
-        # last shrink) halves the threshold and becomes the reference.
+        # The shrinking: a clipped step that still explodes with a norm at
+        # least 1 / shrink times the reference (the norm at the switch or at
+        # the last shrink) shrinks the threshold in proportion and becomes
+        # the reference.
         reference = device_state.reference_norm.read_value()
-        grew = clipping.grew(global_norm, reference, auto)
-        scale = clipping.auto_scale(device_state.auto_scale.read_value(), was_active, finite_explosion,
-                                    grew, tf.logical_not(nonfinite), auto, factor=reference / global_norm)
-        keeps_growing = tf.logical_and(tf.logical_and(was_active, finite_explosion), grew)
+        keeps_growing = tf.logical_and(tf.logical_and(was_active, finite_explosion),
+                                       clipping.grew(global_norm, reference, auto))
+        scale = clipping.auto_scale(device_state.auto_scale.read_value(), keeps_growing,
+                                    tf.logical_not(nonfinite), auto, factor=reference / global_norm)
         device_state.reference_norm.assign(
             tf.where(tf.logical_or(switching, keeps_growing), global_norm, reference))
         device_state.auto_scale.assign(scale)
