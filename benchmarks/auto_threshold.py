@@ -108,23 +108,21 @@ def build(family, seed, optimizer):
     return net
 
 
-class LearningRateSpike:
-    """Multiplies the learning rate by `factor` for steps [start, start + length)."""
+def learning_rate_spike(lr, start, length=5, factor=30.0):
+    """A callback multiplying the learning rate by `factor` for steps [start, start + length)."""
+    import keras
 
-    def __new__(cls, lr, start, length=5, factor=30.0):
-        import keras
+    class Spike(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.step = 0
 
-        class Spike(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.step = 0
+        def on_train_batch_begin(self, batch, logs=None):
+            self.step += 1
+            spiking = start <= self.step < start + length
+            self.model.optimizer.learning_rate.assign(lr * factor if spiking else lr)
 
-            def on_train_batch_begin(self, batch, logs=None):
-                self.step += 1
-                spiking = start <= self.step < start + length
-                self.model.optimizer.learning_rate.assign(lr * factor if spiking else lr)
-
-        return Spike()
+    return Spike()
 
 
 def train(job):
@@ -162,7 +160,7 @@ def train(job):
         callbacks.append(monitor)
     steps_per_epoch = TRAIN // BATCH
     if kind == "lr_spike":
-        callbacks.append(LearningRateSpike(lr, start=steps_per_epoch * EPOCHS // 2))
+        callbacks.append(learning_rate_spike(lr, start=steps_per_epoch * EPOCHS // 2))
     start = time.time()
     fit = dict(batch_size=BATCH, verbose=0, callbacks=callbacks)
     if kind == "midrun":
