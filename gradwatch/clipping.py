@@ -153,6 +153,41 @@ def window_entry(values, baseline, clipping_on, auto):
     return tf.where(tf.cast(clipping_on, tf.bool), capped, values)
 
 
+def capped_second_moments(moments, mode, threshold, decay, steps):
+    """Second-moment slots (Adam's `v`, RMSprop's) brought back to the scale
+    clipping at `threshold` lets in; used where clipping switches on.
+
+    After `steps` steps such a slot holds `(1 - decay) * sum_s decay**(steps - s) * g_s**2`.
+    Had every gradient been clipped at `threshold`, its total (`clipnorm`: per
+    variable, `threshold` one value or one per slot; `global_clipnorm`: over
+    all slots) would be at most `threshold**2 * (1 - decay**steps)`, and each
+    entry at most that for `clipvalue`. A slot above is scaled down to it
+    (`clipvalue`: its entries capped); the others come back unchanged. Why:
+    the unclipped steps before the switch (a corrupted first batch, say) would
+    otherwise keep dividing the optimizer's updates for ~`1 / (1 - decay)` steps.
+
+    >>> v = [tf.constant([3.0, 1.0]), tf.constant([0.25])]
+    >>> [x.numpy().tolist() for x in capped_second_moments(v, "clipnorm", 1.0, 0.5, 1)]
+    [[0.375, 0.125], [0.25]]
+    >>> [x.numpy().tolist() for x in capped_second_moments(v, "global_clipnorm", 1.0, 0.5, 1)]
+    [[0.3529411852359772, 0.11764705926179886], [0.029411764815449715]]
+    >>> [x.numpy().tolist() for x in capped_second_moments(v, "clipvalue", 1.0, 0.5, 1)]
+    [[0.5, 0.5], [0.25]]
+    """
+    moments = [tf.cast(m, tf.float32) for m in moments]
+    threshold = tf.cast(threshold, tf.float32)
+    limit = tf.square(threshold) * (1.0 - tf.pow(tf.cast(decay, tf.float32), tf.cast(steps, tf.float32)))
+    if mode == "clipvalue":
+        return [tf.minimum(m, limit) for m in moments]
+    totals = tf.stack([tf.reduce_sum(m) for m in moments])
+    if mode == "global_clipnorm":
+        totals = tf.fill(tf.shape(totals), tf.reduce_sum(totals))
+    elif mode != "clipnorm":
+        raise ValueError(f"Unknown clipping mode: {mode!r}. Expected one of {MODES}.")
+    factors = tf.where(totals > limit, limit / tf.maximum(totals, 1e-30), 1.0)
+    return [m * factors[i] for i, m in enumerate(moments)]
+
+
 AUTO = AutoThreshold()
 
 

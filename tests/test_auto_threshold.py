@@ -102,8 +102,8 @@ def _data():
     return x, y
 
 
-def _fit(tmp_path, mode, optimizer=None, **monitor_args):
-    x, y = _data()
+def _fit(tmp_path, mode, optimizer=None, extra_callbacks=(), data=None, **monitor_args):
+    x, y = data or _data()
     model = keras.Sequential([keras.Input((8,)),
                               keras.layers.Dense(16, activation="tanh", use_bias=False, name="hidden"),
                               keras.layers.Dense(1, use_bias=False, name="out")])
@@ -111,7 +111,10 @@ def _fit(tmp_path, mode, optimizer=None, **monitor_args):
     snapshots = WeightsBeforeEachStep()
     monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip=mode, clip_threshold="auto",
                                         explosion_threshold=200.0, verbose=0, update_freq=5, **monitor_args)
-    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[snapshots, *extra_callbacks, monitor])
+    for callback in extra_callbacks:
+        callback.weights_before = snapshots.snapshots
     weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
     deltas = [[b - a for a, b in zip(w0, w1)] for w0, w1 in zip(weights, weights[1:])]
     return model, monitor, read_tags(str(tmp_path)), deltas
@@ -321,3 +324,48 @@ def test_the_momentum_is_zeroed_at_each_shrinking_step(tmp_path):
             assert update == pytest.approx(lr * clipped[step], rel=1e-4), step
         else:
             assert abs(update - lr * clipped[step]) > 1e-3 * lr * clipped[step], step
+
+
+class SecondMomentsBeforeEachStep(keras.callbacks.Callback):
+    """Adam's `v` slots before every step (zeros before the optimizer is built)."""
+
+    def on_train_begin(self, logs=None):
+        self.before = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        slots = getattr(self.model.optimizer, "_velocities", None)
+        self.before.append([v.numpy().copy() for v in slots] if slots else
+                           [np.zeros(v.shape, "float32") for v in self.model.trainable_variables])
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_adam_second_moments_are_brought_to_the_clipped_scale_at_the_switch(tmp_path, reset):
+    """Adam, a first batch of targets x8 (nothing to judge it against: applied unclipped) and a
+    batch of huge targets at step 8: at the switch its `v` slots, which hold step 1, are scaled so that their total is at most threshold^2 (1 - beta_2^7),
+    what clipping from the start would have let in; then Adam's own update adds the clipped
+    gradient. Computed here from the slots before the step and a tape's gradient."""
+    moments = SecondMomentsBeforeEachStep()
+    beta_2 = 0.999
+    x, y = _data()
+    y[:BATCH] *= 8.0
+    model, monitor, logged, _ = _fit(tmp_path, "global_clipnorm", keras.optimizers.Adam(0.01, beta_2=beta_2),
+                                     reset_momentum=reset, extra_callbacks=[moments], data=(x, y))
+    step = SPIKE_STEP
+    assert monitor.clipping_events[0]["step"] == step
+    t = logged["grad_norm/clip_threshold"][step]
+    weights = moments.weights_before[step - 1]
+    for variable, value in zip(model.trainable_variables, weights):
+        variable.assign(value)
+    with tf.GradientTape() as tape:
+        xb, yb = x[(step - 1) * BATCH:step * BATCH], y[(step - 1) * BATCH:step * BATCH]
+        loss = tf.reduce_mean(tf.square(model(xb) - yb))
+    grads = [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
+    clipped = [g * min(1.0, t / norm) for g in grads]
+    before, after = moments.before[step - 1], moments.before[step]
+    limit = t ** 2 * (1 - beta_2 ** (step - 1))
+    total = sum(np.sum(v) for v in before)
+    assert total > 10 * limit  # step 1, unclipped, dominates them
+    factor = min(1.0, limit / total) if reset else 1.0
+    for v0, v1, g in zip(before, after, clipped):
+        np.testing.assert_allclose(v1, beta_2 * factor * v0 + (1 - beta_2) * g ** 2, rtol=2e-4, atol=1e-12)

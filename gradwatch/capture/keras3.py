@@ -67,6 +67,7 @@ class KerasCapture:
         self.sparse_layers = frozenset()  # trace time: layers with `IndexedSlices` gradients
         self._skip_pred = None
         self._reset_pred = None  # trace time: zero the momentum at this step (reset_momentum)
+        self._cap = None  # trace time: (clip mode, threshold) of this step, for the second moments
         self._installed = {}
         self.latest_record = None  # the train function's last record output, if any
         self.last_stored = None  # trace time: the record tensor `_process` appended
@@ -231,6 +232,7 @@ class KerasCapture:
             if self._reset_pred is not None:  # here the slots can be written under any strategy
                 for slot in momentum_slots(self.optimizer):
                     distribution.extended.update(slot, _zero_if, args=(self._reset_pred,), group=False)
+                self._cap_second_moments(distribution, grads_and_vars)
             skip = self._skip_pred
             if skip is None:
                 return original(distribution, grads_and_vars, learning_rate)
@@ -241,6 +243,32 @@ class KerasCapture:
 
             return tf.cond(skip, lambda: tf.constant(False), apply)
         return distributed_update
+
+    def _cap_second_moments(self, distribution, grads_and_vars):
+        """Trace time: where the momentum is zeroed, the second-moment slots
+        are capped to the clipped scale (`clipping.capped_second_moments`)."""
+        slots, decay = second_moment_slots(self.optimizer)
+        if not slots or self._cap is None:
+            return
+        mode, threshold = self._cap
+        optimizer = self.optimizer
+        # The gradient's position of each optimizer variable (here the variables are
+        # the backend's, in `_current_variables` Keras'; the optimizer knows both).
+        index = {optimizer._get_variable_index(v): i
+                 for i, v in enumerate(getattr(self, "_current_variables", None) or [])}
+        pairs = []
+        for _, variable in grads_and_vars:
+            position = optimizer._get_variable_index(variable)
+            if position is None or position >= len(slots) or position not in index:
+                return  # not the variables this step was traced with: leave the slots as they are
+            pairs.append((slots[position], index[position]))
+        if threshold.shape.rank == 1:  # one threshold per variable (clipnorm)
+            threshold = tf.gather(threshold, [i for _, i in pairs])
+        capped = clipping.capped_second_moments([slot.value for slot, _ in pairs], mode, threshold,
+                                                decay, self.optimizer.iterations)
+        for (slot, _), value in zip(pairs, capped):
+            distribution.extended.update(slot, _assign_if, args=(tf.cast(value, slot.dtype), self._reset_pred),
+                                         group=False)
 
     def _on_overflow(self, original):
         def handle_non_finite():
@@ -331,6 +359,7 @@ class KerasCapture:
         # doubled again (the momentum is carrying the run away: `clipping.AutoThreshold`).
         self._reset_pred = (tf.logical_or(step_result.switching, step_result.shrinking)
                             if policy.reset_momentum else None)
+        self._cap = (policy.clip_mode, tf.cast(threshold, tf.float32)) if policy.clip_mode else None
         recorded = policy.recorded_threshold(step_result.clip_threshold)
         return new_grads, [global_norm, clipped_norm, step_result.threshold,
                            tf.where(step_result.clip_active, recorded, 0.0),
@@ -359,6 +388,25 @@ def momentum_slots(optimizer):
         if isinstance(slots, (list, tuple)) and slots:
             return [slot for slot in slots if slot is not None]
     return []
+
+
+def second_moment_slots(optimizer):
+    """`(slots, decay)`: the second-moment slots of a Keras optimizer that
+    keeps a decaying average of squared gradients (Adam, AdamW, Nadam, Lamb:
+    `_velocities` and `beta_2`; RMSprop: `_velocities` and `rho`), else `([], None)`."""
+    slots = getattr(optimizer, "_velocities", None)
+    decay = getattr(optimizer, "beta_2", getattr(optimizer, "rho", None))
+    if not isinstance(slots, (list, tuple)) or not slots or not isinstance(decay, (int, float)):
+        return [], None
+    return list(slots), float(decay)
+
+
+def _assign_if(slot, value, predicate):
+    """`slot = value` when `predicate` (a `tf.cond`)."""
+    def assign():
+        slot.assign(value)
+        return tf.constant(True)
+    return tf.cond(predicate, assign, lambda: tf.constant(False))
 
 
 def _zero_if(slot, predicate):
