@@ -187,3 +187,35 @@ def test_a_run_exploding_from_its_first_step_is_rescued_like_clipping_from_the_s
     assert not np.isfinite(plain) or plain > 1e6  # plain SGD diverges
     assert monitor.clipping_events[0]["step"] == 1  # norm >= 100 x clip threshold at step 1
     assert rescued <= 1.5 * from_start
+
+
+class SecondMomentTotals(keras.callbacks.Callback):
+    """The total of Adam's `v` slots after every step."""
+
+    def on_train_begin(self, logs=None):
+        self.totals = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.totals.append(float(sum(np.sum(v.numpy()) for v in self.model.optimizer._velocities)))
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_at_the_switch_adams_second_moments_hold_no_more_than_clipping_lets_in(tmp_path, mirrored):
+    """Adam, `global_clipnorm=0.5` switched on at the spike: after that step the total of the
+    `v` slots is at most 0.5^2 (1 - beta_2^k) after step k, the most clipping from step 1 lets
+    in (the unclipped steps before held more); under MirroredStrategy too."""
+    totals = SecondMomentTotals()
+    strategy = two_cpu_strategy() if mirrored else None
+    scope = strategy.scope() if strategy else _null()
+    x, y = spiked()
+    with scope:
+        model = mlp()
+        model.compile(optimizer=keras.optimizers.Adam(LR), loss="mse")
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, auto_clip="global_clipnorm", clip_threshold=0.5,
+                                        explosion_threshold=200.0)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[totals, monitor])
+    assert monitor.explosions[0].step == SPIKE_STEP
+    bound = [0.25 * (1 - 0.999 ** k) for k in range(1, len(totals.totals) + 1)]
+    assert totals.totals[SPIKE_STEP - 2] > 2 * bound[SPIKE_STEP - 2]  # before: more than clipping lets in
+    for k in range(SPIKE_STEP - 1, len(bound)):
+        assert totals.totals[k] <= bound[k] * (1 + 1e-5), k + 1

@@ -231,7 +231,8 @@ class KerasCapture:
         def distributed_update(distribution, grads_and_vars, learning_rate):
             if self._reset_pred is not None:  # here the slots can be written under any strategy
                 for slot in momentum_slots(self.optimizer):
-                    distribution.extended.update(slot, _zero_if, args=(self._reset_pred,), group=False)
+                    distribution.extended.update(_backend_variable(slot), _zero_if, args=(self._reset_pred,),
+                                                 group=False)
                 self._cap_second_moments(distribution, grads_and_vars)
             skip = self._skip_pred
             if skip is None:
@@ -264,11 +265,16 @@ class KerasCapture:
             pairs.append((slots[position], index[position]))
         if threshold.shape.rank == 1:  # one threshold per variable (clipnorm)
             threshold = tf.gather(threshold, [i for _, i in pairs])
-        capped = clipping.capped_second_moments([slot.value for slot, _ in pairs], mode, threshold,
-                                                decay, self.optimizer.iterations)
-        for (slot, _), value in zip(pairs, capped):
-            distribution.extended.update(slot, _assign_if, args=(tf.cast(value, slot.dtype), self._reset_pred),
-                                         group=False)
+
+        def cap():  # read and written only on the steps that reset (a healthy step pays the untaken branch)
+            capped = clipping.capped_second_moments([slot.value for slot, _ in pairs], mode, threshold,
+                                                    decay, optimizer.iterations)
+            for (slot, _), value in zip(pairs, capped):
+                distribution.extended.update(_backend_variable(slot), _assign, args=(tf.cast(value, slot.dtype),),
+                                             group=False)
+            return tf.constant(True)
+
+        tf.cond(self._reset_pred, cap, lambda: tf.constant(False))
 
     def _on_overflow(self, original):
         def handle_non_finite():
@@ -401,12 +407,15 @@ def second_moment_slots(optimizer):
     return list(slots), float(decay)
 
 
-def _assign_if(slot, value, predicate):
-    """`slot = value` when `predicate` (a `tf.cond`)."""
-    def assign():
-        slot.assign(value)
-        return tf.constant(True)
-    return tf.cond(predicate, assign, lambda: tf.constant(False))
+def _backend_variable(variable):
+    """The TensorFlow variable behind a Keras 3 variable (under a distribution
+    strategy, its distributed variable, which `extended.update` takes)."""
+    inner = getattr(variable, "_value", None)
+    return inner if isinstance(inner, tf.Variable) else variable
+
+
+def _assign(slot, value):
+    return slot.assign(value)
 
 
 def _zero_if(slot, predicate):
