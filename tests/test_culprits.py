@@ -273,15 +273,29 @@ def test_mixed_precision(tmp_path):
     assert gradwatch.find_culprits(explosion, x, y).tolist() == [70]
 
 
-def test_xla_is_a_documented_limitation(tmp_path, caplog):
-    x, y = _corrupted()
-    with caplog.at_level(logging.WARNING, logger="gradwatch"):
-        monitor = train(tmp_path, mlp(), x, y, compile_args={"jit_compile": True}, update_freq=1000)
-    explosion = next(e for e in monitor.explosions if e.step == 5)
-    assert explosion.culprits is None
-    with pytest.raises(gradwatch.BatchNotKeptError, match="XLA"):
-        explosion.batch()
-    assert sum("could not keep" in r.getMessage() for r in caplog.records) == 1  # logged once
+def test_xla_keeps_the_batch_also_a_partial_last_one(tmp_path):
+    x, y = data(120)  # batches of 16, the last of 8 (Keras traces the step with a batch size of None)
+    y[70] = 400.0  # step 5, index 6
+    y[115] = 400.0  # step 8 (the partial batch), index 3
+    model = mlp()
+    before = WeightsBeforeEachStep()
+    monitor = train(tmp_path, model, x, y, callbacks=[before], compile_args={"jit_compile": True},
+                    update_freq=1000, explosion_threshold=50.0)
+    assert model.jit_compile  # the user's setting is left as it was
+    keeper = monitor._last_run[0][0].keeper
+    assert keeper.xla and keeper.slots == 2  # the weights were copied inside the XLA-compiled step
+    for step, rows, index in ((5, slice(64, 80), 6), (8, slice(112, 120), 3)):
+        explosion = next(e for e in monitor.explosions if e.step == step)
+        bx, by, sw = explosion.batch()
+        np.testing.assert_array_equal(bx, x[rows])
+        np.testing.assert_array_equal(by, y[rows])
+        assert sw is None
+        expected = tape_per_sample(model, before.snapshots[step - 1], bx, by)
+        assert len(explosion.culprits) == len(bx)
+        for culprit in explosion.culprits:
+            assert culprit.loss == pytest.approx(expected[culprit.index][0], rel=1e-4)
+            assert culprit.grad_norm == pytest.approx(expected[culprit.index][1], rel=1e-4)
+        assert explosion.culprits[0].index == index
 
 
 def test_mirrored_strategy_is_a_documented_limitation(tmp_path):

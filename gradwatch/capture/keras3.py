@@ -115,12 +115,17 @@ class KerasCapture:
             model.make_train_function(force=True)
             return
         train_step = model.train_step
+        # Under XLA with culprits, the step compiled with XLA is run from a plain
+        # `tf.function` step that copies the batch after it (`gradwatch.culprits.keep`).
+        xla = self.keeper is not None and not distributed and _compiled_with_xla(model)
 
         def train_step_with_record(data):
             self.last_stored = None
             sinks = getattr(self, "data_sinks", None) or [self]
             for sink in sinks:  # every capture of the model (a GAN's optimizers), for `_keep_batch`
                 sink._current_data = data
+                if sink.keeper is not None:
+                    sink.keeper.batch_outside = xla
             try:
                 logs = train_step(data)
             finally:
@@ -130,14 +135,33 @@ class KerasCapture:
                 logs = {**logs, _RECORD_KEY: self._stored_record()}
             return logs
 
+        step_function = train_step_with_record
+        if xla:
+            compiled = tf.function(train_step_with_record, jit_compile=True, reduce_retracing=True)
+
+            def step_function(data):
+                compiled.get_concrete_function(data)  # traced first: the keepers' slots exist
+                keepers = [sink.keeper for sink in (getattr(self, "data_sinks", None) or [self])
+                           if sink.keeper is not None and sink.keeper.ready and sink.keeper.xla]
+                before = [keeper.count.read_value() for keeper in keepers]
+                logs = compiled(data)
+                for keeper, count in zip(keepers, before):
+                    keeper.store_batch(count, data)
+                return logs
+
         own = model.__dict__.get("train_step")  # a train_step set on the instance, if any
-        model.__dict__["train_step"] = train_step_with_record  # read once, by the next line
+        model.__dict__["train_step"] = step_function  # read once, by the next line
+        jit = model.__dict__.get("_jit_compile")
+        if xla:
+            model._jit_compile = False  # the step compiles its own part with XLA (above)
         try:
             model.make_train_function(force=True)
         finally:
             del model.__dict__["train_step"]
             if own is not None:
                 model.__dict__["train_step"] = own
+            if xla:
+                model._jit_compile = jit
         keras_function = model.train_function
         if not records:
             return
@@ -349,6 +373,14 @@ class KerasCapture:
         if ids == list(range(columns)):
             return None
         return tf.constant(ids, tf.int32)
+
+
+def _compiled_with_xla(model):
+    """Keras 3 compiles the model's train step with XLA (`jit_compile`, "auto" resolved)."""
+    try:
+        return bool(model.jit_compile) and not model.run_eagerly
+    except Exception:
+        return False
 
 
 def momentum_slots(optimizer):

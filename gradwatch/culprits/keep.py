@@ -25,10 +25,21 @@ batch is waiting, drains at once: the slots free up well before `update_freq`. U
 kept), which is why the monitor drains at steps 1, 2, 4, ... up to
 `update_freq` when it keeps batches.
 
+XLA (`jit_compile=True`): XLA cannot give a variable a value of another shape,
+and the batch's shapes are not known when the step is traced (Keras traces with
+a batch dimension of None for `tf.data` and for arrays with a partial last
+batch). So under XLA the keeper is split (`batch_outside`): inside the compiled
+step the weights' values go into flat buffers of a fixed size, one per dtype
+and slot, allocated up front (their size is known: `XLA_SLOTS` times the
+updated weights -- hence fewer slots under XLA), and `keep` returns the slot it
+filled (-1 when none); the capture runs the compiled step from a plain
+`tf.function` step, which then copies the batch it passed in into that slot's
+variables (`store_batch`, any shape), outside the compiled cluster.
+
 Limitations (the batch is then not kept; `Explosion.batch()` says why): a
 distribution strategy (the step sees one replica's share of the batch), XLA
-(`jit_compile=True`: XLA cannot assign a variable a new shape), input leaves
-that are not dense tensors (ragged, sparse).
+where the capture cannot run the compiled step itself (tf_keras, a custom
+training loop), input leaves that are not dense tensors (ragged, sparse).
 """
 
 import functools
@@ -39,6 +50,9 @@ import tensorflow as tf
 # Slots per drain interval: the first SLOTS exploding steps between two
 # drains are kept. Each slot adds a few ops to the untaken branch of every step.
 SLOTS = 4
+# Under XLA the weight buffers of every slot are allocated up front (a copy of
+# the updated weights per slot, on the device, for the whole fit): fewer slots.
+XLA_SLOTS = 2
 # The host's threshold times this is the in-step bound (well below: the
 # host's threshold moves between drains).
 BOUND_FACTOR = 0.5
@@ -77,7 +91,10 @@ class KeptBatch:
 
 
 class BatchKeeper:
-    """The device slots of one capture (created at the first trace)."""
+    """The device slots of one capture (created at the first trace).
+
+    `batch_outside`: set by the capture before the trace when it runs an
+    XLA-compiled step itself and copies the batch after it (`store_batch`)."""
 
     def __init__(self, slots=SLOTS, bound=float("inf")):
         self.slots = slots
@@ -86,17 +103,23 @@ class BatchKeeper:
         self.reason = None  # why nothing can be kept, once known
         self._bound_set = float(bound)
         self._structure = None
+        self.batch_outside = False
+        self.xla = False  # the slots were made for an XLA-compiled step
 
     # -- trace time -------------------------------------------------------------
     def keep(self, exploded, step, data, variables):
         """In-graph: keeps `data` and `variables`' values in the next free slot when
-        `exploded` (a boolean tensor, or a function of this keeper giving it). Raises `NotKept` (at trace time) when this step cannot keep."""
+        `exploded` (a boolean tensor, or a function of this keeper giving it).
+        Raises `NotKept` (at trace time) when this step cannot keep. Under XLA
+        (`batch_outside`) only the weights are copied here; the caller copies
+        the batch (`store_batch`)."""
         if data is None:
             raise NotKept("the train step's batch was not seen (a custom training loop)")
-        if _is_xla_context():
-            raise NotKept("the step is compiled with XLA (jit_compile=True), which cannot copy a "
-                          "batch into a variable of another shape; compile with jit_compile=False "
-                          "to keep exploding batches")
+        xla = _is_xla_context()
+        if xla and not self.batch_outside:
+            raise NotKept("the step is compiled with XLA (jit_compile=True) by code gradwatch does not "
+                          "run (tf_keras, a custom training loop): XLA cannot copy a batch into a variable "
+                          "of another shape; compile with jit_compile=False to keep exploding batches")
         leaves = [leaf for leaf in tf.nest.flatten(data) if leaf is not None]
         for leaf in leaves:
             if not isinstance(leaf, tf.Tensor):
@@ -104,25 +127,50 @@ class BatchKeeper:
         structure = _structure_of(data)
         variables = list(variables)
         if not self.ready:
-            self._create(leaves, variables, data)
+            self._create(leaves, variables, data, xla)
         elif structure != self._structure or len(variables) != len(self._variables) or any(
-                a is not b for a, b in zip(variables, self._variables)):
+                a is not b for a, b in zip(variables, self._variables)) or xla != self.xla:
             raise NotKept("the train step was traced again with another batch structure or other weights")
         if callable(exploded):
             exploded = exploded(self)
         count = self.count.read_value()
         keep = tf.logical_and(exploded, count < self.slots)
+        stored_leaves = None if xla else leaves
 
         def store():
-            branches = [functools.partial(self._store, s, step, leaves, variables)
+            branches = [functools.partial(self._store, s, step, stored_leaves, variables)
                         for s in range(self.slots)]
             if len(branches) == 1:
                 return branches[0]()
             return tf.switch_case(tf.minimum(count, self.slots - 1), branches)
 
-        return tf.cond(keep, store, lambda: tf.constant(False))
+        return tf.cond(keep, store, lambda: tf.constant(-1, tf.int32))
 
-    def _create(self, leaves, variables, data):
+    def store_batch(self, count_before, data):
+        """In-graph, outside XLA, after the compiled step: copies `data` (the batch
+        the step received) into the slot the step filled, if it filled one (the
+        slot count, read before the step as `count_before`, went up)."""
+        leaves = [leaf for leaf in tf.nest.flatten(data) if leaf is not None]
+        count = self.count.read_value()
+        slot = tf.where(count > count_before, count - 1, -1)
+
+        def store():
+            def into(s):
+                def assign():
+                    for var, leaf in zip(self._leaf_vars[s], leaves):
+                        var.assign(leaf)
+                    return tf.constant(True)
+                return assign
+            if self.slots == 1:
+                return into(0)()
+            return tf.switch_case(tf.clip_by_value(slot, 0, self.slots - 1), [into(s) for s in range(self.slots)])
+
+        return tf.cond(slot >= 0, store, lambda: tf.constant(False))
+
+    def _create(self, leaves, variables, data, xla=False):
+        self.xla = xla
+        if xla:
+            self.slots = min(self.slots, XLA_SLOTS)
         with tf.init_scope():
             def empty(dtype):
                 return tf.Variable(tf.zeros([0], dtype), shape=tf.TensorShape(None), trainable=False)
@@ -130,25 +178,32 @@ class BatchKeeper:
             self._leaf_vars = [[empty(leaf.dtype) for leaf in leaves] for _ in range(self.slots)]
             # The weights, flattened and concatenated per dtype: one variable per dtype and
             # slot (each variable the untaken branch holds costs a little at every step).
+            # Under XLA, of their fixed size from the start (XLA keeps a variable's shape).
             self._dtypes = sorted({_dtype(v) for v in variables}, key=lambda d: d.name)
-            self._weight_vars = [[empty(d) for d in self._dtypes] for _ in range(self.slots)]
+            sizes = {d: sum(_size(v) for v in variables if _dtype(v) == d) for d in self._dtypes}
+
+            def weights(dtype):
+                if not xla:
+                    return empty(dtype)
+                return tf.Variable(tf.zeros([sizes[dtype]], dtype), trainable=False)
+
+            self._weight_vars = [[weights(d) for d in self._dtypes] for _ in range(self.slots)]
             self.steps = tf.Variable(tf.zeros([self.slots], tf.int64), trainable=False)
             self.count = tf.Variable(0, dtype=tf.int32, trainable=False)
             self.bound = tf.Variable(self._initial_bound, dtype=tf.float32, trainable=False)
         self._structure = _structure_of(data)
-        self._template = data_template = tf.nest.map_structure(lambda t: t is not None, data)
-        del data_template
+        self._template = tf.nest.map_structure(lambda t: t is not None, data)
         self._variables = variables
         self.ready = True
 
     def _store(self, slot, step, leaves, variables):
-        for var, leaf in zip(self._leaf_vars[slot], leaves):
+        for var, leaf in zip(self._leaf_vars[slot], leaves or []):
             var.assign(leaf)
         for var, dtype in zip(self._weight_vars[slot], self._dtypes):
             var.assign(tf.concat([tf.reshape(_value_of(w), [-1]) for w in variables if _dtype(w) == dtype], 0))
         self.steps.scatter_nd_update([[slot]], tf.reshape(tf.cast(step, tf.int64), [1]))
         self.count.assign_add(1)
-        return tf.constant(True)
+        return tf.constant(slot, tf.int32)
 
     def explodes(self, global_norm):
         """In-graph, when the host detects: this step may explode (see the module):
@@ -192,7 +247,7 @@ class BatchKeeper:
             weights = self._unflatten([v.numpy() for v in self._weight_vars[slot]])
             data = _pack(self._template, leaves)
             kept.append(KeptBatch(int(steps[slot]), data, weights, self._variables))
-            for var in self._leaf_vars[slot] + self._weight_vars[slot]:
+            for var in self._leaf_vars[slot] + ([] if self.xla else self._weight_vars[slot]):
                 var.assign(tf.zeros([0], var.dtype))
         self.count.assign(0)
         return kept
@@ -200,6 +255,10 @@ class BatchKeeper:
 
 def _dtype(variable):
     return tf.as_dtype(variable.dtype)  # Keras 3 variables give a string
+
+
+def _size(variable):
+    return int(np.prod([int(d) for d in variable.shape]))
 
 
 def _structure_of(data):
