@@ -358,6 +358,8 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             return None
         from gradwatch.culprits.keep import BatchKeeper
 
+        if policy.decides_in_graph:  # the step's own verdict, and a norm over the worst kept (book.floor)
+            return BatchKeeper(bound=0.0)
         fixed = policy.explosion_threshold
         return BatchKeeper(bound=float("inf") if fixed is None else float(fixed))
 

@@ -258,8 +258,10 @@ class Recorder:
             steps, rows, self.layer_paths, epoch, self.monitor.top_layers, optimizer=self.capture.name)
         if self._book is not None and explosions:
             book = self._book
+            keeper = self.capture.keeper
             explosions = self._guard(
-                "rank", lambda: book.attach(explosions, kept, self.capture.keep_failure), explosions)
+                "rank", lambda: book.attach(explosions, kept, self.capture.keep_failure, keeper.slots), explosions)
+            self._guard("keep", lambda: keeper.set_floor(book.floor()))
             for key, text in book.failures:
                 self._warn_once(key, text)
             book.failures.clear()

@@ -393,23 +393,48 @@ def test_ranking_doctests():
     assert doctest.testmod(find, raise_on_error=False).failed == 0
 
 
-def test_held_arrays_are_bounded_first_and_worst():
+def test_a_storm_keeps_the_first_few_and_the_worst_few(tmp_path):
     from gradwatch.culprits import book
 
-    dropped = []
-    keeper = book.CulpritBook(None, on_dropped=dropped.append)
-    keeper.small_bytes = book.HELD_BYTES  # the small batches' budget used up
+    x, y = data(640)  # 40 steps of 16, every one an explosion (threshold 1e-6)
+    corrupted = {20: (19 * 16 + 3, 300.0), 30: (29 * 16 + 5, 600.0), 37: (36 * 16 + 7, 1000.0)}
+    for row, value in corrupted.values():
+        y[row] = value
+    monitor = train(tmp_path, mlp(), x, y, lr=0.001, update_freq=1000, explosion_threshold=1e-6)
+    assert [e.step for e in monitor.explosions] == list(range(1, 41))
+    held = [e.step for e in monitor.explosions if e.culprits is not None and _held(e)]
+    assert len(held) == book.FIRST_KEPT + book.WORST_KEPT
+    assert held[:book.FIRST_KEPT] == list(range(1, book.FIRST_KEPT + 1))
+    later = [e for e in monitor.explosions if e.step in held[book.FIRST_KEPT:]]
+    assert {20, 30, 37} <= {e.step for e in later}  # the worst later ones (largest global norm)
+    for step, (row, _) in corrupted.items():
+        explosion = monitor.explosions[step - 1]
+        assert explosion.culprits[0].index == row % 16
+    others = [e for e in monitor.explosions if e.step not in held]
+    ranked_then_dropped = [e for e in others if e.culprits is not None]
+    assert len(ranked_then_dropped) <= 10  # of 32 later steps: ranked only when worse than the worst few then
+    for explosion in others:
+        with pytest.raises(gradwatch.BatchNotKeptError):
+            explosion.batch()
+    # Non-finite counts as worst; among equals the earlier stays.
+    keeper = book.CulpritBook(None)
     records = [ranking.KeptRecord(data=i) for i in range(book.FIRST_KEPT + book.WORST_KEPT + 3)]
     norms = list(range(len(records)))
-    norms[book.FIRST_KEPT] = float("nan")  # NaN is the worst
+    norms[book.FIRST_KEPT] = norms[book.FIRST_KEPT + 1] = float("nan")
     for record, norm in zip(records, norms):
-        keeper._hold(record, norm)
-    held = [r.data for r in records if r.data is not None]
-    later = list(range(book.FIRST_KEPT, len(records)))
-    worst = [book.FIRST_KEPT] + later[-(book.WORST_KEPT - 1):]
-    assert held == list(range(book.FIRST_KEPT)) + worst
-    assert all("dropped" in r.reason for r in records if r.data is None)
-    assert len(dropped) == len(records) - book.FIRST_KEPT - book.WORST_KEPT
+        if keeper.admits(norm):
+            keeper._hold(record, norm)
+    kept = [r.data for r in records if r.data is not None]
+    assert kept == list(range(book.FIRST_KEPT)) + [8, 9] + kept[-2:] and kept[-2:] == [13, 14]
+    assert keeper.floor() == 13.0
+
+
+def _held(explosion):
+    try:
+        explosion.batch()
+        return True
+    except gradwatch.BatchNotKeptError:
+        return False
 
 
 def test_report_reads_hand_made_culprits(tmp_path, capsys):
@@ -433,14 +458,3 @@ def test_report_reads_hand_made_culprits(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "step 2 culprits: #4 (loss -, grad norm -, share -)" in text
     assert "\x1b" not in text
-
-
-def test_small_batches_are_all_held():
-    from gradwatch.culprits import book
-
-    keeper = book.CulpritBook(None)
-    records = [ranking.KeptRecord(data=(np.zeros([32, 8], np.float32), np.zeros([32, 1], np.float32)))
-               for _ in range(40)]
-    for i, record in enumerate(records):
-        keeper._hold(record, float(i))
-    assert all(r.data is not None for r in records)

@@ -316,7 +316,8 @@ class KerasCapture:
                 raise NotKept("under a distribution strategy (each replica sees its share of the "
                               "batch) batches are not kept")
             if self.policy.decides_in_graph and self._exploded_pred is not None:
-                exploded = self._exploded_pred
+                verdict = self._exploded_pred
+                exploded = lambda keeper: tf.logical_and(verdict, keeper.explodes(global_norm))  # noqa: E731
             else:
                 exploded = lambda keeper: keeper.explodes(global_norm)  # noqa: E731
             self.keeper.keep(exploded, self.optimizer.iterations + 1, self._current_data,

@@ -15,7 +15,9 @@ variable the branch reads or writes is visited at every step), which is why
 flattened, one variable per dtype and slot.
 
 Which steps are kept: where detection runs in the step (`auto_clip`,
-`skip_nonfinite`), exactly the exploding ones. Where the host detects (monitor
+`skip_nonfinite`), exactly the exploding ones (whose norm reaches `bound`: 0
+until the first few and worst few are kept, then the least bad of the worst
+few, `set_floor`). Where the host detects (monitor
 only, the default), the step keeps a batch when its gradient is not finite or
 its global norm reaches `bound`, a variable the host sets at each drain to
 `BOUND_FACTOR` times the adaptive threshold its detector will apply next (or
@@ -98,10 +100,11 @@ class BatchKeeper:
 
     def __init__(self, slots=SLOTS, bound=float("inf")):
         self.slots = slots
-        self._initial_bound = float(bound)
         self.ready = False
         self.reason = None  # why nothing can be kept, once known
         self._bound_set = float(bound)
+        self._host_bound = float(bound)  # from the host's threshold (`set_bound`)
+        self._floor = 0.0  # from the worst few kept so far (`set_floor`)
         self._structure = None
         self.batch_outside = False
         self.xla = False  # the slots were made for an XLA-compiled step
@@ -190,7 +193,8 @@ class BatchKeeper:
             self._weight_vars = [[weights(d) for d in self._dtypes] for _ in range(self.slots)]
             self.steps = tf.Variable(tf.zeros([self.slots], tf.int64), trainable=False)
             self.count = tf.Variable(0, dtype=tf.int32, trainable=False)
-            self.bound = tf.Variable(self._initial_bound, dtype=tf.float32, trainable=False)
+            self._bound_set = max(self._host_bound, self._floor)
+            self.bound = tf.Variable(self._bound_set, dtype=tf.float32, trainable=False)
         self._structure = _structure_of(data)
         self._template = tf.nest.map_structure(lambda t: t is not None, data)
         self._variables = variables
@@ -228,7 +232,18 @@ class BatchKeeper:
         return weights
 
     def set_bound(self, value):
-        value = float(value)
+        """Host: the bound from the host detector's threshold (see the module)."""
+        self._host_bound = float(value)
+        self._apply_bound()
+
+    def set_floor(self, value):
+        """Host: the norm a step must reach to be worth keeping once the first few
+        and the worst few are kept (`gradwatch.culprits.book`); 0 until then."""
+        self._floor = float(value)
+        self._apply_bound()
+
+    def _apply_bound(self):
+        value = max(self._host_bound, self._floor)
         if self.ready and value != self._bound_set:
             self.bound.assign(value)
             self._bound_set = value
