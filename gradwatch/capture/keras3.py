@@ -143,10 +143,9 @@ class KerasCapture:
                 compiled.get_concrete_function(data)  # traced first: the keepers' slots exist
                 keepers = [sink.keeper for sink in (getattr(self, "data_sinks", None) or [self])
                            if sink.keeper is not None and sink.keeper.ready and sink.keeper.xla]
-                before = [keeper.count.read_value() for keeper in keepers]
                 logs = compiled(data)
-                for keeper, count in zip(keepers, before):
-                    keeper.store_batch(count, data)
+                for keeper in keepers:
+                    keeper.store_batch(data)
                 return logs
 
         own = model.__dict__.get("train_step")  # a train_step set on the instance, if any
