@@ -352,12 +352,13 @@ def test_custom_train_step_gan_keeps_the_batch(tmp_path):
     assert "no compiled loss" in explosion.culprits_note
 
 
-def test_tf_keras(tmp_path):
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_tf_keras(tmp_path, jit_compile):
     tf_keras = pytest.importorskip("tf_keras")
     x, y = _corrupted()
     model = tf_keras.Sequential([tf_keras.Input((8,)), tf_keras.layers.Dense(8, activation="tanh"),
                                  tf_keras.layers.Dense(1)])
-    model.compile(tf_keras.optimizers.SGD(0.01), "mse")
+    model.compile(tf_keras.optimizers.SGD(0.01), "mse", jit_compile=jit_compile)
     before = WeightsBeforeEachStep.__new__(WeightsBeforeEachStep)
     snapshots = []
 
@@ -368,6 +369,7 @@ def test_tf_keras(tmp_path):
     monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, update_freq=1000, culprits="rank")
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Before(), monitor])
     del before
+    assert monitor._last_run[0][0].keeper.xla is jit_compile and model.jit_compile is jit_compile
     explosion = next(e for e in monitor.explosions if e.step == 5)
     assert explosion.culprits[0].index == 6
     bx, by, _ = explosion.batch()

@@ -124,8 +124,6 @@ class KerasCapture:
             sinks = getattr(self, "data_sinks", None) or [self]
             for sink in sinks:  # every capture of the model (a GAN's optimizers), for `_keep_batch`
                 sink._current_data = data
-                if sink.keeper is not None:
-                    sink.keeper.batch_outside = xla
             try:
                 logs = train_step(data)
             finally:
@@ -135,19 +133,7 @@ class KerasCapture:
                 logs = {**logs, _RECORD_KEY: self._stored_record()}
             return logs
 
-        step_function = train_step_with_record
-        if xla:
-            compiled = tf.function(train_step_with_record, jit_compile=True, reduce_retracing=True)
-
-            def step_function(data):
-                compiled.get_concrete_function(data)  # traced first: the keepers' slots exist
-                keepers = [sink.keeper for sink in (getattr(self, "data_sinks", None) or [self])
-                           if sink.keeper is not None and sink.keeper.ready and sink.keeper.xla]
-                logs = compiled(data)
-                for keeper in keepers:
-                    keeper.store_batch(data)
-                return logs
-
+        step_function = run_compiled_step(self, train_step_with_record) if xla else train_step_with_record
         own = model.__dict__.get("train_step")  # a train_step set on the instance, if any
         model.__dict__["train_step"] = step_function  # read once, by the next line
         jit = model.__dict__.get("_jit_compile")
@@ -381,6 +367,28 @@ def _compiled_with_xla(model):
         return bool(model.jit_compile) and not model.run_eagerly
     except Exception:
         return False
+
+
+def run_compiled_step(capture, step):
+    """With culprits under XLA: `step` compiled with XLA, run from a plain step
+    that then queues the batch it passed in with the weights the compiled step
+    copied, if it exploded (`gradwatch.culprits.keep`: XLA cannot hold a batch
+    whose shape is unknown at trace time). The model's own step must then be
+    built without XLA (the caller's business)."""
+    sinks = getattr(capture, "data_sinks", None) or [capture]
+    for sink in sinks:
+        if sink.keeper is not None:
+            sink.keeper.batch_outside = True
+    compiled = tf.function(step, jit_compile=True, reduce_retracing=True)
+
+    def step_function(data):
+        compiled.get_concrete_function(data)  # traced first: the keepers' queues exist
+        keepers = [sink.keeper for sink in sinks if sink.keeper is not None and sink.keeper.ready and sink.keeper.xla]
+        logs = compiled(data)
+        for keeper in keepers:
+            keeper.store_batch(data)
+        return logs
+    return step_function
 
 
 def momentum_slots(optimizer):

@@ -44,8 +44,8 @@ outside the compiled cluster.
 
 Limitations (the batch is then not kept; `Explosion.batch()` says why): a
 distribution strategy (the step sees one replica's share of the batch), XLA
-where the capture cannot run the compiled step itself (tf_keras, a custom
-training loop), input leaves that are not dense tensors (ragged, sparse).
+where the capture does not run the compiled step itself (a custom training
+loop), input leaves that are not dense tensors (ragged, sparse).
 """
 
 import numpy as np
@@ -119,7 +119,7 @@ class BatchKeeper:
         xla = _is_xla_context()
         if xla and not self.batch_outside:
             raise NotKept("the step is compiled with XLA (jit_compile=True) by code gradwatch does not "
-                          "run (tf_keras, a custom training loop): XLA cannot copy a batch into a variable "
+                          "run (a custom training loop): XLA cannot copy a batch into a variable "
                           "of another shape; compile with jit_compile=False to keep exploding batches")
         leaves = [leaf for leaf in tf.nest.flatten(data) if leaf is not None]
         for leaf in leaves:
