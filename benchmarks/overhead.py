@@ -405,7 +405,8 @@ def report(results):
          "first-epoch extra wall s, plain", "first-epoch extra wall s, gradwatch defaults"],
         [[r["key"], r["steps"], r["rows"]["plain"]["rounds"], f"{r['wall']:.0f}",
           f"{r['rows']['plain']['trace_s']:.1f}",
-          f"{r['rows']['gradwatch defaults (update_freq=100)']['trace_s']:.1f}"] for r in results]))
+          f"{r['rows'].get('gradwatch defaults (update_freq=100)', {}).get('trace_s', float('nan')):.1f}"]
+         for r in results]))
     timing_rows = []
     for res in results:
         for name, row in res["rows"].items():
