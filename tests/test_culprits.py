@@ -298,18 +298,22 @@ def test_xla_keeps_the_batch_also_a_partial_last_one(tmp_path):
         assert explosion.culprits[0].index == index
 
 
-def test_mirrored_strategy_is_a_documented_limitation(tmp_path):
+def test_mirrored_strategy_is_a_documented_limitation(tmp_path, caplog):
     from helpers import two_cpu_strategy
 
     strategy = two_cpu_strategy()
     x, y = _corrupted()
-    with strategy.scope():
+    y[100] = 400.0  # step 7 explodes too: the failure to keep is still logged once
+    with strategy.scope(), caplog.at_level(logging.WARNING, logger="gradwatch"):
         model = mlp()
-        monitor = train(tmp_path, model, x, y, update_freq=1000)
+        monitor = train(tmp_path, model, x, y, update_freq=1000, explosion_threshold=50.0)
     explosion = next(e for e in monitor.explosions if e.step == 5)
     assert explosion.culprits is None
     with pytest.raises(gradwatch.BatchNotKeptError, match="distribution strategy"):
         explosion.batch()
+    assert len(monitor.explosions) > 1
+    assert sum("could not keep" in r.getMessage() for r in caplog.records) == 1
+    assert monitor.model.history.history["loss"]  # training went on
 
 
 class TinyGAN(keras.Model):

@@ -188,8 +188,8 @@ class BatchKeeper:
         self.ready = True
 
     def explodes(self, global_norm):
-        """In-graph, when the host detects: this step may explode (see the module):
-        its norm reaches the bound, or is NaN/Inf. (Not `not norm < bound`:
+        """In-graph: this step may explode, or (with the step's own verdict) is
+        worth keeping (see the module): its norm reaches the bound, or is NaN/Inf. (Not `not norm < bound`:
         Grappler rewrites it to `norm >= bound`, false for NaN.)"""
         return tf.logical_or(tf.logical_not(tf.math.is_finite(global_norm)),
                              global_norm >= self.bound.read_value())
