@@ -464,3 +464,21 @@ def test_report_reads_hand_made_culprits(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "step 2 culprits: #4 (loss -, grad norm -, share -)" in text
     assert "\x1b" not in text
+
+
+def test_batches_above_the_size_bound_keep_no_arrays_file(tmp_path, monkeypatch):
+    import os
+
+    from gradwatch.culprits import store
+
+    x = np.arange(64, dtype=np.float32).reshape(8, 8)
+    data = ({"a": x, "b": x[:, :2]}, x[:, :1], None)
+    path = store.write_batch(str(tmp_path), 3, data)
+    bx, by, sw = store.load_batch(path)
+    np.testing.assert_array_equal(bx["b"], x[:, :2])
+    np.testing.assert_array_equal(by, x[:, :1])
+    assert sw is None
+    monkeypatch.setattr(store, "ARRAYS_MAX_BYTES", x.nbytes)  # this batch is now above the bound
+    assert store.write_batch(str(tmp_path), 4, data) is None
+    assert not os.path.exists(os.path.join(tmp_path, store.FOLDER, "step-4.npz"))
+    assert store.previews(data, [ranking.Culprit(2, 1.0, 1.0, 1.0)])[2]["target"] == [16.0]  # the preview stays
