@@ -258,8 +258,10 @@ class Recorder:
             steps, rows, self.layer_paths, epoch, self.monitor.top_layers, optimizer=self.capture.name)
         if self._book is not None and explosions:
             book = self._book
+            keeper = self.capture.keeper
             explosions = self._guard(
-                "rank", lambda: book.attach(explosions, kept, self.capture.keep_failure), explosions)
+                "rank", lambda: book.attach(explosions, kept, self.capture.keep_failure, keeper.slots), explosions)
+            self._guard("keep", lambda: keeper.set_floor(book.floor()))
             for key, text in book.failures:
                 self._warn_once(key, text)
             book.failures.clear()
@@ -309,7 +311,7 @@ class Recorder:
         keeper = getattr(self.capture, "keeper", None)
         if keeper is None or not keeper.ready or self.closed:
             return False
-        return bool(self._guard("keep", lambda: int(keeper.count.numpy()) > 0, False))
+        return bool(self._guard("keep", lambda: keeper.waiting() > 0, False))
 
     def _store_batch(self, record, step):
         """`culprits=True`: previews in the event record, the arrays in the run folder."""

@@ -273,29 +273,47 @@ def test_mixed_precision(tmp_path):
     assert gradwatch.find_culprits(explosion, x, y).tolist() == [70]
 
 
-def test_xla_is_a_documented_limitation(tmp_path, caplog):
-    x, y = _corrupted()
-    with caplog.at_level(logging.WARNING, logger="gradwatch"):
-        monitor = train(tmp_path, mlp(), x, y, compile_args={"jit_compile": True}, update_freq=1000)
-    explosion = next(e for e in monitor.explosions if e.step == 5)
-    assert explosion.culprits is None
-    with pytest.raises(gradwatch.BatchNotKeptError, match="XLA"):
-        explosion.batch()
-    assert sum("could not keep" in r.getMessage() for r in caplog.records) == 1  # logged once
+def test_xla_keeps_the_batch_also_a_partial_last_one(tmp_path):
+    x, y = data(120)  # batches of 16, the last of 8 (Keras traces the step with a batch size of None)
+    y[70] = 400.0  # step 5, index 6
+    y[115] = 400.0  # step 8 (the partial batch), index 3
+    model = mlp()
+    before = WeightsBeforeEachStep()
+    monitor = train(tmp_path, model, x, y, callbacks=[before], compile_args={"jit_compile": True},
+                    update_freq=1000, explosion_threshold=50.0)
+    assert model.jit_compile  # the user's setting is left as it was
+    keeper = monitor._last_run[0][0].keeper
+    assert keeper.xla  # the weights were copied inside the XLA-compiled step
+    for step, rows, index in ((5, slice(64, 80), 6), (8, slice(112, 120), 3)):
+        explosion = next(e for e in monitor.explosions if e.step == step)
+        bx, by, sw = explosion.batch()
+        np.testing.assert_array_equal(bx, x[rows])
+        np.testing.assert_array_equal(by, y[rows])
+        assert sw is None
+        expected = tape_per_sample(model, before.snapshots[step - 1], bx, by)
+        assert len(explosion.culprits) == len(bx)
+        for culprit in explosion.culprits:
+            assert culprit.loss == pytest.approx(expected[culprit.index][0], rel=1e-4)
+            assert culprit.grad_norm == pytest.approx(expected[culprit.index][1], rel=1e-4)
+        assert explosion.culprits[0].index == index
 
 
-def test_mirrored_strategy_is_a_documented_limitation(tmp_path):
+def test_mirrored_strategy_is_a_documented_limitation(tmp_path, caplog):
     from helpers import two_cpu_strategy
 
     strategy = two_cpu_strategy()
     x, y = _corrupted()
-    with strategy.scope():
+    y[100] = 400.0  # step 7 explodes too: the failure to keep is still logged once
+    with strategy.scope(), caplog.at_level(logging.WARNING, logger="gradwatch"):
         model = mlp()
-        monitor = train(tmp_path, model, x, y, update_freq=1000)
+        monitor = train(tmp_path, model, x, y, update_freq=1000, explosion_threshold=50.0)
     explosion = next(e for e in monitor.explosions if e.step == 5)
     assert explosion.culprits is None
     with pytest.raises(gradwatch.BatchNotKeptError, match="distribution strategy"):
         explosion.batch()
+    assert len(monitor.explosions) > 1
+    assert sum("could not keep" in r.getMessage() for r in caplog.records) == 1
+    assert monitor.model.history.history["loss"]  # training went on
 
 
 class TinyGAN(keras.Model):
@@ -338,12 +356,13 @@ def test_custom_train_step_gan_keeps_the_batch(tmp_path):
     assert "no compiled loss" in explosion.culprits_note
 
 
-def test_tf_keras(tmp_path):
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_tf_keras(tmp_path, jit_compile):
     tf_keras = pytest.importorskip("tf_keras")
     x, y = _corrupted()
     model = tf_keras.Sequential([tf_keras.Input((8,)), tf_keras.layers.Dense(8, activation="tanh"),
                                  tf_keras.layers.Dense(1)])
-    model.compile(tf_keras.optimizers.SGD(0.01), "mse")
+    model.compile(tf_keras.optimizers.SGD(0.01), "mse", jit_compile=jit_compile)
     before = WeightsBeforeEachStep.__new__(WeightsBeforeEachStep)
     snapshots = []
 
@@ -354,6 +373,7 @@ def test_tf_keras(tmp_path):
     monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, update_freq=1000, culprits="rank")
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Before(), monitor])
     del before
+    assert monitor._last_run[0][0].keeper.xla is jit_compile and model.jit_compile is jit_compile
     explosion = next(e for e in monitor.explosions if e.step == 5)
     assert explosion.culprits[0].index == 6
     bx, by, _ = explosion.batch()
@@ -379,23 +399,48 @@ def test_ranking_doctests():
     assert doctest.testmod(find, raise_on_error=False).failed == 0
 
 
-def test_held_arrays_are_bounded_first_and_worst():
+def test_a_storm_keeps_the_first_few_and_the_worst_few(tmp_path):
     from gradwatch.culprits import book
 
-    dropped = []
-    keeper = book.CulpritBook(None, on_dropped=dropped.append)
-    keeper.small_bytes = book.HELD_BYTES  # the small batches' budget used up
+    x, y = data(640)  # 40 steps of 16, every one an explosion (threshold 1e-6)
+    corrupted = {20: (19 * 16 + 3, 300.0), 30: (29 * 16 + 5, 600.0), 37: (36 * 16 + 7, 1000.0)}
+    for row, value in corrupted.values():
+        y[row] = value
+    monitor = train(tmp_path, mlp(), x, y, lr=0.001, update_freq=1000, explosion_threshold=1e-6)
+    assert [e.step for e in monitor.explosions] == list(range(1, 41))
+    held = [e.step for e in monitor.explosions if e.culprits is not None and _held(e)]
+    assert len(held) == book.FIRST_KEPT + book.WORST_KEPT
+    assert held[:book.FIRST_KEPT] == list(range(1, book.FIRST_KEPT + 1))
+    later = [e for e in monitor.explosions if e.step in held[book.FIRST_KEPT:]]
+    assert {20, 30, 37} <= {e.step for e in later}  # the worst later ones (largest global norm)
+    for step, (row, _) in corrupted.items():
+        explosion = monitor.explosions[step - 1]
+        assert explosion.culprits[0].index == row % 16
+    others = [e for e in monitor.explosions if e.step not in held]
+    ranked_then_dropped = [e for e in others if e.culprits is not None]
+    assert len(ranked_then_dropped) <= 10  # of 32 later steps: ranked only when worse than the worst few then
+    for explosion in others:
+        with pytest.raises(gradwatch.BatchNotKeptError):
+            explosion.batch()
+    # Non-finite counts as worst; among equals the earlier stays.
+    keeper = book.CulpritBook(None)
     records = [ranking.KeptRecord(data=i) for i in range(book.FIRST_KEPT + book.WORST_KEPT + 3)]
     norms = list(range(len(records)))
-    norms[book.FIRST_KEPT] = float("nan")  # NaN is the worst
+    norms[book.FIRST_KEPT] = norms[book.FIRST_KEPT + 1] = float("nan")
     for record, norm in zip(records, norms):
-        keeper._hold(record, norm)
-    held = [r.data for r in records if r.data is not None]
-    later = list(range(book.FIRST_KEPT, len(records)))
-    worst = [book.FIRST_KEPT] + later[-(book.WORST_KEPT - 1):]
-    assert held == list(range(book.FIRST_KEPT)) + worst
-    assert all("dropped" in r.reason for r in records if r.data is None)
-    assert len(dropped) == len(records) - book.FIRST_KEPT - book.WORST_KEPT
+        if keeper.admits(norm):
+            keeper._hold(record, norm)
+    kept = [r.data for r in records if r.data is not None]
+    assert kept == list(range(book.FIRST_KEPT)) + [8, 9] + kept[-2:] and kept[-2:] == [13, 14]
+    assert keeper.floor() == 13.0
+
+
+def _held(explosion):
+    try:
+        explosion.batch()
+        return True
+    except gradwatch.BatchNotKeptError:
+        return False
 
 
 def test_report_reads_hand_made_culprits(tmp_path, capsys):
@@ -421,12 +466,19 @@ def test_report_reads_hand_made_culprits(tmp_path, capsys):
     assert "\x1b" not in text
 
 
-def test_small_batches_are_all_held():
-    from gradwatch.culprits import book
+def test_batches_above_the_size_bound_keep_no_arrays_file(tmp_path, monkeypatch):
+    import os
 
-    keeper = book.CulpritBook(None)
-    records = [ranking.KeptRecord(data=(np.zeros([32, 8], np.float32), np.zeros([32, 1], np.float32)))
-               for _ in range(40)]
-    for i, record in enumerate(records):
-        keeper._hold(record, float(i))
-    assert all(r.data is not None for r in records)
+    from gradwatch.culprits import store
+
+    x = np.arange(64, dtype=np.float32).reshape(8, 8)
+    data = ({"a": x, "b": x[:, :2]}, x[:, :1], None)
+    path = store.write_batch(str(tmp_path), 3, data)
+    bx, by, sw = store.load_batch(path)
+    np.testing.assert_array_equal(bx["b"], x[:, :2])
+    np.testing.assert_array_equal(by, x[:, :1])
+    assert sw is None
+    monkeypatch.setattr(store, "ARRAYS_MAX_BYTES", x.nbytes)  # this batch is now above the bound
+    assert store.write_batch(str(tmp_path), 4, data) is None
+    assert not os.path.exists(os.path.join(tmp_path, store.FOLDER, "step-4.npz"))
+    assert store.previews(data, [ranking.Culprit(2, 1.0, 1.0, 1.0)])[2]["target"] == [16.0]  # the preview stays

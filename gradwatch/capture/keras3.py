@@ -116,6 +116,9 @@ class KerasCapture:
             model.make_train_function(force=True)
             return
         train_step = model.train_step
+        # Under XLA with culprits, the step compiled with XLA is run from a plain
+        # `tf.function` step that copies the batch after it (`gradwatch.culprits.keep`).
+        xla = self.keeper is not None and not distributed and _compiled_with_xla(model)
 
         def train_step_with_record(data):
             self.last_stored = None
@@ -131,14 +134,20 @@ class KerasCapture:
                 logs = {**logs, _RECORD_KEY: self._stored_record()}
             return logs
 
+        step_function = run_compiled_step(self, train_step_with_record) if xla else train_step_with_record
         own = model.__dict__.get("train_step")  # a train_step set on the instance, if any
-        model.__dict__["train_step"] = train_step_with_record  # read once, by the next line
+        model.__dict__["train_step"] = step_function  # read once, by the next line
+        jit = model.__dict__.get("_jit_compile")
+        if xla:
+            model._jit_compile = False  # the step compiles its own part with XLA (above)
         try:
             model.make_train_function(force=True)
         finally:
             del model.__dict__["train_step"]
             if own is not None:
                 model.__dict__["train_step"] = own
+            if xla:
+                model._jit_compile = jit
         keras_function = model.train_function
         if not records:
             return
@@ -326,7 +335,8 @@ class KerasCapture:
                 raise NotKept("under a distribution strategy (each replica sees its share of the "
                               "batch) batches are not kept")
             if self.policy.decides_in_graph and self._exploded_pred is not None:
-                exploded = self._exploded_pred
+                verdict = self._exploded_pred
+                exploded = lambda keeper: tf.logical_and(verdict, keeper.explodes(global_norm))  # noqa: E731
             else:
                 exploded = lambda keeper: keeper.explodes(global_norm)  # noqa: E731
             self.keeper.keep(exploded, self.optimizer.iterations + 1, self._current_data,
@@ -384,6 +394,36 @@ class KerasCapture:
         if ids == list(range(columns)):
             return None
         return tf.constant(ids, tf.int32)
+
+
+def _compiled_with_xla(model):
+    """Keras 3 compiles the model's train step with XLA (`jit_compile`, "auto" resolved)."""
+    try:
+        return bool(model.jit_compile) and not model.run_eagerly
+    except Exception:
+        return False
+
+
+def run_compiled_step(capture, step):
+    """With culprits under XLA: `step` compiled with XLA, run from a plain step
+    that then queues the batch it passed in with the weights the compiled step
+    copied, if it exploded (`gradwatch.culprits.keep`: XLA cannot hold a batch
+    whose shape is unknown at trace time). The model's own step must then be
+    built without XLA (the caller's business)."""
+    sinks = getattr(capture, "data_sinks", None) or [capture]
+    for sink in sinks:
+        if sink.keeper is not None:
+            sink.keeper.batch_outside = True
+    compiled = tf.function(step, jit_compile=True, reduce_retracing=True)
+
+    def step_function(data):
+        compiled.get_concrete_function(data)  # traced first: the keepers' queues exist
+        keepers = [sink.keeper for sink in sinks if sink.keeper is not None and sink.keeper.ready and sink.keeper.xla]
+        logs = compiled(data)
+        for keeper in keepers:
+            keeper.store_batch(data)
+        return logs
+    return step_function
 
 
 def momentum_slots(optimizer):

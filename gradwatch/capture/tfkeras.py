@@ -35,7 +35,8 @@ import sys
 
 import tensorflow as tf
 
-from gradwatch.capture.keras3 import KerasCapture, _zero_if, momentum_slots
+from gradwatch import state
+from gradwatch.capture.keras3 import KerasCapture, _zero_if, momentum_slots, run_compiled_step
 
 
 def is_tf_keras_model(model):
@@ -96,11 +97,21 @@ class TfKerasCapture(KerasCapture):
                 for sink in sinks:
                     sink._current_data = None
 
+        # Under XLA the step compiled with XLA is run from a plain one that queues
+        # the batch (`run_compiled_step`); tf_keras reads `jit_compile` when it traces
+        # (the first call): off until `uninstall()`.
+        self._jit_compile = None
+        wrapper = train_step_seeing_data
+        if getattr(model, "_jit_compile", None) and not model.run_eagerly and not state.is_distributed(
+                model.distribute_strategy):
+            wrapper = run_compiled_step(self, train_step_seeing_data)
+            self._jit_compile = model._jit_compile
+            model._jit_compile = False
         # tf_keras looks `model.train_step` up when the function is traced (its
         # first call): the wrapper stays on the instance until `uninstall()`.
         self._own_train_step = model.__dict__.get("train_step")
-        model.__dict__["train_step"] = train_step_seeing_data
-        self._train_step_wrapper = train_step_seeing_data
+        model.__dict__["train_step"] = wrapper
+        self._train_step_wrapper = wrapper
         model.make_train_function(force=True)
 
     def uninstall(self):
@@ -111,6 +122,9 @@ class TfKerasCapture(KerasCapture):
             if self._own_train_step is not None:
                 self.model.__dict__["train_step"] = self._own_train_step
         self._train_step_wrapper = None
+        if getattr(self, "_jit_compile", None) is not None:
+            self.model._jit_compile = self._jit_compile
+            self._jit_compile = None
 
     def install(self):
         import tf_keras

@@ -20,8 +20,8 @@ Only with `culprits=True`, in `<run folder>/culprits/`:
   <first PREVIEW_VALUES values>}], "target": [...] or None}`.
 
 The kept batches are bounded by `gradwatch.culprits.book`: arrays files are
-written for the held batches only -- those totalling at most `HELD_BYTES`, then
-`FIRST_KEPT + WORST_KEPT` more per `fit()` and optimizer (a batch pushed out of
+written for the held batches only -- the first `FIRST_KEPT` and the
+`WORST_KEPT` worst later ones per `fit()` and optimizer (a batch pushed out of
 the worst few has its file removed; its event record, already written, still
 names it).
 """
