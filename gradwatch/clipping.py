@@ -47,10 +47,13 @@ class AutoThreshold:
     divergence -- is clipped harder, until its norms stop doubling (and with
     `GradientMonitor(reset_momentum=True)`, the default, the optimizer's
     momentum is zeroed at that step too, as at the switch: it is what carries
-    a clipped run on after a learning-rate spike). Every
-    other finite step lets the threshold come back up, doubling over
-    `recover_steps` steps, so a run that settled at a higher norm is not left
-    frozen under a tiny threshold.
+    a clipped run on after a learning-rate spike). And while the run's typical
+    norm (the detector's median over its recent healthy steps) stays at least
+    `elevation` (4) times what it was at the switch -- clipped at its healthy
+    scale, the run did not come back to it: a divergence -- the threshold
+    halves every `recover_steps` steps. Every other finite step lets it come
+    back up, doubling over `recover_steps` steps, so a run that settled at a
+    higher norm is not left frozen under a tiny threshold.
 
     Why these defaults: `benchmarks/auto_threshold.py` (kinds of trouble x
     model families x optimizers x seeds, each against 4 fixed thresholds from
@@ -73,6 +76,10 @@ class AutoThreshold:
         min_scale: the smallest overall factor shrinking can reach, in (0, 1].
         recover_steps: non-exploding steps over which a shrunk threshold
             doubles back (a positive integer).
+        elevation: while clipping is on and the run's typical norm (the
+            detector's median) stays at least this many times what it was at
+            the switch, the threshold keeps shrinking, halving every
+            `recover_steps` steps (>= 1; `inf` turns it off).
     """
 
     percentile: float = 25.0
@@ -83,6 +90,7 @@ class AutoThreshold:
     shrink: float = 0.5
     min_scale: float = 1.0 / 64.0
     recover_steps: int = 16
+    elevation: float = 4.0
 
     def __post_init__(self):
         q, window = self.percentile, self.window
@@ -92,7 +100,8 @@ class AutoThreshold:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-        for name, low, high in (("rise", 1.0, float("inf")), ("shrink", 0.0, 1.0), ("min_scale", 0.0, 1.0)):
+        for name, low, high in (("rise", 1.0, float("inf")), ("shrink", 0.0, 1.0), ("min_scale", 0.0, 1.0),
+                                ("elevation", 1.0, float("inf"))):
             value = getattr(self, name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and (low < value if low == 0.0 else low <= value) and value <= high):
@@ -109,26 +118,33 @@ def grew(norm, reference, auto):
     return tf.cast(norm, tf.float32) * auto.shrink >= tf.cast(reference, tf.float32)
 
 
-def auto_scale(scale, keeps_growing, finite, auto, factor=None):
+def auto_scale(scale, keeps_growing, finite, auto, factor=None, elevated=False):
     """The shrinking factor after a step (float32 scalars, branch-free).
 
     Multiplied by `factor` (at most `auto.shrink`; default `auto.shrink`;
     never below `auto.min_scale`) when the step `keeps_growing` (clipping was
     already on, and the step still explodes with a norm that `grew`); else, on
-    a `finite` step, divided by `shrink ** (1 / recover_steps)` (at most 1):
-    back to 1 within `recover_steps` steps per halving once the norms stop
-    doubling.
+    a `finite` step that is `elevated` (the run's typical norm still far
+    above the one at the switch: clipped at the healthy scale, the run did not
+    come back to it), multiplied by `shrink ** (1 / recover_steps)`: halved
+    every `recover_steps` steps while it stays so; on any other finite step
+    divided by that (at most 1): back to 1 within `recover_steps` steps per
+    halving once the run is back.
 
     >>> auto = AutoThreshold(recover_steps=1)
     >>> [float(auto_scale(1.0, True, True, auto)), float(auto_scale(0.25, False, True, auto))]
     [0.5, 0.5]
     >>> float(auto_scale(0.25, False, False, auto))  # a NaN step: held
     0.25
+    >>> float(auto_scale(0.25, False, True, auto, elevated=True))  # still far above the healthy scale
+    0.125
     """
     scale = tf.cast(scale, tf.float32)
     factor = auto.shrink if factor is None else tf.minimum(tf.cast(factor, tf.float32), auto.shrink)
     shrunk = tf.maximum(scale * factor, auto.min_scale)
-    recovered = tf.minimum(scale / auto.shrink ** (1.0 / auto.recover_steps), 1.0)
+    step = auto.shrink ** (1.0 / auto.recover_steps)
+    recovered = tf.where(tf.cast(elevated, tf.bool), tf.maximum(scale * step, auto.min_scale),
+                         tf.minimum(scale / step, 1.0))
     return tf.where(tf.cast(keeps_growing, tf.bool), shrunk, tf.where(tf.cast(finite, tf.bool), recovered, scale))
 
 

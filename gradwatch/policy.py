@@ -142,11 +142,24 @@ class StepPolicy:
             fallback = tf.where(tf.reduce_any(known), others, fallback)
             return tf.where(known, chosen, fallback)
 
+        def typical():  # the detector's typical norm (its median)
+            median, _ = detection.typical_and_spread(_adaptive_state(device_state), self.adaptive)
+            return tf.exp(median)
+
         clip_active = tf.logical_or(was_active, switching)
         compute = clip_active if auto.follow else switching
         window_value = tf.cond(compute, from_window, lambda: baseline)
         baseline = tf.where(switching, window_value, baseline)
         device_state.auto_base.assign(baseline)
+        # The elevation: clipped at the healthy scale, the run's typical norm stays
+        # `elevation` times the one at the switch: it keeps shrinking.
+        # (With a fixed `explosion_threshold` there is no detector window: no elevation.)
+        adaptive = self.explosion_threshold is None
+        typical_now = tf.cond(clip_active, typical, lambda: tf.constant(0.0)) if adaptive else tf.constant(0.0)
+        typical_base = tf.where(switching, typical_now, device_state.typical_base.read_value())
+        device_state.typical_base.assign(typical_base)
+        elevated = tf.logical_and(tf.logical_and(was_active, tf.constant(adaptive)),
+                                  typical_now >= auto.elevation * typical_base)
         # The shrinking: a clipped step that still explodes with a norm at
         # least 1 / shrink times the reference (the norm at the switch or at
         # the last shrink) shrinks the threshold in proportion and becomes
@@ -155,7 +168,8 @@ class StepPolicy:
         keeps_growing = tf.logical_and(tf.logical_and(was_active, finite_explosion),
                                        clipping.grew(global_norm, reference, auto))
         scale = clipping.auto_scale(device_state.auto_scale.read_value(), keeps_growing,
-                                    tf.logical_not(nonfinite), auto, factor=reference / global_norm)
+                                    tf.logical_not(nonfinite), auto, factor=reference / global_norm,
+                                    elevated=elevated)
         device_state.reference_norm.assign(
             tf.where(tf.logical_or(switching, keeps_growing), global_norm, reference))
         device_state.auto_scale.assign(scale)

@@ -63,6 +63,8 @@ class DeviceState:
                 self.auto_base = make(tf.zeros([columns], tf.float32))
                 self.auto_scale = make(tf.ones([], tf.float32))
                 self.reference_norm = make(tf.zeros([], tf.float32))
+                # The detector's typical norm at the switch (the run's healthy scale).
+                self.typical_base = make(tf.zeros([], tf.float32))
 
     def append(self, step, row):
         """In-graph: writes one record at the next ring-buffer slot; returns

@@ -171,7 +171,8 @@ def test_clipnorm_auto_threshold_written_every_step_is_the_rule_and_bounds_each_
     switch = [r.getMessage() for r in caplog.records if hasattr(r, "gradwatch_clipping")]
     assert len(switch) == 1 and f"switched on clipnorm={written[SPIKE_STEP]:.4g} (it follows the run: per variable, " \
         f"the 25th percentile of each variable's gradient norm over the last 256 healthy steps, updated every " \
-        f"step, never above this first value, lower while clipped norms keep doubling) at step " \
+        f"step, never above this first value, lower while clipped norms keep doubling or stay far above " \
+        f"the healthy ones) at step " \
         f"{SPIKE_STEP}" in switch[0]
 
 
@@ -369,3 +370,75 @@ def test_adam_second_moments_are_brought_to_the_clipped_scale_at_the_switch(tmp_
     factor = min(1.0, limit / total) if reset else 1.0
     for v0, v1, g in zip(before, after, clipped):
         np.testing.assert_allclose(v1, beta_2 * factor * v0 + (1 - beta_2) * g ** 2, rtol=2e-4, atol=1e-12)
+
+
+def _drive_policy(norms, auto):
+    """The in-graph policy (`global_clipnorm`, "auto", adaptive detector), driven eagerly step by
+    step with these global norms; the threshold it clips with at each step (None before the switch)."""
+    from gradwatch import policy, state
+
+    rule = policy.StepPolicy(clip_mode="global_clipnorm", clip_threshold="auto", auto=auto, auto_switch=True)
+    device = state.DeviceState(tf.distribute.get_strategy(), 1, 4, rule.initial_adaptive_state(),
+                               auto_shape=(auto.window, 1))
+    thresholds = []
+    for norm in norms:
+        result = rule.decide(device, tf.constant(norm, tf.float32), tf.constant(False),
+                             tf.constant([norm], tf.float32))
+        thresholds.append(float(result.clip_threshold[0]) if bool(result.clip_active) else None)
+    return thresholds
+
+
+def _replay_with_elevation(norms, auto):
+    """The rule written again, independently (numpy detector): percentile of the healthy window,
+    capped at the baseline, times a scale that shrinks when clipped norms double, and -- the
+    elevation -- halves every `recover_steps` steps while the detector's typical norm stays
+    `elevation` times the one at the switch."""
+    from test_detection import DEFAULTS, NumpyDetector
+
+    detector, rows, expected = NumpyDetector(DEFAULTS), [], []
+    active, base, scale, reference, typical_base = False, None, 1.0, None, None
+    step_factor = auto.shrink ** (1.0 / auto.recover_steps)
+    for norm in norms:
+        exploded = detector.step(norm)
+        window = np.sort(detector.logs[-DEFAULTS.window:])
+        typical = float(np.exp(window[(len(window) - 1) // 2]))
+        was_active = active
+        if not exploded:
+            rows.append([min(norm, auto.rise * base) if was_active else norm])
+        if not active and exploded:
+            active, reference, typical_base = True, norm, typical
+            base = float(reference_threshold(rows[-auto.window:], auto.percentile, False)[0])
+        if not active:
+            expected.append(None)
+            continue
+        value = float(reference_threshold(rows[-auto.window:], auto.percentile, False)[0])
+        if was_active and exploded and norm * auto.shrink >= reference:
+            scale, reference = max(scale * min(reference / norm, auto.shrink), auto.min_scale), norm
+        elif was_active and typical >= auto.elevation * typical_base:
+            scale = max(scale * step_factor, auto.min_scale)
+        else:
+            scale = min(scale / step_factor, 1.0)
+        expected.append(min(value, auto.rise * base) * scale)
+    return expected
+
+
+@pytest.mark.parametrize("elevation", [clipping.AUTO.elevation, float("inf")])
+def test_a_run_that_stays_far_above_its_healthy_scale_although_clipped_is_clipped_harder(elevation):
+    """40 healthy steps, a spike (the switch), then norms creeping up 8% a step: never an explosion,
+    but the detector's typical norm ends 4x the one at the switch: from then on the threshold halves
+    every 16 steps. Every step's threshold equals the independent replay; with `elevation=inf` the
+    threshold stays at the switch's."""
+    rng = np.random.default_rng(0)
+    norms = list(np.exp(rng.normal(0.0, 0.1, 40))) + [50.0] + [1.08 ** k for k in range(1, 81)]
+    auto = clipping.AutoThreshold(elevation=elevation)
+    got, expected = _drive_policy(norms, auto), _replay_with_elevation(norms, auto)
+    assert [g is None for g in got] == [e is None for e in expected] and got[40] is not None and got[39] is None
+    np.testing.assert_allclose([g for g in got if g is not None], [e for e in expected if e is not None],
+                               rtol=1e-5)
+    at_switch, final = got[40], got[-1]
+    if elevation == float("inf"):
+        assert final == pytest.approx(at_switch, rel=1e-6)
+    else:
+        assert final < 0.25 * at_switch  # halved at least twice
+        halving = [i for i in range(41, len(got)) if got[i] < got[i - 1] * (1 - 1e-6)]
+        assert halving and halving[0] > 41 + 16  # not at once: the typical norm had to climb first
