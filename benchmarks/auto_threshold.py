@@ -155,6 +155,8 @@ def train(job):
                 clipping.AUTO = dataclasses.replace(clipping.AUTO, percentile=float(part[1:]))
             elif part.startswith("rise"):
                 clipping.AUTO = dataclasses.replace(clipping.AUTO, rise=float(part[4:]))
+            elif part.startswith("elev"):
+                clipping.AUTO = dataclasses.replace(clipping.AUTO, elevation=float(part[4:]))
         monitor = gradwatch.GradientMonitor(tempfile.mkdtemp(prefix="gw_auto_"), auto_clip=mode,
                                             clip_threshold="auto", verbose=0, vanishing=False, **extra)
         callbacks.append(monitor)

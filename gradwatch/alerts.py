@@ -181,7 +181,9 @@ def auto_description(mode, auto):
     if not auto.follow:
         return f"{where}the {auto.percentile:g}th percentile of {statistic} over the last {auto.window} healthy steps"
     bound = "never above this first value" if auto.rise == 1 else f"never above {auto.rise:g}x this first value"
-    shrink = ", lower while clipped norms keep doubling or stay far above the healthy ones" if auto.shrink < 1 else ""
+    shrink = ", lower while clipped norms keep doubling" if auto.shrink < 1 else ""
+    if auto.shrink < 1 and auto.elevation != float("inf"):
+        shrink += f" or the typical norm stays {auto.elevation:g}x the one at the switch"
     return (f"it follows the run: {where}the {auto.percentile:g}th percentile of {statistic} over the last "
             f"{auto.window} healthy steps, updated every step, {bound}{shrink}")
 

@@ -153,8 +153,8 @@ class StepPolicy:
         device_state.auto_base.assign(baseline)
         # The elevation: clipped at the healthy scale, the run's typical norm stays
         # `elevation` times the one at the switch: it keeps shrinking.
-        # (With a fixed `explosion_threshold` there is no detector window: no elevation.)
-        adaptive = self.explosion_threshold is None
+        # (Off by default; with a fixed `explosion_threshold` there is no detector window.)
+        adaptive = self.explosion_threshold is None and auto.elevation != math.inf
         typical_now = tf.cond(clip_active, typical, lambda: tf.constant(0.0)) if adaptive else tf.constant(0.0)
         typical_base = tf.where(switching, typical_now, device_state.typical_base.read_value())
         device_state.typical_base.assign(typical_base)

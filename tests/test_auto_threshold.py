@@ -171,8 +171,7 @@ def test_clipnorm_auto_threshold_written_every_step_is_the_rule_and_bounds_each_
     switch = [r.getMessage() for r in caplog.records if hasattr(r, "gradwatch_clipping")]
     assert len(switch) == 1 and f"switched on clipnorm={written[SPIKE_STEP]:.4g} (it follows the run: per variable, " \
         f"the 25th percentile of each variable's gradient norm over the last 256 healthy steps, updated every " \
-        f"step, never above this first value, lower while clipped norms keep doubling or stay far above " \
-        f"the healthy ones) at step " \
+        f"step, never above this first value, lower while clipped norms keep doubling) at step " \
         f"{SPIKE_STEP}" in switch[0]
 
 
@@ -422,7 +421,7 @@ def _replay_with_elevation(norms, auto):
     return expected
 
 
-@pytest.mark.parametrize("elevation", [clipping.AUTO.elevation, float("inf")])
+@pytest.mark.parametrize("elevation", [4.0, float("inf")])
 def test_a_run_that_stays_far_above_its_healthy_scale_although_clipped_is_clipped_harder(elevation):
     """40 healthy steps, a spike (the switch), then norms creeping up 8% a step: never an explosion,
     but the detector's typical norm ends 4x the one at the switch: from then on the threshold halves
