@@ -6,8 +6,13 @@ import pytest
 
 from tensorboard_plugin_gradwatch import screenshot
 
-pytestmark = pytest.mark.skipif(
-    not screenshot.chromium_available(), reason="needs /usr/bin/chromium, /usr/bin/chromedriver and selenium")
+pytestmark = [
+    pytest.mark.skipif(not screenshot.chromium_available(),
+                       reason="needs /usr/bin/chromium, /usr/bin/chromedriver and selenium"),
+    # One Chromium and the module's TensorBoards for every test: one pytest-xdist worker
+    # (`--dist loadgroup`, pyproject.toml).
+    pytest.mark.xdist_group("test_browser"),
+]
 
 LOADERS = ("false", "true")  # --load_fast: the Python loader, RustBoard
 
