@@ -243,7 +243,10 @@ def test_short_run_has_whole_step_ticks_cells_on_steps_and_both_clipping_lines(d
         assert start == middle == end
     assert len({tuple(middle) for _, middle, _ in colours}) == 8
     # Before and after clipping coincide: the blue pre-clip line lies on a wider green one.
-    legend = [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#gw-global-legend .gw-legend-item")]
+    # Read in one script: a resize redraw (drawCharts, debounced) replaces the legend's items with
+    # the same ones, and items found first and read one by one can go stale in between (seen under load).
+    legend = driver.execute_script(
+        "return [...document.querySelectorAll('#gw-global-legend .gw-legend-item')].map((i) => i.innerText.trim())")
     assert legend[:2] == ["global norm, before clipping", "after clipping (wide, under)"]
     blue, green = driver.execute_script("""
         const canvas = arguments[0], left = arguments[1], width = arguments[2];
