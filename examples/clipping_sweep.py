@@ -11,6 +11,7 @@ and prints the table, best first. Data are made here; needs
 `pip install "gradwatch[sweep]"`.
 
     python examples/clipping_sweep.py                    # about 1.5 minutes on 2 cores
+    python examples/clipping_sweep.py --modes clipnorm   # one mode: 5 trials instead of 13
     tensorboard --logdir logs/clipping_sweep             # HParams and gradwatch tabs
     gradwatch report logs/clipping_sweep                 # the table again, in a terminal
 
@@ -57,12 +58,14 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", nargs="+", default=["clipvalue", "clipnorm", "global_clipnorm"],
+                        help="clipping modes to try (4 thresholds each, plus one trial without clipping)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
     args = parser.parse_args(argv)
 
     x, y, x_val, y_val = corrupted_sequences(args.seed, train_size=args.train_size)
     sweep = gradwatch.ClippingSweep(build_model, log_dir=args.logdir, objective="val_loss",
-                                    seed=args.seed, overwrite=args.overwrite)
+                                    modes=args.modes, seed=args.seed, overwrite=args.overwrite)
     results = sweep.search(x, y, validation_data=(x_val, y_val), epochs=args.epochs, batch_size=32,
                            verbose=0)
     print(f"(predicting the mean scores val_loss {float(y_val.var()):.3f})")

@@ -188,6 +188,9 @@ def children(request, tensorflow_logdir, tmp_path_factory):
             child.communicate()
 
 
+# `children` starts every selected backend's process at once: both cases on one pytest-xdist
+# worker (`--dist loadgroup`, pyproject.toml), else each worker would start them all.
+@pytest.mark.xdist_group("test_backends.children")
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_on_a_real_backend(backend, children):
     if backend not in children:

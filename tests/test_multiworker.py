@@ -23,7 +23,11 @@ import tensorflow as tf
 from gradwatch import tags
 from helpers import read_tags
 
-pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
+pytestmark = [
+    pytest.mark.core,  # also run on the oldest supported versions (.ci/run)
+    # Every test reads the one module-scoped run: one pytest-xdist worker (`--dist loadgroup`).
+    pytest.mark.xdist_group("test_multiworker"),
+]
 
 tf_keras = pytest.importorskip("tf_keras", reason="tf_keras is not installed")
 import multiworker_worker as worker  # noqa: E402  (tests/ is on sys.path)

@@ -19,6 +19,9 @@ from helpers import read_tags
 pytest.importorskip("keras_tuner")
 
 FIT = dict(epochs=2, batch_size=32, verbose=0)
+# The tests using the module's `auto_sweep` (the slowest fixture of the suite) run on one
+# pytest-xdist worker (`--dist loadgroup`, pyproject.toml), so it is built once.
+SHARES_AUTO_SWEEP = pytest.mark.xdist_group("test_sweep.auto_sweep")
 
 
 def corrupted_regression(seed=0, n=256, corrupt=4, scale=60.0):
@@ -69,6 +72,7 @@ def auto_sweep(tmp_path_factory):
     return dict(sweep=sweep, results=results, build=build, x=x, y=y, val=val, log_dir=log_dir)
 
 
+@SHARES_AUTO_SWEEP
 def test_every_mode_and_threshold_is_a_trial(auto_sweep):
     results = auto_sweep["results"]
     settings = json.load(open(os.path.join(auto_sweep["log_dir"], results_lib.SWEEP_FILE)))
@@ -85,6 +89,7 @@ def test_every_mode_and_threshold_is_a_trial(auto_sweep):
         assert sorted(read_tags(trial.log_dir)[tags.GLOBAL]) == list(range(1, 17))
 
 
+@SHARES_AUTO_SWEEP
 def test_best_is_the_lowest_finite_objective_and_printing_ranks(auto_sweep):
     results = auto_sweep["results"]
     finite = [t for t in results.trials if not t.diverged]
@@ -98,6 +103,7 @@ def test_best_is_the_lowest_finite_objective_and_printing_ranks(auto_sweep):
     assert "best: " + results.best.name in text
 
 
+@SHARES_AUTO_SWEEP
 def test_best_trial_is_reproduced_by_the_documented_recipe(auto_sweep):
     s = auto_sweep
     best = s["results"].best
@@ -109,6 +115,7 @@ def test_best_trial_is_reproduced_by_the_documented_recipe(auto_sweep):
         pytest.approx(baseline.value, rel=1e-6)
 
 
+@SHARES_AUTO_SWEEP
 def test_resume_trains_and_builds_nothing(auto_sweep):
     s = auto_sweep
     build = Builder()
@@ -118,6 +125,7 @@ def test_resume_trains_and_builds_nothing(auto_sweep):
     assert again == s["results"]
 
 
+@SHARES_AUTO_SWEEP
 def test_auto_thresholds_come_from_the_probe_runs_logged_norms(auto_sweep):
     s = auto_sweep
     probe = read_tags(os.path.join(s["log_dir"], results_lib.PROBE_RUN))
@@ -203,6 +211,7 @@ def test_explicit_thresholds_list_applies_to_every_mode(tmp_path):
             gradwatch.ClippingSweep(Builder(), **args).search(x, y, validation_data=val)
 
 
+@SHARES_AUTO_SWEEP
 def test_hparams_plugin_lists_every_trial(auto_sweep):
     from tensorboard import program
     from tensorboard.backend import application
@@ -338,6 +347,7 @@ def test_sweep_distributed_with_a_chief_and_a_worker(tmp_path):
         pytest.approx(best.value, rel=1e-6)
 
 
+@SHARES_AUTO_SWEEP
 def test_report_shows_the_sweep_best_first(auto_sweep, capsys):
     from gradwatch import cli
 
@@ -360,6 +370,7 @@ def test_report_shows_the_sweep_best_first(auto_sweep, capsys):
     assert f"best: {results.recommendation()}" in text
 
 
+@SHARES_AUTO_SWEEP
 def test_report_sweep_is_null_elsewhere_and_a_damaged_sweep_file_warns(auto_sweep, tmp_path, capsys):
     import shutil
 

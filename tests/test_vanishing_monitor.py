@@ -65,6 +65,11 @@ def warnings_of(caplog):
     return [r for r in caplog.records if r.name == "gradwatch" and r.levelno == logging.WARNING]
 
 
+# The tests using `sigmoid_run` run on one pytest-xdist worker (`--dist loadgroup`,
+# pyproject.toml), so it trains once.
+SHARES_SIGMOID_RUN = pytest.mark.xdist_group("test_vanishing_monitor.sigmoid_run")
+
+
 @pytest.fixture(scope="module")
 def sigmoid_run(tmp_path_factory):
     """A deep sigmoid net with small initial weights, its monitor, its logs and the tape norms."""
@@ -90,6 +95,7 @@ def sigmoid_run(tmp_path_factory):
     return log_dir, monitor, norms, sizes, captured
 
 
+@SHARES_SIGMOID_RUN
 def test_deep_sigmoid_early_layers_are_reported_vanishing_at_the_reference_step(sigmoid_run):
     _, monitor, norms, sizes, _ = sigmoid_run
     # Independent expectation: the plain-Python reference over tf.GradientTape norms.
@@ -109,6 +115,7 @@ def test_deep_sigmoid_early_layers_are_reported_vanishing_at_the_reference_step(
     assert "out" not in {p for r in monitor.vanishing for p, _ in r.layers}
 
 
+@SHARES_SIGMOID_RUN
 def test_vanishing_is_logged_once_per_layer_with_the_record(sigmoid_run):
     _, monitor, _, _, captured = sigmoid_run
     lines = [r for r in captured if r.levelno == logging.WARNING]
@@ -120,6 +127,7 @@ def test_vanishing_is_logged_once_per_layer_with_the_record(sigmoid_run):
     assert len(named) == len(set(named))  # no layer twice: none recovered
 
 
+@SHARES_SIGMOID_RUN
 def test_vanishing_records_go_to_tensorboard_and_the_report(sigmoid_run, capsys):
     log_dir, monitor, _, _, _ = sigmoid_run
     written = helpers.read_tags(log_dir)
@@ -140,6 +148,7 @@ def test_vanishing_records_go_to_tensorboard_and_the_report(sigmoid_run, capsys)
     assert "had vanishing gradients in s0, s1, s2, s3, s4" in capsys.readouterr().err
 
 
+@SHARES_SIGMOID_RUN
 def test_plugin_route_lists_and_marks_the_layers(sigmoid_run):
     from werkzeug.test import Client
 
@@ -237,6 +246,7 @@ def test_plugin_view_skips_malformed_records():
                              {"layer": "a", "kind": "vanishing", "step": 7}]
 
 
+@SHARES_SIGMOID_RUN
 @pytest.mark.parametrize("load_fast", ["false", "true"])
 def test_dashboard_marks_and_lists_the_vanishing_layers(sigmoid_run, load_fast):
     from tensorboard_plugin_gradwatch import screenshot

@@ -6,8 +6,13 @@ import pytest
 
 from tensorboard_plugin_gradwatch import screenshot
 
-pytestmark = pytest.mark.skipif(
-    not screenshot.chromium_available(), reason="needs /usr/bin/chromium, /usr/bin/chromedriver and selenium")
+pytestmark = [
+    pytest.mark.skipif(not screenshot.chromium_available(),
+                       reason="needs /usr/bin/chromium, /usr/bin/chromedriver and selenium"),
+    # One Chromium and the module's TensorBoards for every test: one pytest-xdist worker
+    # (`--dist loadgroup`, pyproject.toml).
+    pytest.mark.xdist_group("test_browser"),
+]
 
 LOADERS = ("false", "true")  # --load_fast: the Python loader, RustBoard
 
@@ -238,7 +243,10 @@ def test_short_run_has_whole_step_ticks_cells_on_steps_and_both_clipping_lines(d
         assert start == middle == end
     assert len({tuple(middle) for _, middle, _ in colours}) == 8
     # Before and after clipping coincide: the blue pre-clip line lies on a wider green one.
-    legend = [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#gw-global-legend .gw-legend-item")]
+    # Read in one script: a resize redraw (drawCharts, debounced) replaces the legend's items with
+    # the same ones, and items found first and read one by one can go stale in between (seen under load).
+    legend = driver.execute_script(
+        "return [...document.querySelectorAll('#gw-global-legend .gw-legend-item')].map((i) => i.innerText.trim())")
     assert legend[:2] == ["global norm, before clipping", "after clipping (wide, under)"]
     blue, green = driver.execute_script("""
         const canvas = arguments[0], left = arguments[1], width = arguments[2];
