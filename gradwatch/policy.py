@@ -223,27 +223,38 @@ class HostDetector:
 
     def __init__(self, policy):
         self.policy = policy
-        self.adaptive_state = detection.initial_adaptive_state(policy.adaptive, detection.FLOAT_OPS)
+        self._detector = detection.FloatDetector(policy.adaptive)
+
+    @property
+    def adaptive_state(self):
+        """The adaptive detector's state (`detection.AdaptiveState`, `FLOAT_OPS` form)."""
+        return self._detector.state
 
     def next_threshold(self):
         """The threshold the next step will be judged against."""
         if self.policy.explosion_threshold is not None:
             return float(self.policy.explosion_threshold)
-        return float(detection.adaptive_threshold(self.adaptive_state, self.policy.adaptive, detection.FLOAT_OPS))
+        return float(self._detector.threshold)
 
     def detect(self, rows):
-        ops, config, fixed = detection.FLOAT_OPS, self.policy.adaptive, self.policy.explosion_threshold
-        for row in rows:
-            flags = int(row[state.FLAGS])
+        fixed = self.policy.explosion_threshold
+        fixed = None if fixed is None else float(fixed)
+        step = self._detector.step
+        flags_column = rows[:, state.FLAGS].tolist()
+        norms = rows[:, state.GLOBAL].tolist()
+        thresholds, new_flags = rows[:, state.THRESHOLD].tolist(), []
+        for index, (flags, norm) in enumerate(zip(flags_column, norms)):
+            flags = int(flags)
             if flags & state.OVERFLOW:  # skipped by the loss-scale optimizer: not a step
+                new_flags.append(flags)
                 continue
-            norm = float(row[state.GLOBAL])
-            threshold = float(fixed) if fixed is not None else detection.adaptive_threshold(
-                self.adaptive_state, config, ops)
-            exploded = detection.is_explosion(norm, threshold, ops)
             if fixed is None:
-                self.adaptive_state = detection.update_adaptive_state(
-                    self.adaptive_state, norm, exploded, config, ops)
-            row[state.THRESHOLD] = threshold
-            row[state.FLAGS] = (flags | (state.EXPLODED if exploded else 0)
-                                | (0 if math.isfinite(norm) else state.NONFINITE))
+                exploded, threshold = step(norm)
+            else:
+                threshold = fixed
+                exploded = norm >= threshold or math.isnan(norm)
+            thresholds[index] = threshold
+            new_flags.append(flags | (state.EXPLODED if exploded else 0)
+                             | (0 if math.isfinite(norm) else state.NONFINITE))
+        rows[:, state.THRESHOLD] = thresholds
+        rows[:, state.FLAGS] = new_flags
