@@ -184,20 +184,39 @@ def clip_gradients(grads, mode, threshold, active):
     """
     if active is True:
         return _clip(grads, mode, threshold)
+    return clip_if(active, grads, mode, threshold)[0]
+
+
+def clip_if(active, grads, mode, threshold, extra_on=None, extra_off=()):
+    """`(grads clipped if active, extra values)` in one `tf.cond`: a step with
+    clipping off runs none of the clipping ops, and gets `extra_off`; one with
+    clipping on gets `extra_on(clipped grads)` (a list of tensors computed in
+    the branch, e.g. the clipped norm)."""
     if mode not in MODES:
         raise ValueError(f"Unknown clipping mode: {mode!r}. Expected one of {MODES}.")
     present = [i for i, g in enumerate(grads) if g is not None]
-    if not present:
-        return list(grads)
-    inputs = [grads[i] for i in present]
     threshold = tf.cast(threshold, tf.float32)
-    if mode == "clipnorm" and threshold.shape.rank == 1:
-        threshold = tf.gather(threshold, present) if len(present) < len(grads) else threshold
-    clipped = tf.cond(tf.cast(active, tf.bool), lambda: _clip(inputs, mode, threshold), lambda: list(inputs))
+    inputs = [grads[i] for i in present]
+    if mode == "clipnorm" and threshold.shape.rank == 1 and len(present) < len(grads):
+        threshold = tf.gather(threshold, present)
+
+    def on():
+        clipped = _clip(inputs, mode, threshold)
+        full = list(grads)
+        for i, g in zip(present, clipped):
+            full[i] = g
+        return clipped + (list(extra_on(full)) if extra_on else [])
+
+    def off():
+        return list(inputs) + [tf.convert_to_tensor(value, tf.float32) for value in extra_off]
+
+    if not present and not extra_off:
+        return list(grads), []
+    outputs = tf.cond(tf.cast(active, tf.bool), on, off)
     out = list(grads)
-    for i, g in zip(present, clipped):
+    for i, g in zip(present, outputs):
         out[i] = g
-    return out
+    return out, list(outputs[len(present):])
 
 
 def _clip(grads, mode, threshold):

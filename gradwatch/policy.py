@@ -111,10 +111,11 @@ class StepPolicy:
         if self.clip_threshold == "auto":
             clip_threshold, shrinking = self._auto_threshold(device_state, auto_values, threshold, global_norm,
                                                   was_active, switching, finite_explosion, nonfinite)
-        else:
+            device_state.clip_threshold.assign(clip_threshold)
+        else:  # a constant: `device_state.clip_threshold` keeps what `set_clip_state` wrote, no per-step write
             clip_threshold = tf.constant([float(self.clip_threshold)], tf.float32)
-        device_state.clip_active.assign(clip_active)
-        device_state.clip_threshold.assign(clip_threshold)
+        if self.auto_switch:
+            device_state.clip_active.assign(clip_active)
         return clip_active, switching, clip_threshold, shrinking
 
     def _auto_threshold(self, device_state, auto_values, explosion_threshold, global_norm,
@@ -143,23 +144,38 @@ class StepPolicy:
             return tf.where(known, chosen, fallback)
 
         clip_active = tf.logical_or(was_active, switching)
-        compute = clip_active if auto.follow else switching
-        window_value = tf.cond(compute, from_window, lambda: baseline)
-        baseline = tf.where(switching, window_value, baseline)
-        device_state.auto_base.assign(baseline)
-        # The shrinking: a clipped step that still explodes with a norm at
-        # least 1 / shrink times the reference (the norm at the switch or at
-        # the last shrink) shrinks the threshold in proportion and becomes
-        # the reference.
-        reference = device_state.reference_norm.read_value()
-        keeps_growing = tf.logical_and(tf.logical_and(was_active, finite_explosion),
-                                       clipping.grew(global_norm, reference, auto))
-        scale = clipping.auto_scale(device_state.auto_scale.read_value(), keeps_growing,
-                                    tf.logical_not(nonfinite), auto, factor=reference / global_norm)
-        device_state.reference_norm.assign(
-            tf.where(tf.logical_or(switching, keeps_growing), global_norm, reference))
-        device_state.auto_scale.assign(scale)
-        return clipping.bounded_threshold(window_value, baseline, scale, auto), keeps_growing
+
+        def clipping_on():
+            # The window's percentile: every step while clipping is on, or, with
+            # `follow=False`, at the switch only.
+            if auto.follow:
+                window_value = from_window()
+            else:
+                window_value = tf.cond(switching, from_window, lambda: baseline)
+            new_baseline = tf.where(switching, window_value, baseline)
+            device_state.auto_base.assign(new_baseline)
+            # The shrinking: a clipped step that still explodes with a norm at
+            # least 1 / shrink times the reference (the norm at the switch or at
+            # the last shrink) shrinks the threshold in proportion and becomes
+            # the reference.
+            reference = device_state.reference_norm.read_value()
+            keeps_growing = tf.logical_and(tf.logical_and(was_active, finite_explosion),
+                                           clipping.grew(global_norm, reference, auto))
+            scale = clipping.auto_scale(device_state.auto_scale.read_value(), keeps_growing,
+                                        tf.logical_not(nonfinite), auto, factor=reference / global_norm)
+            device_state.reference_norm.assign(
+                tf.where(tf.logical_or(switching, keeps_growing), global_norm, reference))
+            device_state.auto_scale.assign(scale)
+            return clipping.bounded_threshold(window_value, new_baseline, scale, auto), keeps_growing
+
+        def clipping_off():
+            # Clipping has never been on (it never switches off): the baseline,
+            # scale (1) and reference stay as they are, and the threshold is
+            # not used (the record's CLIP_THRESHOLD is 0 and nothing is clipped).
+            # So none of the window's statistics are computed before the switch.
+            return tf.zeros_like(baseline), tf.constant(False)
+
+        return tf.cond(clip_active, clipping_on, clipping_off)
 
     def _threshold(self, device_state):
         if self.explosion_threshold is not None:
