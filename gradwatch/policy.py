@@ -253,6 +253,15 @@ class HostDetector:
         return float(self._detector.threshold)
 
     def detect(self, rows):
+        if len(rows) == 1:  # a drain every step (`update_freq=1`): no numpy column ops
+            row = rows[0]
+            flags, norm = int(row[state.FLAGS]), float(row[state.GLOBAL])
+            if not flags & state.OVERFLOW:
+                threshold, exploded = self._judge(norm)
+                row[state.THRESHOLD] = threshold
+                row[state.FLAGS] = (flags | (state.EXPLODED if exploded else 0)
+                                    | (0 if math.isfinite(norm) else state.NONFINITE))
+            return
         fixed = self.policy.explosion_threshold
         fixed = None if fixed is None else float(fixed)
         step = self._detector.step
@@ -274,3 +283,12 @@ class HostDetector:
                              | (0 if math.isfinite(norm) else state.NONFINITE))
         rows[:, state.THRESHOLD] = thresholds
         rows[:, state.FLAGS] = new_flags
+
+    def _judge(self, norm):
+        """`(threshold, exploded)` of one step's global norm (the window updated)."""
+        fixed = self.policy.explosion_threshold
+        if fixed is None:
+            exploded, threshold = self._detector.step(norm)
+            return threshold, exploded
+        threshold = float(fixed)
+        return threshold, norm >= threshold or math.isnan(norm)

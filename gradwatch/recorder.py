@@ -244,8 +244,7 @@ class Recorder:
         if len(steps):
             self._pending.append((steps, rows))
             self._pending_rows += len(steps)
-            notable = self._alert_log.burst is not None or state.has_flag(
-                rows[:, state.FLAGS], state.EXPLODED | state.CLIP_SWITCHED_ON).any()
+            notable = self._alert_log.burst is not None or _any_flag(rows, state.EXPLODED | state.CLIP_SWITCHED_ON)
             if notable:  # every step up to this one is written before an alert is logged
                 events += self._take_pending()
                 self._output.write(events, flush=True)
@@ -383,6 +382,13 @@ class Recorder:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(text)
+
+
+def _any_flag(rows, bits):
+    """Whether a row of `rows` has one of the FLAGS `bits` (one row: no numpy op)."""
+    if len(rows) == 1:
+        return bool(int(rows[0, state.FLAGS]) & bits)
+    return bool(state.has_flag(rows[:, state.FLAGS], bits).any())
 
 
 def _iterations(optimizer):
