@@ -167,6 +167,7 @@ class _Timed(gradwatch.GradientMonitor):
 
 
 _ONLY = None  # --only
+_NO_VARIANTS = False  # --no-variants
 
 
 def configurations(log_root, profile):
@@ -197,6 +198,8 @@ def configurations(log_root, profile):
         "gradwatch defaults [mixed_float16]": gw(),
         "gradwatch auto_clip='clipnorm', clip_threshold='auto' [mixed_float16]": gw(**auto),
     }
+    if _NO_VARIANTS:
+        configs = {name: make for name, make in configs.items() if variant(name) is None}
     if _ONLY:
         configs = {name: make for name, make in configs.items()
                    if name.startswith("plain") or any(part in name for part in _ONLY)}
@@ -468,8 +471,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default=None,
                         help="comma-separated substrings: run only the matching configurations (plain always)")
+    parser.add_argument("--no-variants", action="store_true", help="leave out the XLA and mixed_float16 rows")
     args = parser.parse_args(argv)
-    global _ONLY
+    global _ONLY, _NO_VARIANTS
+    _NO_VARIANTS = args.no_variants
     _ONLY = args.only.split(",") if args.only else None
     rounds = args.rounds or (5 if args.quick else 9)
     print(common.machine_info(), flush=True)
