@@ -197,6 +197,8 @@ def clip_if(active, grads, mode, threshold, extra_on=None, extra_off=()):
     present = [i for i, g in enumerate(grads) if g is not None]
     threshold = tf.cast(threshold, tf.float32)
     inputs = [grads[i] for i in present]
+    if mode == "clipvalue":  # clipped dense (as Keras does), so both branches give dense tensors
+        inputs = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in inputs]
     if mode == "clipnorm" and threshold.shape.rank == 1 and len(present) < len(grads):
         threshold = tf.gather(threshold, present)
 
