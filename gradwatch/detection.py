@@ -267,8 +267,8 @@ class FloatDetector:
     `adaptive_threshold`, `is_explosion` and `update_adaptive_state` with
     `FLOAT_OPS`, operation for operation (so the same floats), written out
     without the `ops` indirection, and the threshold recomputed only when the
-    window changes (a healthy step): ~1-2 us a step instead of ~15 us
-    (issue 22). Tests compare it with the `FLOAT_OPS` functions on every step.
+    window changes (a healthy step): less than half the time of the
+    generic code (issue 22: 2.95 against 6.9 us a row on a loaded machine). Tests compare it with the `FLOAT_OPS` functions on every step.
 
     >>> detector = FloatDetector(AdaptiveConfig(window=8, warmup_steps=4))
     >>> detector.threshold
