@@ -120,7 +120,8 @@ class _HookOnly(gradwatch.GradientMonitor):
         pass
 
     def on_train_end(self, logs=None):
-        self._recorder.capture.state.record_count.assign(0)  # nothing to drain
+        for recorder in self._recorders:
+            recorder.capture.state.record_count.assign(0)  # nothing to drain
         super().on_train_end(logs)
 
 
@@ -129,7 +130,7 @@ class _NoWrite(gradwatch.GradientMonitor):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        self._recorder._output.write = lambda *args, **kwargs: None
+        self._recorders[0]._output.write = lambda *args, **kwargs: None
 
 
 class _Timed(gradwatch.GradientMonitor):
@@ -138,7 +139,7 @@ class _Timed(gradwatch.GradientMonitor):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self.timing = {"drain": 0.0, "read": 0.0, "write_scalars": 0.0, "drains": 0, "records": 0}
-        rec = self._recorder
+        rec = self._recorders[0]
         timing = self.timing
         drain, read, write = rec._drain, rec.capture.state.read_since, rec.writer.write_scalars
 
@@ -166,6 +167,7 @@ class _Timed(gradwatch.GradientMonitor):
 
 
 _ONLY = None  # --only
+_NO_VARIANTS = False  # --no-variants
 
 
 def configurations(log_root, profile):
@@ -175,12 +177,14 @@ def configurations(log_root, profile):
     def tb(**kwargs):
         return lambda name: [keras.callbacks.TensorBoard(os.path.join(log_root, name), **kwargs)]
 
+    auto = dict(auto_clip="clipnorm", clip_threshold="auto")
     configs = {
         "plain": lambda name: [],
         "plain, a second instance (control: the noise floor)": lambda name: [],
         "gradwatch defaults (update_freq=100)": gw(),
         "gradwatch update_freq=1": gw(_Timed, update_freq=1) if profile else gw(update_freq=1),
         "gradwatch auto_clip='clipnorm'": gw(auto_clip="clipnorm"),
+        "gradwatch auto_clip='clipnorm', clip_threshold='auto'": gw(**auto),
         # Issue 25: culprits=False (the default) keeps nothing and adds nothing to the step;
         # "rank" and True keep exploding batches on the device (an untaken tf.cond on healthy
         # steps, and a one-scalar read every 8 steps); on healthy steps they cost the same
@@ -190,14 +194,40 @@ def configurations(log_root, profile):
         "gradwatch culprits=True": gw(culprits=True),
         "TensorBoard()": tb(),
         "TensorBoard(histogram_freq=1, update_freq='batch')": tb(histogram_freq=1, update_freq="batch"),
+        # Variants (issue 22): each against its own plain run, `plain [variant]`.
+        "plain [xla]": lambda name: [],
+        "gradwatch defaults [xla]": gw(),
+        "gradwatch auto_clip='clipnorm', clip_threshold='auto' [xla]": gw(**auto),
+        "plain [mixed_float16]": lambda name: [],
+        "gradwatch defaults [mixed_float16]": gw(),
+        "gradwatch auto_clip='clipnorm', clip_threshold='auto' [mixed_float16]": gw(**auto),
     }
+    if _NO_VARIANTS:
+        configs = {name: make for name, make in configs.items() if variant(name) is None}
     if _ONLY:
         configs = {name: make for name, make in configs.items()
                    if name.startswith("plain") or any(part in name for part in _ONLY)}
+        variants = {variant(name) for name in configs} - {None}
+        configs = {name: make for name, make in configs.items()
+                   if not name.startswith("plain [") or variant(name) in variants and any(
+                       variant(other) == variant(name) and not other.startswith("plain") for other in configs)}
     if profile:
         configs["gw hook only (no read, no write)"] = gw(_HookOnly)
         configs["gw update_freq=1, read but no write"] = gw(_NoWrite, update_freq=1)
     return configs
+
+
+def variant(name):
+    """`"xla"`, `"mixed_float16"` or None (the plain build), from a configuration's name."""
+    if name.endswith("]") and " [" in name:
+        return name.rsplit(" [", 1)[1][:-1]
+    return None
+
+
+def reference(name):
+    """The configuration `name` is compared with: plain, or plain of its variant."""
+    kind = variant(name)
+    return "plain" if kind is None else f"plain [{kind}]"
 
 
 # -- interleaving -----------------------------------------------------------------
@@ -291,9 +321,15 @@ def run_workload(key, rounds, warmup, steps, profile, seed, log_root, block_step
     turns = Turns(list(configs), (rounds + warmup) * -(-steps // block_steps), seed)
     records, threads = {}, []
     for name, make_callbacks in configs.items():
-        model = spec["build"]()
+        kind = variant(name)
+        if kind == "mixed_float16":
+            keras.config.set_dtype_policy("mixed_float16")
+        try:
+            model = spec["build"]()
+        finally:
+            keras.config.set_dtype_policy("float32")
         model.set_weights(weights)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_loss(spec))
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_loss(spec), jit_compile=kind == "xla")
         record = {"epochs": [], "cpu": [], "holding": False, "error": None}
         safe_name = "".join(c if c.isalnum() else "_" for c in name)
         callbacks = ([_BlockStart(turns, name, record, block_steps)] + make_callbacks(safe_name)
@@ -325,7 +361,7 @@ def summarize(key, records, warmup, steps, wall, profile):
         epochs = record["epochs"]
         row = {}
         for clock in ("cpu", "epochs"):
-            plain, mine = records["plain"][clock], record[clock]
+            plain, mine = records[reference(name)][clock], record[clock]
             measured = list(range(warmup, min(len(mine), len(plain))))
             ratios = [mine[i] / plain[i] for i in measured]
             prefix = "cpu_" if clock == "cpu" else ""
@@ -349,11 +385,16 @@ def summarize(key, records, warmup, steps, wall, profile):
     return out
 
 
-TARGETS = {  # (config, workload): max ratio, from issue 2
-    ("gradwatch defaults (update_freq=100)", "mlp"): 1.05,
+AUTO = "gradwatch auto_clip='clipnorm', clip_threshold='auto'"
+TARGETS = {  # (config, workload): max ratio, from issue 22 (issue 2's were 1.05 / 1.15 on the MLP)
+    ("gradwatch defaults (update_freq=100)", "mlp"): 1.04,
+    ("gradwatch update_freq=1", "mlp"): 1.08,
+    ("gradwatch auto_clip='clipnorm'", "mlp"): 1.10,
+    (AUTO, "mlp"): 1.10,
     ("gradwatch defaults (update_freq=100)", "lstm"): 1.02,
-    ("gradwatch update_freq=1", "mlp"): 1.15,
     ("gradwatch update_freq=1", "lstm"): 1.05,
+    ("gradwatch auto_clip='clipnorm'", "lstm"): 1.05,
+    (AUTO, "lstm"): 1.05,
 }
 
 
@@ -435,8 +476,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default=None,
                         help="comma-separated substrings: run only the matching configurations (plain always)")
+    parser.add_argument("--no-variants", action="store_true", help="leave out the XLA and mixed_float16 rows")
     args = parser.parse_args(argv)
-    global _ONLY
+    global _ONLY, _NO_VARIANTS
+    _NO_VARIANTS = args.no_variants
     _ONLY = args.only.split(",") if args.only else None
     rounds = args.rounds or (5 if args.quick else 9)
     print(common.machine_info(), flush=True)

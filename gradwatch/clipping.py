@@ -231,45 +231,86 @@ def clip_gradients(grads, mode, threshold, active):
     For `clipnorm`, `threshold` may also be a vector: one threshold per
     gradient (`clip_threshold="auto"` per variable). When `active` is false the
     gradients come back unchanged, bit for bit.
+
+    `active` may be the Python `True` (clipping always on: the optimizer's own
+    clipping): Keras' ops alone. A tensor: one `tf.cond`, so a step with
+    clipping off runs none of the clipping ops (issue 22: the per-variable
+    `tf.where`s and norms were most of `auto_clip`'s cost before the switch).
     """
+    if active is True:
+        return _clip(grads, mode, threshold)
+    return clip_if(active, grads, mode, threshold)[0]
+
+
+def clip_if(active, grads, mode, threshold, extra_on=None, extra_off=()):
+    """`(grads clipped if active, extra values)` in one `tf.cond`: a step with
+    clipping off runs none of the clipping ops, and gets `extra_off`; one with
+    clipping on gets `extra_on(clipped grads)` (a list of tensors computed in
+    the branch, e.g. the clipped norm)."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown clipping mode: {mode!r}. Expected one of {MODES}.")
+    present = [i for i, g in enumerate(grads) if g is not None]
+    threshold = tf.cast(threshold, tf.float32)
+    inputs = [grads[i] for i in present]
+    if mode == "clipvalue":  # clipped dense (as Keras does), so both branches give dense tensors
+        inputs = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in inputs]
+    if mode == "clipnorm" and threshold.shape.rank == 1 and len(present) < len(grads):
+        threshold = tf.gather(threshold, present)
+
+    def on():
+        clipped = _clip(inputs, mode, threshold)
+        full = list(grads)
+        for i, g in zip(present, clipped):
+            full[i] = g
+        return clipped + (list(extra_on(full)) if extra_on else [])
+
+    def off():
+        return list(inputs) + [tf.convert_to_tensor(value, tf.float32) for value in extra_off]
+
+    if not present and not extra_off:
+        return list(grads), []
+    outputs = tf.cond(tf.cast(active, tf.bool), on, off)
+    out = list(grads)
+    for i, g in zip(present, outputs):
+        out[i] = g
+    return out, list(outputs[len(present):])
+
+
+def _clip(grads, mode, threshold):
+    """Keras' clipping ops (always on)."""
     threshold = tf.cast(threshold, tf.float32)
     if mode == "clipvalue":
-        return [None if g is None else _clip_value(g, threshold, active) for g in grads]
+        return [None if g is None else _clip_value(g, threshold) for g in grads]
     if mode == "clipnorm":
         per_gradient = threshold.shape.rank == 1
-        return [None if g is None else _clip_norm(g, threshold[i] if per_gradient else threshold, active)
+        return [None if g is None else _clip_norm(g, threshold[i] if per_gradient else threshold)
                 for i, g in enumerate(grads)]
     if mode == "global_clipnorm":
-        return _clip_global_norm(grads, threshold, active)
+        return _clip_global_norm(grads, threshold)
     raise ValueError(f"Unknown clipping mode: {mode!r}. Expected one of {MODES}.")
 
 
-def _clip_global_norm(grads, threshold, active):
+def _clip_global_norm(grads, threshold):
     # Keras' own `clip_by_global_norm`, op for op, so the update is bit-identical:
     # scale = t * min(1 / ||g||, 1 / t), made NaN by a non-finite norm.
     present = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
                for g in grads if g is not None]
     norm = tf.sqrt(tf.reduce_sum(tf.stack([tf.reduce_sum(tf.square(g)) for g in present])))
     scale = threshold * tf.minimum(1.0 / norm, 1.0 / threshold) + (norm - norm)
-    scale = tf.where(active, scale, tf.ones_like(scale))
     return [None if g is None else _scale(g, scale) for g in grads]
 
 
-def _clip_norm(grad, threshold, active):
+def _clip_norm(grad, threshold):
     # Keras' TensorFlow backend clips with `tf.clip_by_norm` (the norm of an
     # IndexedSlices' values); the same op keeps the update bit-identical.
-    clipped = tf.clip_by_norm(grad, threshold)
-    if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(tf.where(active, clipped.values, grad.values), grad.indices,
-                                grad.dense_shape)
-    return tf.where(active, clipped, grad)
+    return tf.clip_by_norm(grad, threshold)
 
 
-def _clip_value(grad, threshold, active):
+def _clip_value(grad, threshold):
     if isinstance(grad, tf.IndexedSlices):
         grad = tf.convert_to_tensor(grad)
     limit = tf.cast(threshold, grad.dtype)
-    return tf.where(active, tf.clip_by_value(grad, -limit, limit), grad)
+    return tf.clip_by_value(grad, -limit, limit)
 
 
 def auto_statistic(mode, grads, variable_sq_norms):

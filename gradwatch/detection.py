@@ -260,3 +260,68 @@ def is_explosion(global_norm, threshold, ops=TENSOR_OPS):
     """
     norm, threshold = ops.float32(global_norm), ops.float32(threshold)
     return ops.logical_or(norm >= threshold, ops.logical_or(ops.is_nan(norm), ops.is_nan(threshold)))
+
+
+class FloatDetector:
+    """The adaptive detector on the host, one step at a time: the maths of
+    `adaptive_threshold`, `is_explosion` and `update_adaptive_state` with
+    `FLOAT_OPS`, operation for operation (so the same floats), written out
+    without the `ops` indirection, and the threshold recomputed only when the
+    window changes (a healthy step): less than half the time of the
+    generic code (issue 22: 2.95 against 6.9 us a row on a loaded machine). Tests compare it with the `FLOAT_OPS` functions on every step.
+
+    >>> detector = FloatDetector(AdaptiveConfig(window=8, warmup_steps=4))
+    >>> detector.threshold
+    inf
+    >>> detector.step(3.0)  # (exploded, the threshold it was judged by)
+    (False, inf)
+    >>> round(detector.threshold, 6)  # the next step's: 10 x the first norm (warm-up)
+    30.0
+    """
+
+    def __init__(self, config=None):
+        self.config = config or AdaptiveConfig()
+        window = self.config.window
+        self.count = 0.0
+        self.log_norms = [math.inf] * window
+        self._window = float(window)
+        self._wrap = float(window) * 1024.0
+        self._back = float(window) * 512.0
+        self._log_min = math.log(self.config.min_ratio)
+        self._log_max = math.log(self.config.max_ratio)
+        self.threshold = self._compute()
+
+    @property
+    def state(self):
+        """The `AdaptiveState` (float count, tuple window) of `FLOAT_OPS`."""
+        return AdaptiveState(self.count, tuple(self.log_norms))
+
+    def _compute(self):
+        config, count = self.config, self.count
+        if count < 1.0:
+            return math.inf
+        ordered = sorted(self.log_norms)
+        valid = count if count <= self._window else self._window
+        size = len(ordered)
+        index = math.floor((valid - 1.0) / 2.0)
+        median = ordered[int(index)] if 0 <= index < size else 0.0
+        index = math.floor((valid - 1.0) * LOW_QUANTILE)
+        low = ordered[int(index)] if 0 <= index < size else 0.0
+        if count < config.warmup_steps:
+            return _exp(median) * config.warmup_ratio
+        margin = min(max(config.z_threshold * (median - low), self._log_min), self._log_max)
+        return _exp(median + margin)
+
+    def step(self, norm):
+        """Judges a step's global norm and updates the window: `(exploded, threshold)`."""
+        norm = float(norm)
+        threshold = self.threshold
+        exploded = norm >= threshold or (math.isnan(norm) or math.isnan(threshold))
+        if not exploded and math.isfinite(norm) and norm > 0:
+            count = self.count
+            slot = count - self._window * math.floor(count / self._window)
+            self.log_norms[int(slot)] = float(math.log(norm))
+            count += 1.0
+            self.count = count - self._back if count >= self._wrap else count
+            self.threshold = self._compute()
+        return exploded, threshold

@@ -111,10 +111,11 @@ class StepPolicy:
         if self.clip_threshold == "auto":
             clip_threshold, shrinking = self._auto_threshold(device_state, auto_values, threshold, global_norm,
                                                   was_active, switching, finite_explosion, nonfinite)
-        else:
+            device_state.clip_threshold.assign(clip_threshold)
+        else:  # a constant: `device_state.clip_threshold` keeps what `set_clip_state` wrote, no per-step write
             clip_threshold = tf.constant([float(self.clip_threshold)], tf.float32)
-        device_state.clip_active.assign(clip_active)
-        device_state.clip_threshold.assign(clip_threshold)
+        if self.auto_switch:
+            device_state.clip_active.assign(clip_active)
         return clip_active, switching, clip_threshold, shrinking
 
     def _auto_threshold(self, device_state, auto_values, explosion_threshold, global_norm,
@@ -147,33 +148,50 @@ class StepPolicy:
             return tf.exp(median)
 
         clip_active = tf.logical_or(was_active, switching)
-        compute = clip_active if auto.follow else switching
-        window_value = tf.cond(compute, from_window, lambda: baseline)
-        baseline = tf.where(switching, window_value, baseline)
-        device_state.auto_base.assign(baseline)
-        # The elevation: clipped at the healthy scale, the run's typical norm stays
-        # `elevation` times the one at the switch: it keeps shrinking.
-        # (Off by default; with a fixed `explosion_threshold` there is no detector window.)
-        adaptive = self.explosion_threshold is None and auto.elevation != math.inf
-        typical_now = tf.cond(clip_active, typical, lambda: tf.constant(0.0)) if adaptive else tf.constant(0.0)
-        typical_base = tf.where(switching, typical_now, device_state.typical_base.read_value())
-        device_state.typical_base.assign(typical_base)
-        elevated = tf.logical_and(tf.logical_and(was_active, tf.constant(adaptive)),
-                                  typical_now >= auto.elevation * typical_base)
-        # The shrinking: a clipped step that still explodes with a norm at
-        # least 1 / shrink times the reference (the norm at the switch or at
-        # the last shrink) shrinks the threshold in proportion and becomes
-        # the reference.
-        reference = device_state.reference_norm.read_value()
-        keeps_growing = tf.logical_and(tf.logical_and(was_active, finite_explosion),
-                                       clipping.grew(global_norm, reference, auto))
-        scale = clipping.auto_scale(device_state.auto_scale.read_value(), keeps_growing,
-                                    tf.logical_not(nonfinite), auto, factor=reference / global_norm,
-                                    elevated=elevated)
-        device_state.reference_norm.assign(
-            tf.where(tf.logical_or(switching, keeps_growing), global_norm, reference))
-        device_state.auto_scale.assign(scale)
-        return clipping.bounded_threshold(window_value, baseline, scale, auto), keeps_growing
+
+        # The elevation (off by default): clipped at the healthy scale, the run's typical
+        # norm stays `elevation` times the one at the switch: the threshold keeps shrinking.
+        # (With a fixed `explosion_threshold` there is no detector window.)
+        elevation_on = self.explosion_threshold is None and auto.elevation != math.inf
+
+        def clipping_on():
+            # The window's percentile: every step while clipping is on, or, with
+            # `follow=False`, at the switch only.
+            if auto.follow:
+                window_value = from_window()
+            else:
+                window_value = tf.cond(switching, from_window, lambda: baseline)
+            new_baseline = tf.where(switching, window_value, baseline)
+            device_state.auto_base.assign(new_baseline)
+            elevated = tf.constant(False)
+            if elevation_on:
+                typical_now = typical()
+                typical_base = tf.where(switching, typical_now, device_state.typical_base.read_value())
+                device_state.typical_base.assign(typical_base)
+                elevated = tf.logical_and(was_active, typical_now >= auto.elevation * typical_base)
+            # The shrinking: a clipped step that still explodes with a norm at
+            # least 1 / shrink times the reference (the norm at the switch or at
+            # the last shrink) shrinks the threshold in proportion and becomes
+            # the reference.
+            reference = device_state.reference_norm.read_value()
+            keeps_growing = tf.logical_and(tf.logical_and(was_active, finite_explosion),
+                                           clipping.grew(global_norm, reference, auto))
+            scale = clipping.auto_scale(device_state.auto_scale.read_value(), keeps_growing,
+                                        tf.logical_not(nonfinite), auto, factor=reference / global_norm,
+                                        elevated=elevated)
+            device_state.reference_norm.assign(
+                tf.where(tf.logical_or(switching, keeps_growing), global_norm, reference))
+            device_state.auto_scale.assign(scale)
+            return clipping.bounded_threshold(window_value, new_baseline, scale, auto), keeps_growing
+
+        def clipping_off():
+            # Clipping has never been on (it never switches off): the baseline,
+            # scale (1) and reference stay as they are, and the threshold is
+            # not used (the record's CLIP_THRESHOLD is 0 and nothing is clipped).
+            # So none of the window's statistics are computed before the switch.
+            return tf.zeros_like(baseline), tf.constant(False)
+
+        return tf.cond(clip_active, clipping_on, clipping_off)
 
     def _threshold(self, device_state):
         if self.explosion_threshold is not None:
@@ -237,27 +255,56 @@ class HostDetector:
 
     def __init__(self, policy):
         self.policy = policy
-        self.adaptive_state = detection.initial_adaptive_state(policy.adaptive, detection.FLOAT_OPS)
+        self._detector = detection.FloatDetector(policy.adaptive)
+
+    @property
+    def adaptive_state(self):
+        """The adaptive detector's state (`detection.AdaptiveState`, `FLOAT_OPS` form)."""
+        return self._detector.state
 
     def next_threshold(self):
         """The threshold the next step will be judged against."""
         if self.policy.explosion_threshold is not None:
             return float(self.policy.explosion_threshold)
-        return float(detection.adaptive_threshold(self.adaptive_state, self.policy.adaptive, detection.FLOAT_OPS))
+        return float(self._detector.threshold)
 
     def detect(self, rows):
-        ops, config, fixed = detection.FLOAT_OPS, self.policy.adaptive, self.policy.explosion_threshold
-        for row in rows:
-            flags = int(row[state.FLAGS])
+        if len(rows) == 1:  # a drain every step (`update_freq=1`): no numpy column ops
+            row = rows[0]
+            flags, norm = int(row[state.FLAGS]), float(row[state.GLOBAL])
+            if not flags & state.OVERFLOW:
+                threshold, exploded = self._judge(norm)
+                row[state.THRESHOLD] = threshold
+                row[state.FLAGS] = (flags | (state.EXPLODED if exploded else 0)
+                                    | (0 if math.isfinite(norm) else state.NONFINITE))
+            return
+        fixed = self.policy.explosion_threshold
+        fixed = None if fixed is None else float(fixed)
+        step = self._detector.step
+        flags_column = rows[:, state.FLAGS].tolist()
+        norms = rows[:, state.GLOBAL].tolist()
+        thresholds, new_flags = rows[:, state.THRESHOLD].tolist(), []
+        for index, (flags, norm) in enumerate(zip(flags_column, norms)):
+            flags = int(flags)
             if flags & state.OVERFLOW:  # skipped by the loss-scale optimizer: not a step
+                new_flags.append(flags)
                 continue
-            norm = float(row[state.GLOBAL])
-            threshold = float(fixed) if fixed is not None else detection.adaptive_threshold(
-                self.adaptive_state, config, ops)
-            exploded = detection.is_explosion(norm, threshold, ops)
             if fixed is None:
-                self.adaptive_state = detection.update_adaptive_state(
-                    self.adaptive_state, norm, exploded, config, ops)
-            row[state.THRESHOLD] = threshold
-            row[state.FLAGS] = (flags | (state.EXPLODED if exploded else 0)
-                                | (0 if math.isfinite(norm) else state.NONFINITE))
+                exploded, threshold = step(norm)
+            else:
+                threshold = fixed
+                exploded = norm >= threshold or math.isnan(norm)
+            thresholds[index] = threshold
+            new_flags.append(flags | (state.EXPLODED if exploded else 0)
+                             | (0 if math.isfinite(norm) else state.NONFINITE))
+        rows[:, state.THRESHOLD] = thresholds
+        rows[:, state.FLAGS] = new_flags
+
+    def _judge(self, norm):
+        """`(threshold, exploded)` of one step's global norm (the window updated)."""
+        fixed = self.policy.explosion_threshold
+        if fixed is None:
+            exploded, threshold = self._detector.step(norm)
+            return threshold, exploded
+        threshold = float(fixed)
+        return threshold, norm >= threshold or math.isnan(norm)

@@ -76,6 +76,7 @@ class Recorder:
             monitor.vanishing_config, capture, self._alert_log, monitor.vanishing)
         self._warned = set()
         self._layers_step = None  # step of the last `gradwatch/layers` written
+        self._pending, self._pending_rows = [], 0  # drained rows whose events are not built yet
         self._book = None
         if getattr(capture, "keeper", None) is not None:
             from gradwatch.culprits.book import CulpritBook
@@ -197,6 +198,9 @@ class Recorder:
             return
         self.closed = True
         _open_recorders.discard(self)
+        pending = self._guard("write", self._take_pending, [])  # rows drained but not written yet
+        if pending:
+            self._output.write(pending)
         lines = self._guard("alerts", self._alert_log.close, [])
         if lines:
             step = int(self.capture.optimizer.iterations.numpy())
@@ -238,15 +242,39 @@ class Recorder:
             self._warn_once("lost", f"{lost} steps were overwritten on the device before being read; "
                                     "use a smaller `update_freq`.")
         if len(steps):
-            explosions, switches, lines = self._react(steps, rows, epoch, kept)
+            self._pending.append((steps, rows))
+            self._pending_rows += len(steps)
+            notable = self._alert_log.burst is not None or _any_flag(rows, state.EXPLODED | state.CLIP_SWITCHED_ON)
+            if notable:  # every step up to this one is written before an alert is logged
+                events += self._take_pending()
+                self._output.write(events, flush=True)
+                events = []
+                explosions, switches, lines = self._react(steps, rows, epoch, kept)
+                alert_events = writing.alert_events(int(steps[-1]), explosions, switches, lines)
+                if alert_events:
+                    self._output.write(alert_events, flush=True)
             self._guard("clipping", lambda: self._follow_threshold(rows))
-            events += writing.batch_events(steps, rows, self._layer_tags, self.capture.policy.clip_mode,
-                                           explosions, switches, lines)
+        urgent = False
         if self._vanishing:
-            events += writing.vanishing_events(*self._guard(
+            found = writing.vanishing_events(*self._guard(
                 "vanishing", lambda: self._vanishing.feed(steps, rows, epoch, flush), ([], [])))
+            events, urgent = events + found, bool(found)
+        # A quiet batch waits, as rows, until a write is due: its events are
+        # built and written together (one norms block per run of steps).
+        due = flush or urgent or self._output.due(self._pending_rows)
+        if due:
+            events = self._take_pending() + events
         if events or flush:
-            self._output.write(events, flush=flush)
+            self._output.write(events, flush=due)
+
+    def _take_pending(self):
+        """The events of the rows waiting to be written (then forgotten)."""
+        if not self._pending:
+            return []
+        steps = np.concatenate([part[0] for part in self._pending])
+        rows = np.concatenate([part[1] for part in self._pending])
+        self._pending, self._pending_rows = [], 0
+        return writing.batch_events(steps, rows, self._layer_tags, self.capture.policy.clip_mode, [], [], [])
 
     def _react(self, steps, rows, epoch, kept=()):
         """`(explosions, clipping switches, alert lines)` of drained records;
@@ -356,6 +384,13 @@ class Recorder:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(text)
+
+
+def _any_flag(rows, bits):
+    """Whether a row of `rows` has one of the FLAGS `bits` (one row: no numpy op)."""
+    if len(rows) == 1:
+        return bool(int(rows[0, state.FLAGS]) & bits)
+    return bool(state.has_flag(rows[:, state.FLAGS], bits).any())
 
 
 def _iterations(optimizer):

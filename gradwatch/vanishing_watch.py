@@ -107,11 +107,13 @@ class VanishingWatch:
         """`(records, alert lines)` of the drained batches (`gradwatch.state` rows)
         scanned now: when `SCAN_ROWS` are waiting, or at a `flush`."""
         if len(steps):
-            self._pending.append((steps, rows, np.full(len(steps), int(epoch))))
+            self._pending.append((steps, rows, int(epoch)))
             self._pending_rows += len(steps)
         if not self._pending or (not flush and self._pending_rows < SCAN_ROWS):
             return [], []
-        steps, rows, epochs = (np.concatenate(parts) for parts in zip(*self._pending))
+        steps = np.concatenate([part[0] for part in self._pending])
+        rows = np.concatenate([part[1] for part in self._pending])
+        epochs = np.concatenate([np.full(len(part[0]), part[2]) for part in self._pending])
         self._pending, self._pending_rows = [], 0
         if self.state is None:
             self._start()

@@ -54,7 +54,12 @@ def batch_events(steps, rows, layer_tags, clip_mode, explosions, switches, lines
     if overflows:  # skipped steps not yet followed by an update
         events.append(scalars_event(int(steps[-1]), {tags.OVERFLOW: float(overflows)}))
     events += block_events(np.asarray(steps)[normal], np.asarray(rows)[normal])
-    last = int(steps[-1])
+    return events + alert_events(int(steps[-1]), explosions, switches, lines)
+
+
+def alert_events(last, explosions, switches, lines):
+    """The events of a batch's explosions, clipping switches and alert text, at step `last`."""
+    events = []
     if explosions:
         docs = [e.to_json() for e in explosions]
         events.append((None, lambda writer: writer.write_json(last, tags.EXPLOSIONS, docs)))
@@ -132,6 +137,12 @@ class ReopeningWriter:
         self._flushed_at = time.monotonic()
         self._queued = []
 
+    def due(self, waiting=0):
+        """A write is due: the last flush is `FLUSH_SECONDS` old, or `_MAX_QUEUED`
+        events (queued here, plus `waiting` the caller holds) are waiting."""
+        return (len(self._queued) + waiting >= _MAX_QUEUED
+                or time.monotonic() - self._flushed_at >= FLUSH_SECONDS)
+
     def _flush(self, writer):
         writer.flush()
         self._flushed_at = time.monotonic()
@@ -146,8 +157,7 @@ class ReopeningWriter:
         step's norms) and the next events go on. At most `_OPENS_PER_CALL`
         new files are opened per call; past that the rest is dropped."""
         self._queued.extend(events)
-        if not (flush or len(self._queued) >= _MAX_QUEUED
-                or time.monotonic() - self._flushed_at >= FLUSH_SECONDS):
+        if not (flush or self.due()):
             return
         events, self._queued = self._queued + [(None, self._flush)], []
         self._drop_deleted_file()

@@ -104,3 +104,40 @@ def test_verbose_prints_alerts_to_the_console(tmp_path, capsys):
     x, y = spiked_data(steps=4, batch_size=16, spike_steps=[2])
     fit(tmp_path, x, y, explosion_threshold=50.0, verbose=1)
     assert "gradwatch: gradient explosion at step 2 (epoch 1)" in capsys.readouterr().out
+
+
+class _DiskAtAlert(logging.Handler):
+    """At each gradwatch alert: its step, and the steps whose norms are on disk by then."""
+
+    def __init__(self, log_dir):
+        super().__init__(logging.WARNING)
+        self.log_dir, self.seen = log_dir, []
+
+    def emit(self, record):
+        explosion = getattr(record, "gradwatch_explosion", None)
+        if explosion is not None:
+            on_disk = sorted(read_tags(self.log_dir).get(tags.GLOBAL, {}))
+            self.seen.append((explosion.step, on_disk))
+
+
+@pytest.mark.parametrize("update_freq", [1, 3])
+def test_written_rows_wait_for_a_write_but_never_for_an_alert(tmp_path, update_freq):
+    """Issue 22: quiet steps are written in batches (at most `writing.FLUSH_SECONDS` late,
+    all of them by `on_train_end`); when an alert is logged, every step up to the one
+    that exploded is already in the event file, and alerts come in step order."""
+    x, y = spiked_data(steps=20, batch_size=16, spike_steps=[7, 15])
+    handler = _DiskAtAlert(str(tmp_path))
+    logger = logging.getLogger("gradwatch")
+    logger.addHandler(handler)
+    try:
+        _, monitor = fit(tmp_path, x, y, explosion_threshold=50.0, update_freq=update_freq)
+    finally:
+        logger.removeHandler(handler)
+    assert [e.step for e in monitor.explosions] == [7, 15]
+    assert [step for step, _ in handler.seen] == [7, 15]  # in step order, each at its drain
+    for step, on_disk in handler.seen:
+        drained = -(-step // update_freq) * update_freq  # the drain that saw it
+        assert on_disk == list(range(1, drained + 1))
+    logged = read_tags(str(tmp_path))
+    assert sorted(logged[tags.GLOBAL]) == list(range(1, 21))  # every step after on_train_end
+    assert sorted(logged[tags.EXPLOSION]) == [7, 15]

@@ -219,3 +219,32 @@ def test_at_the_switch_adams_second_moments_hold_no_more_than_clipping_lets_in(t
     assert totals.totals[SPIKE_STEP - 2] > 2 * bound[SPIKE_STEP - 2]  # before: more than clipping lets in
     for k in range(SPIKE_STEP - 1, len(bound)):
         assert totals.totals[k] <= bound[k] * (1 + 1e-5), k + 1
+
+
+@pytest.mark.parametrize("mode", clipping.MODES)
+def test_sparse_embedding_gradients_go_through_the_clipping_cond(mode, tmp_path):
+    """Issue 22: clipping runs in one `tf.cond`; an `Embedding`'s `IndexedSlices`
+    gradient passes it in every mode, and the exploding step itself is clipped."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(50, 4, name="embed"),
+                              keras.layers.Flatten(), keras.layers.Dense(1, name="out")])
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 50, (80, 5)), rng.standard_normal((80, 1)).astype("float32")
+    y[(SPIKE_STEP - 1) * 8:SPIKE_STEP * 8] *= 1e4
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), verbose=0, auto_clip=mode, clip_threshold=0.5,
+                                        explosion_threshold=200.0)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    assert [(e.step, e.action) for e in monitor.explosions][0] == (SPIKE_STEP, "clipping_on")
+    before = snapshots.snapshots[SPIKE_STEP - 1]
+    after = snapshots.snapshots[SPIKE_STEP] if len(snapshots.snapshots) > SPIKE_STEP else [
+        v.numpy() for v in model.trainable_variables]
+    delta = [b - a for a, b in zip(before, after)]
+    bound = LR * 0.5 * (1 + 1e-5)
+    if mode == "clipnorm":  # Keras clips the norm of the slices' values, repeated rows apart: the dense ones
+        assert max(global_norm([d]) for d in delta[1:]) <= bound
+    elif mode == "global_clipnorm":
+        assert global_norm(delta) <= bound
+    else:
+        assert max(np.abs(d).max() for d in delta) <= bound

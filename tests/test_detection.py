@@ -409,3 +409,29 @@ def test_policy_docstring_examples():
     from gradwatch import policy
 
     assert doctest.testmod(policy, raise_on_error=False).failed == 0
+
+
+@pytest.mark.parametrize("window,warmup", [(32, 32), (4, 2), (2, 0), (5, 7)])
+def test_float_detector_equals_the_float_ops_maths_step_for_step(window, warmup):
+    """`FloatDetector` (the host's fast path, issue 22) gives the very floats of
+    `adaptive_threshold` / `is_explosion` / `update_adaptive_state` on `FLOAT_OPS`:
+    thresholds, verdicts and the window, at every step, through the count's wrap."""
+    config = detection.AdaptiveConfig(window=window, warmup_steps=warmup)
+    rng = np.random.default_rng(window)
+    norms = np.exp(rng.normal(0.0, 0.7, 6000 if window <= 4 else 3000)).tolist()
+    for index in rng.choice(len(norms), 60, replace=False):  # spikes, NaN, Inf, zeros, negatives
+        norms[index] = rng.choice([norms[index] * 300.0, math.nan, math.inf, 0.0, -1.0])
+    ops = detection.FLOAT_OPS
+    state = initial_adaptive_state(config, ops)
+    detector = detection.FloatDetector(config)
+    wrapped, last_count = False, 0.0
+    for norm in norms:
+        threshold = adaptive_threshold(state, config, ops)
+        exploded = is_explosion(norm, threshold, ops)
+        state = update_adaptive_state(state, norm, exploded, config, ops)
+        got_exploded, got_threshold = detector.step(norm)
+        assert (got_exploded, got_threshold) == (exploded, threshold) or (
+            math.isnan(threshold) and math.isnan(got_threshold))
+        assert detector.state == state
+        wrapped, last_count = wrapped or state.count < last_count, state.count
+    assert wrapped or window > 4  # the short windows pass the count's wrap (1024 windows)

@@ -239,9 +239,13 @@ class KerasCapture:
     def _on_distributed_update(self, original):
         def distributed_update(distribution, grads_and_vars, learning_rate):
             if self._reset_pred is not None:  # here the slots can be written under any strategy
-                for slot in momentum_slots(self.optimizer):
-                    distribution.extended.update(_backend_variable(slot), _zero_if, args=(self._reset_pred,),
-                                                 group=False)
+                slots = momentum_slots(self.optimizer)
+                if state.is_distributed(distribution):
+                    for slot in slots:
+                        distribution.extended.update(_backend_variable(slot), _zero_if, args=(self._reset_pred,),
+                                                     group=False)
+                elif slots:  # one cond for every slot (one per slot cost ~100 us a step on a small MLP)
+                    _zero_all_if(slots, self._reset_pred)
                 self._cap_second_moments(distribution, grads_and_vars)
             skip = self._skip_pred
             if skip is None:
@@ -359,16 +363,25 @@ class KerasCapture:
                                             [self.state.auto_window.shape[1]])
         step_result = policy.decide(self.state, global_norm, nonfinite, auto_values)
         new_grads, clipped_norm = grads, global_norm
+        recorded = tf.constant(0.0)
         if policy.clip_mode is not None:
             threshold = step_result.clip_threshold
             if columns is not None:
                 threshold = tf.gather(threshold, columns)
             if policy.clip_mode != "clipnorm" or threshold.shape[0] == 1:
                 threshold = threshold[0]
-            new_grads = clipping.clip_gradients(
-                grads, policy.clip_mode, threshold, step_result.clip_active)
-            clipped_norm = _clipped_global_norm(
-                policy.clip_mode, new_grads, variable_sq, threshold, step_result.clip_active)
+            mode = policy.clip_mode
+
+            def clipped_values(clipped):  # the clipped global norm, the recorded threshold
+                return [_clipped_global_norm(mode, clipped, variable_sq, threshold),
+                        policy.recorded_threshold(step_result.clip_threshold)]
+
+            if not policy.auto_switch:  # the optimizer's own clipping, always on: Keras' ops, no cond
+                new_grads = clipping.clip_gradients(grads, mode, threshold, True)
+                clipped_norm, recorded = clipped_values(new_grads)
+            else:  # one cond: before the switch none of the clipping ops run (issue 22)
+                new_grads, (clipped_norm, recorded) = clipping.clip_if(
+                    step_result.clip_active, grads, mode, threshold, clipped_values, (global_norm, 0.0))
         self._exploded_pred = step_result.exploded
         self._skip_pred = step_result.skip if policy.skip_nonfinite else None
         # The momentum is zeroed at the switch and, with "auto", whenever the clipped norms
@@ -376,10 +389,7 @@ class KerasCapture:
         self._reset_pred = (tf.logical_or(step_result.switching, step_result.shrinking)
                             if policy.reset_momentum else None)
         self._cap = (policy.clip_mode, tf.cast(threshold, tf.float32)) if policy.clip_mode else None
-        recorded = policy.recorded_threshold(step_result.clip_threshold)
-        return new_grads, [global_norm, clipped_norm, step_result.threshold,
-                           tf.where(step_result.clip_active, recorded, 0.0),
-                           step_result.flags]
+        return new_grads, [global_norm, clipped_norm, step_result.threshold, recorded, step_result.flags]
 
     def _auto_columns(self, num_grads):
         """Trace time: the window column of each gradient (a constant), or None
@@ -466,11 +476,20 @@ def _zero_if(slot, predicate):
     return tf.cond(predicate, reset, lambda: tf.constant(False))
 
 
-def _clipped_global_norm(mode, clipped_grads, variable_sq, threshold, active):
+def _zero_all_if(slots, predicate):
+    """Every slot `= 0` when `predicate`, in one `tf.cond`."""
+    def reset():
+        with tf.control_dependencies([slot.assign(tf.zeros_like(slot)) for slot in slots]):
+            return tf.constant(True)
+    return tf.cond(predicate, reset, lambda: tf.constant(False))
+
+
+def _clipped_global_norm(mode, clipped_grads, variable_sq, threshold):
+    """The global norm of the clipped gradient (clipping on)."""
     if mode == "clipvalue":
         return tf.sqrt(tf.reduce_sum(stats.variable_squared_norms(clipped_grads)))
     if mode == "global_clipnorm":
         total = tf.reduce_sum(variable_sq)
-        return tf.sqrt(total) * clipping.norm_clip_factor(total, threshold, active)
-    factors = clipping.norm_clip_factor(variable_sq, threshold, active)
+        return tf.sqrt(total) * clipping.norm_clip_factor(total, threshold, tf.constant(True))
+    factors = clipping.norm_clip_factor(variable_sq, threshold, tf.constant(True))
     return tf.sqrt(tf.reduce_sum(variable_sq * tf.square(factors)))
