@@ -379,11 +379,16 @@ def _drive_policy(norms, auto):
     rule = policy.StepPolicy(clip_mode="global_clipnorm", clip_threshold="auto", auto=auto, auto_switch=True)
     device = state.DeviceState(tf.distribute.get_strategy(), 1, 4, rule.initial_adaptive_state(),
                                auto_shape=(auto.window, 1))
+
+    @tf.function
+    def step(norm):  # traced once: the policy's in-graph maths, as in a compiled train step
+        result = rule.decide(device, norm, tf.constant(False), tf.reshape(norm, [1]))
+        return result.clip_threshold[0], result.clip_active
+
     thresholds = []
     for norm in norms:
-        result = rule.decide(device, tf.constant(norm, tf.float32), tf.constant(False),
-                             tf.constant([norm], tf.float32))
-        thresholds.append(float(result.clip_threshold[0]) if bool(result.clip_active) else None)
+        threshold, active = step(tf.constant(norm, tf.float32))
+        thresholds.append(float(threshold) if bool(active) else None)
     return thresholds
 
 
