@@ -240,13 +240,18 @@ class KerasCapture:
         def distributed_update(distribution, grads_and_vars, learning_rate):
             if self._reset_pred is not None:  # here the slots can be written under any strategy
                 slots = momentum_slots(self.optimizer)
+                cap = self._second_moment_cap(distribution, grads_and_vars)
                 if state.is_distributed(distribution):
                     for slot in slots:
                         distribution.extended.update(_backend_variable(slot), _zero_if, args=(self._reset_pred,),
                                                      group=False)
-                elif slots:  # one cond for every slot (one per slot cost ~100 us a step on a small MLP)
-                    _zero_all_if(slots, self._reset_pred)
-                self._cap_second_moments(distribution, grads_and_vars)
+                    if cap is not None:
+                        tf.cond(self._reset_pred, cap, lambda: tf.constant(False))
+                elif slots or cap is not None:
+                    # One cond for every slot and the second moments (each untaken cond, and
+                    # each variable it holds, costs at every step: ~100 us a step per slot
+                    # with one cond per slot on a small MLP).
+                    _zero_all_if(slots, self._reset_pred, also=cap)
             skip = self._skip_pred
             if skip is None:
                 return original(distribution, grads_and_vars, learning_rate)
@@ -258,12 +263,13 @@ class KerasCapture:
             return tf.cond(skip, lambda: tf.constant(False), apply)
         return distributed_update
 
-    def _cap_second_moments(self, distribution, grads_and_vars):
-        """Trace time: where the momentum is zeroed, the second-moment slots
-        are capped to the clipped scale (`clipping.capped_second_moments`)."""
+    def _second_moment_cap(self, distribution, grads_and_vars):
+        """Trace time: the function that caps the second-moment slots to the
+        clipped scale (`clipping.capped_second_moments`), run where the momentum
+        is zeroed; None when the optimizer has none."""
         slots, decay = second_moment_slots(self.optimizer)
         if not slots or self._cap is None:
-            return
+            return None
         mode, threshold = self._cap
         optimizer = self.optimizer
         # The gradient's position of each optimizer variable (here the variables are
@@ -274,7 +280,7 @@ class KerasCapture:
         for _, variable in grads_and_vars:
             position = optimizer._get_variable_index(variable)
             if position is None or position >= len(slots) or position not in index:
-                return  # not the variables this step was traced with: leave the slots as they are
+                return None  # not the variables this step was traced with: leave the slots as they are
             pairs.append((slots[position], index[position]))
         if threshold.shape.rank == 1:  # one threshold per variable (clipnorm)
             threshold = tf.gather(threshold, [i for _, i in pairs])
@@ -287,7 +293,7 @@ class KerasCapture:
                                              group=False)
             return tf.constant(True)
 
-        tf.cond(self._reset_pred, cap, lambda: tf.constant(False))
+        return cap
 
     def _on_overflow(self, original):
         def handle_non_finite():
@@ -476,10 +482,13 @@ def _zero_if(slot, predicate):
     return tf.cond(predicate, reset, lambda: tf.constant(False))
 
 
-def _zero_all_if(slots, predicate):
-    """Every slot `= 0` when `predicate`, in one `tf.cond`."""
+def _zero_all_if(slots, predicate, also=None):
+    """Every slot `= 0` when `predicate`, and `also()` run then, in one `tf.cond`."""
     def reset():
-        with tf.control_dependencies([slot.assign(tf.zeros_like(slot)) for slot in slots]):
+        done = [slot.assign(tf.zeros_like(slot)) for slot in slots]
+        if also is not None:
+            done.append(also())
+        with tf.control_dependencies(done):
             return tf.constant(True)
     return tf.cond(predicate, reset, lambda: tf.constant(False))
 
