@@ -185,6 +185,8 @@ def configurations(log_root, profile):
         "gradwatch update_freq=1": gw(_Timed, update_freq=1) if profile else gw(update_freq=1),
         "gradwatch auto_clip='clipnorm'": gw(auto_clip="clipnorm"),
         "gradwatch auto_clip='clipnorm', clip_threshold='auto'": gw(**auto),
+        # Issue 24: the reset's untaken cond (momentum zeroed, Adam's second moments capped) apart.
+        "gradwatch auto_clip='clipnorm', clip_threshold='auto', reset_momentum=False": gw(**auto, reset_momentum=False),
         # Issue 25: culprits=False (the default) keeps nothing and adds nothing to the step;
         # "rank" and True keep exploding batches on the device (an untaken tf.cond on healthy
         # steps, and a one-scalar read every 8 steps); on healthy steps they cost the same
