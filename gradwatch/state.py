@@ -144,6 +144,14 @@ def _variable_factory(strategy):
     return make
 
 
+def backend_variable(variable):
+    """The TensorFlow variable behind a Keras 3 variable (under a distribution
+    strategy, its distributed variable, which `extended.update` takes); a
+    `tf.Variable` itself, or anything else, as it is."""
+    inner = getattr(variable, "_value", None)
+    return inner if isinstance(inner, tf.Variable) else variable
+
+
 def _local(variable):
     """This replica's copy of an `ON_READ` variable (scatter ops need it)."""
     if isinstance(variable, tf.distribute.DistributedValues):

@@ -113,8 +113,6 @@ def _fit(tmp_path, mode, optimizer=None, extra_callbacks=(), data=None, **monito
                                         explosion_threshold=200.0, verbose=0, update_freq=5, **monitor_args)
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
               callbacks=[snapshots, *extra_callbacks, monitor])
-    for callback in extra_callbacks:
-        callback.weights_before = snapshots.snapshots
     weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
     deltas = [[b - a for a, b in zip(w0, w1)] for w0, w1 in zip(weights, weights[1:])]
     return model, monitor, read_tags(str(tmp_path)), deltas
@@ -326,13 +324,15 @@ def test_the_momentum_is_zeroed_at_each_shrinking_step(tmp_path):
             assert abs(update - lr * clipped[step]) > 1e-3 * lr * clipped[step], step
 
 
-class SecondMomentsBeforeEachStep(keras.callbacks.Callback):
-    """Adam's `v` slots before every step (zeros before the optimizer is built)."""
+class SecondMomentsBeforeEachStep(WeightsBeforeEachStep):
+    """The weights and Adam's `v` slots before every step (zeros before the optimizer is built)."""
 
     def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         self.before = []
 
     def on_train_batch_begin(self, batch, logs=None):
+        super().on_train_batch_begin(batch, logs)
         slots = getattr(self.model.optimizer, "_velocities", None)
         self.before.append([v.numpy().copy() for v in slots] if slots else
                            [np.zeros(v.shape, "float32") for v in self.model.trainable_variables])
@@ -353,7 +353,7 @@ def test_adam_second_moments_are_brought_to_the_clipped_scale_at_the_switch(tmp_
     step = SPIKE_STEP
     assert monitor.clipping_events[0]["step"] == step
     t = logged["grad_norm/clip_threshold"][step]
-    weights = moments.weights_before[step - 1]
+    weights = moments.snapshots[step - 1]
     for variable, value in zip(model.trainable_variables, weights):
         variable.assign(value)
     with tf.GradientTape() as tape:

@@ -243,7 +243,7 @@ class KerasCapture:
                 cap = self._second_moment_cap(distribution, grads_and_vars)
                 if state.is_distributed(distribution):
                     for slot in slots:
-                        distribution.extended.update(_backend_variable(slot), _zero_if, args=(self._reset_pred,),
+                        distribution.extended.update(state.backend_variable(slot), _zero_if, args=(self._reset_pred,),
                                                      group=False)
                     if cap is not None:
                         tf.cond(self._reset_pred, cap, lambda: tf.constant(False))
@@ -289,7 +289,7 @@ class KerasCapture:
             capped = clipping.capped_second_moments([slot.value for slot, _ in pairs], mode, threshold,
                                                     decay, optimizer.iterations)
             for (slot, _), value in zip(pairs, capped):
-                distribution.extended.update(_backend_variable(slot), _assign, args=(tf.cast(value, slot.dtype),),
+                distribution.extended.update(state.backend_variable(slot), _assign, args=(tf.cast(value, slot.dtype),),
                                              group=False)
             return tf.constant(True)
 
@@ -461,13 +461,6 @@ def second_moment_slots(optimizer):
     if not isinstance(slots, (list, tuple)) or not slots or not isinstance(decay, (int, float)):
         return [], None
     return list(slots), float(decay)
-
-
-def _backend_variable(variable):
-    """The TensorFlow variable behind a Keras 3 variable (under a distribution
-    strategy, its distributed variable, which `extended.update` takes)."""
-    inner = getattr(variable, "_value", None)
-    return inner if isinstance(inner, tf.Variable) else variable
 
 
 def _assign(slot, value):

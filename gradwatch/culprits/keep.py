@@ -51,6 +51,8 @@ loop), input leaves that are not dense tensors (ragged, sparse).
 import numpy as np
 import tensorflow as tf
 
+from gradwatch.state import backend_variable
+
 # Batches held on the device between two drains: the first SLOTS exploding
 # steps between two drains are kept.
 SLOTS = 4
@@ -74,9 +76,7 @@ def _is_xla_context():
 
 def _value_of(variable):
     """In-graph: the current value of a Keras 3 or tf.Variable (never autocast)."""
-    inner = getattr(variable, "_value", None)
-    if isinstance(inner, tf.Variable):
-        return inner.read_value()
+    variable = backend_variable(variable)
     if isinstance(variable, tf.Variable):
         return variable.read_value()
     return tf.convert_to_tensor(variable)
