@@ -22,6 +22,7 @@ and updates. gradwatch wraps, on the optimizer *instance* only:
 import tensorflow as tf
 
 from gradwatch import clipping, state, stats
+from gradwatch.capture.skip import DeferredWrites
 from gradwatch.policy import HostDetector
 
 _RECORD_KEY = "_gradwatch_record"
@@ -66,6 +67,7 @@ class KerasCapture:
         self.traced = False  # the hook has run: the optimizer is reached
         self.sparse_layers = frozenset()  # trace time: layers with `IndexedSlices` gradients
         self._skip_pred = None
+        self._held_writes = None  # `DeferredWrites` while skipping on one device
         self._reset_pred = None  # trace time: zero the momentum at this step (reset_momentum)
         self._cap = None  # trace time: (clip mode, threshold) of this step, for the second moments
         self._installed = {}
@@ -180,6 +182,13 @@ class KerasCapture:
         self._wrap(self.optimizer, "_clip_gradients", lambda original: (lambda grads: grads))
         if self.policy.skip_nonfinite or self.policy.reset_momentum:
             self._wrap(self.optimizer, "_distributed_tf_update_step", self._on_distributed_update)
+        # Writes Keras makes before the gradient reaches gradwatch wait for the update (single device).
+        self._held_writes = None
+        if self.policy.skip_nonfinite and not state.is_distributed(self.model.distribute_strategy):
+            self._held_writes = DeferredWrites(self.optimizer)
+            # Keras decays the weights (AdamW's `weight_decay`) before the gradient reaches
+            # gradwatch: the decay waits for the update, so that a skipped step skips it too.
+            self._wrap(self.optimizer, "_apply_weight_decay", self._on_weight_decay)
         if self.loss_scaled:
             self._wrap(self.outer, "_stateful_handle_non_finite_grads", self._on_overflow)
         self.optimizer._gradwatch_capture = self
@@ -205,7 +214,14 @@ class KerasCapture:
     def _on_update_step(self, original):
         def update_step(grads, trainable_variables, learning_rate):
             self._begin_step(list(trainable_variables))
-            return original(grads, trainable_variables, learning_rate)
+            held = self._held_writes
+            if held is None:
+                return original(grads, trainable_variables, learning_rate)
+            held.hold()  # released by the update (`_on_distributed_update`)
+            try:
+                return original(grads, trainable_variables, learning_rate)
+            finally:
+                held.release()
         return update_step
 
     def _expected_variables(self):
@@ -236,6 +252,15 @@ class KerasCapture:
             return [(g, v) for g, (_, v) in zip(new_grads, reduced)]
         return all_reduce
 
+    def _on_weight_decay(self, original):
+        def defer(variables):
+            self._deferred_decay = (original, list(variables))
+        return defer
+
+    def _take_deferred_decay(self):
+        deferred, self._deferred_decay = getattr(self, "_deferred_decay", None), None
+        return deferred
+
     def _on_distributed_update(self, original):
         def distributed_update(distribution, grads_and_vars, learning_rate):
             if self._reset_pred is not None:  # here the slots can be written under any strategy
@@ -252,11 +277,22 @@ class KerasCapture:
                     # each variable it holds, costs at every step: ~100 us a step per slot
                     # with one cond per slot on a small MLP).
                     _zero_all_if(slots, self._reset_pred, also=cap)
-            skip = self._skip_pred
+            skip, decay = self._skip_pred, self._take_deferred_decay()
+            held = self._held_writes
+            writes = held.release() if held is not None else []
+
+            def before_update():  # what Keras wrote before the verdict was known (`gradwatch.capture.skip`)
+                if decay is not None:
+                    decay[0](decay[1])
+                if writes:
+                    held.replay(writes)
+
             if skip is None:
+                before_update()
                 return original(distribution, grads_and_vars, learning_rate)
 
             def apply():
+                before_update()
                 original(distribution, grads_and_vars, learning_rate)
                 return tf.constant(True)
 
