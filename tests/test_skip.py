@@ -77,3 +77,12 @@ def test_a_skipped_step_leaves_every_weight_and_slot_and_no_healthy_bit_changes(
     assert all(np.isfinite(a).all() for a in watched[-1])
     assert any(not np.array_equal(a, b) for a, b in zip(watched[NAN_STEP - 1], watched[NAN_STEP]))  # trains on
     assert [(e.step, e.action) for e in monitor.explosions] == [(NAN_STEP, "skipped")]
+
+
+def test_doctests():
+    import doctest
+
+    from gradwatch.capture import skip
+
+    assert doctest.testmod(skip, raise_on_error=False).attempted > 0
+    assert doctest.testmod(skip, raise_on_error=False).failed == 0
