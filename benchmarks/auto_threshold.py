@@ -15,7 +15,8 @@ standardised: 1.0 is predicting the mean):
 
 Families (regression heads): `mlp` (4 x Dense(64, tanh)), `gru` (GRU(32)),
 `cnn` (2 x Conv2D on 12x12 images), `attention` (a self-attention block with
-LayerNorm); optimizers `sgd` (SGD + momentum 0.9) and `adam`. Same initial
+LayerNorm); held out, never used to work the rule out (`--families resbn conv1d`): `resbn` (a residual
+MLP with BatchNormalization) and `conv1d` (a 1-D CNN over the GRU's sequences); optimizers `sgd` (SGD + momentum 0.9) and `adam`. Same initial
 weights and batches for every run of a (kind, family, optimizer, seed).
 
     python benchmarks/auto_threshold.py --out r.jsonl --seeds 0 1          # the grid (2 workers)
@@ -44,6 +45,9 @@ import numpy as np  # noqa: E402
 
 KINDS = ("chronic", "midrun", "inputs", "lr_spike", "diverge", "healthy")
 FAMILIES = ("mlp", "gru", "cnn", "attention")
+# Families the rule never saw, for held-out checks only (`--families resbn conv1d`): a residual MLP
+# with BatchNormalization and ReLU (on the MLP's data), a 1-D CNN over the GRU's sequences.
+HELD_OUT_FAMILIES = ("resbn", "conv1d")
 OPTIMIZERS = ("sgd", "adam")
 FIXED = {"clipnorm": (0.1, 0.3, 1.0, 3.0), "global_clipnorm": (0.1, 0.3, 1.0, 3.0),
          "clipvalue": (0.003, 0.01, 0.03, 0.1)}
@@ -56,11 +60,11 @@ def data(kind, family, seed):
     """`(x, y, x_bad, y_bad, x_val, y_val)`: clean and corrupted training sets, clean validation."""
     rng = np.random.default_rng(seed)
     n = TRAIN + VAL
-    if family == "mlp":
+    if family in ("mlp", "resbn"):
         x = rng.normal(size=(n, 16))
         w = rng.normal(size=(16, 2)) / 4.0
         y = x @ w[:, :1] + 0.5 * np.tanh(x @ w[:, 1:]) + 0.3 * x[:, :1] * x[:, 1:2]
-    elif family in ("gru", "attention"):
+    elif family in ("gru", "attention", "conv1d"):
         x = rng.normal(size=(n, 12, 4))
         w = rng.normal(size=(4,)) / 2.0
         y = x[:, -6:, 0].mean(1, keepdims=True) * 2.0 + np.tanh(x[:, -3:] @ w).mean(1)[:, None]
@@ -94,6 +98,16 @@ def build(family, seed, optimizer):
                                + [layers.Dense(1)])
     elif family == "gru":
         net = keras.Sequential([keras.Input((12, 4)), layers.GRU(32), layers.Dense(1)])
+    elif family == "resbn":
+        inputs = keras.Input((16,))
+        h = layers.Dense(64)(inputs)
+        for _ in range(3):
+            h = h + layers.Dense(64)(layers.ReLU()(layers.BatchNormalization()(h)))
+        net = keras.Model(inputs, layers.Dense(1)(layers.ReLU()(layers.BatchNormalization()(h))))
+    elif family == "conv1d":
+        net = keras.Sequential([keras.Input((12, 4)), layers.Conv1D(16, 3, activation="relu"),
+                                layers.Conv1D(16, 3, activation="relu"), layers.GlobalAveragePooling1D(),
+                                layers.Dense(1)])
     elif family == "cnn":
         net = keras.Sequential([keras.Input((12, 12, 1)), layers.Conv2D(8, 3, activation="relu"),
                                 layers.Conv2D(16, 3, strides=2, activation="relu"),
