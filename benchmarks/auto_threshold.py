@@ -171,6 +171,8 @@ def train(job):
                 clipping.AUTO = dataclasses.replace(clipping.AUTO, rise=float(part[4:]))
             elif part.startswith("elev"):
                 clipping.AUTO = dataclasses.replace(clipping.AUTO, elevation=float(part[4:]))
+            elif part.startswith("osc"):  # "osc3": oscillation=-0.3
+                clipping.AUTO = dataclasses.replace(clipping.AUTO, oscillation=-float(part[3:]) / 10.0)
         monitor = gradwatch.GradientMonitor(tempfile.mkdtemp(prefix="gw_auto_"), auto_clip=mode,
                                             clip_threshold="auto", verbose=0, vanishing=False, **extra)
         callbacks.append(monitor)

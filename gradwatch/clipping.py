@@ -84,6 +84,14 @@ class AutoThreshold:
             step 1 went from 4.3x to 1.5x the best fixed `global_clipnorm`,
             but the adding problem's RNN, whose norms rise as it learns after
             the switch, ended 1.2-2.7x worse on 4 seeds of 5.
+        oscillation: while clipping is on, a run whose successive gradients
+            point against each other -- the average cosine between each
+            clipped step's gradient and the one before (`oscillation_update`)
+            below this value over at least `recover_steps` steps -- is
+            overshooting at the threshold it has: the threshold is halved, for
+            good, and the evidence starts again. In [-1, 1), or `-inf`
+            (default): off. It needs one copy of the gradient, kept from one
+            clipped step to the next (as much memory as the trainable weights).
     """
 
     percentile: float = 25.0
@@ -95,6 +103,11 @@ class AutoThreshold:
     min_scale: float = 1.0 / 64.0
     recover_steps: int = 16
     elevation: float = float("inf")
+    oscillation: float = float("-inf")
+
+    @property
+    def watches_oscillation(self):
+        return self.oscillation != float("-inf")
 
     def __post_init__(self):
         q, window = self.percentile, self.window
@@ -111,6 +124,10 @@ class AutoThreshold:
             if not (number and (low < value if low == 0.0 else low <= value) and value <= high):
                 bounds = f"[{low:g}, inf)" if high == float("inf") else f"({low:g}, {high:g}]"
                 raise ValueError(f"`{name}` must be a number in {bounds}. Received: {name}={value!r}")
+        value = self.oscillation
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and (value == float("-inf") or -1.0 <= value < 1.0)):
+            raise ValueError(f"`oscillation` must be a number in [-1, 1) or -inf (off). Received: oscillation={value!r}")
 
 
 def grew(norm, reference, auto):
@@ -150,6 +167,46 @@ def auto_scale(scale, keeps_growing, finite, auto, factor=None, elevated=False):
     recovered = tf.where(tf.cast(elevated, tf.bool), tf.maximum(scale * step, auto.min_scale),
                          tf.minimum(scale / step, 1.0))
     return tf.where(tf.cast(keeps_growing, tf.bool), shrunk, tf.where(tf.cast(finite, tf.bool), recovered, scale))
+
+
+def gradient_cosine(dot, sq_norm, previous_sq_norm):
+    """`(cosine, valid)` between a step's gradient and the one kept before it,
+    from their dot product and squared norms: valid when both are non-zero
+    and the result is finite.
+
+    >>> [round(float(v), 3) for v in gradient_cosine(-2.0, 4.0, 1.0)]
+    [-1.0, 1.0]
+    >>> bool(gradient_cosine(0.0, 4.0, 0.0)[1])  # nothing kept yet
+    False
+    """
+    dot, sq_norm, previous_sq_norm = (tf.cast(v, tf.float32) for v in (dot, sq_norm, previous_sq_norm))
+    denominator = tf.sqrt(sq_norm) * tf.sqrt(previous_sq_norm)
+    cosine = dot / tf.maximum(denominator, 1e-30)
+    valid = tf.logical_and(denominator > 0, tf.math.is_finite(cosine))
+    return tf.where(valid, cosine, 0.0), valid
+
+
+def oscillation_update(average, count, cosine, valid, auto):
+    """`(average, count, halve)` after one clipped step: the running average
+    of the cosine between successive gradients (an exponential average over
+    about `recover_steps` steps) and how many steps it holds; `halve` when it
+    holds at least `recover_steps` and is below `auto.oscillation` -- then
+    both start again from zero (the evidence at the new threshold).
+
+    >>> auto = AutoThreshold(oscillation=-0.3, recover_steps=2)
+    >>> state = (0.0, 0.0)
+    >>> for _ in range(2):
+    ...     *state, halve = oscillation_update(*state, -0.9, True, auto)
+    >>> bool(halve), [float(v) for v in state]
+    (True, [0.0, 0.0])
+    """
+    average, count, cosine = (tf.cast(v, tf.float32) for v in (average, count, cosine))
+    valid = tf.cast(valid, tf.bool)
+    rate = 2.0 / (auto.recover_steps + 1.0)
+    average = tf.where(valid, average + rate * (cosine - average), average)
+    count = tf.where(valid, count + 1.0, count)
+    halve = tf.logical_and(count >= auto.recover_steps, average < auto.oscillation)
+    return tf.where(halve, 0.0, average), tf.where(halve, 0.0, count), halve
 
 
 def bounded_threshold(window_value, baseline, scale, auto):

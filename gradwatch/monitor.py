@@ -70,7 +70,9 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             statistic -- each variable's norm for `"clipnorm"` (one threshold
             per variable), the global norm for `"global_clipnorm"`, the
             root-mean-square gradient entry for `"clipvalue"`
-            (`clipping.AutoThreshold`).
+            (`clipping.AutoThreshold`). A `gradwatch.clipping.AutoThreshold`
+            is `"auto"` with settings of its own, e.g.
+            `AutoThreshold(oscillation=-0.3)` (measured, off by default).
         skip_nonfinite: skip updates whose gradient holds NaN/Inf. Defaults to
             True when `auto_clip` is set, else False.
         reset_momentum: with `auto_clip`, zero the optimizer's first-moment
@@ -175,6 +177,10 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         self.explosion_threshold = validation.check_explosion_threshold(explosion_threshold)
         self.auto_clip = validation.check_auto_clip(auto_clip)
         self.clip_threshold = validation.check_clip_threshold(clip_threshold)
+        # `clip_threshold="auto"` follows `clipping.AUTO`; an `AutoThreshold` is "auto" with its own settings.
+        self.auto_threshold = None
+        if isinstance(self.clip_threshold, clipping.AutoThreshold):
+            self.auto_threshold, self.clip_threshold = self.clip_threshold, "auto"
         skip = validation.check_optional_bool("skip_nonfinite", skip_nonfinite)
         self.skip_nonfinite = (auto_clip is not None) if skip is None else skip
         self.reset_momentum = validation.check_bool("reset_momentum", reset_momentum)
@@ -357,7 +363,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             explosion_threshold=self.explosion_threshold,
             clip_mode=self.auto_clip or own_mode,
             clip_threshold=own_threshold if own_mode else self.clip_threshold,
-            auto=clipping.AUTO,
+            auto=self.auto_threshold or clipping.AUTO,
             auto_switch=self.auto_clip is not None and own_mode is None,
             skip_nonfinite=self.skip_nonfinite and not hasattr(optimizer, "inner_optimizer"),
             reset_momentum=self.reset_momentum and self.auto_clip is not None and own_mode is None)
@@ -389,6 +395,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
         return {"log_dir": self.log_dir, "update_freq": self.update_freq,
                 "explosion_threshold": self.explosion_threshold, "auto_clip": self.auto_clip,
                 "clip_threshold": self.clip_threshold, "skip_nonfinite": self.skip_nonfinite,
+                **({"auto_threshold": dataclasses.asdict(self.auto_threshold)} if self.auto_threshold else {}),
                 "reset_momentum": self.reset_momentum, "culprits": self.culprits,
                 "vanishing": _vanishing_setting(self.vanishing_config),
                 "sublayers": self.sublayers, "top_layers": self.top_layers, "verbose": self.verbose}

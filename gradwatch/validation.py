@@ -96,9 +96,12 @@ def check_auto_clip(value):
 def check_clip_threshold(value):
     if isinstance(value, str) and value == "auto":
         return value
+    if isinstance(value, clipping.AutoThreshold):  # "auto" with settings of its own
+        return value
     if _is_positive_number(value):
         return _as_number(value)
-    raise ValueError("`clip_threshold` must be a positive finite number (float32 range, 1.2e-38 to 3.4e38) or 'auto'. "
+    raise ValueError("`clip_threshold` must be a positive finite number (float32 range, 1.2e-38 to 3.4e38), 'auto' "
+                     "or a `gradwatch.clipping.AutoThreshold`. "
                      f"{_received('clip_threshold', value)}")
 
 

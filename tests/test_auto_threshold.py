@@ -446,3 +446,76 @@ def test_a_run_that_stays_far_above_its_healthy_scale_although_clipped_is_clippe
         assert final < 0.25 * at_switch  # halved at least twice
         halving = [i for i in range(41, len(got)) if got[i] < got[i - 1] * (1 - 1e-6)]
         assert halving and halving[0] > 41 + 16  # not at once: the typical norm had to climb first
+
+
+def _drive_policy_with_gradients(gradients, auto):
+    """As `_drive_policy`, with the step's gradient (one variable) passed to the policy, as the
+    capture passes it when `auto.oscillation` is on; the threshold at each step (None before the switch)."""
+    from gradwatch import policy, state
+
+    rule = policy.StepPolicy(clip_mode="global_clipnorm", clip_threshold="auto", auto=auto, auto_switch=True)
+    device = state.DeviceState(tf.distribute.get_strategy(), 1, 4, rule.initial_adaptive_state(),
+                               auto_shape=(auto.window, 1), gradient_shapes=[gradients[0].shape])
+
+    @tf.function
+    def step(gradient):
+        norm = tf.norm(gradient)
+        result = rule.decide(device, norm, tf.constant(False), tf.reshape(norm, [1]), [gradient])
+        return result.clip_threshold[0], result.clip_active
+
+    thresholds = []
+    for gradient in gradients:
+        threshold, active = step(tf.constant(gradient, tf.float32))
+        thresholds.append(float(threshold) if bool(active) else None)
+    return thresholds
+
+
+def _replay_oscillation(gradients, switch, auto):
+    """The oscillation factor at each step from the switch on, written again: the cosine between
+    each clipped step's gradient and the previous clipped step's, its exponential average over
+    `recover_steps`, halved for good once it held `recover_steps` cosines below `auto.oscillation`."""
+    average, count, factor, previous, factors = 0.0, 0, 1.0, None, []
+    rate = 2.0 / (auto.recover_steps + 1.0)
+    for gradient in gradients[switch:]:
+        if previous is not None:
+            cosine = float(np.dot(gradient, previous) / (np.linalg.norm(gradient) * np.linalg.norm(previous)))
+            average += rate * (cosine - average)
+            count += 1
+            if count >= auto.recover_steps and average < auto.oscillation:
+                factor, average, count = max(factor / 2, auto.min_scale), 0.0, 0
+        previous = gradient
+        factors.append(factor)
+    return factors
+
+
+@pytest.mark.parametrize("alternating", [True, False])
+def test_a_clipped_run_whose_gradients_keep_reversing_is_clipped_harder(alternating):
+    """40 healthy steps, a spike (the switch), then gradients of the same size whose direction
+    reverses every step (an overshooting run: cosine -1 between successive steps) or keeps it
+    (cosine +1). Reversing: the threshold is halved each time 16 cosines average below -0.3,
+    exactly where the independent replay halves it; steady: never. With the watch off the same
+    run keeps the switch's threshold."""
+    rng = np.random.default_rng(1)
+    direction = np.array([0.6, -0.8, 0.0, 0.0], np.float32)
+    sizes = list(np.exp(rng.normal(0.0, 0.1, 40))) + [50.0] + list(np.exp(rng.normal(0.0, 0.1, 80)))
+    signs = [(-1.0) ** k if alternating else 1.0 for k in range(len(sizes))]
+    gradients = [np.float32(s * n) * direction for s, n in zip(signs, sizes)]
+    auto = clipping.AutoThreshold(oscillation=-0.3)
+    got = _drive_policy_with_gradients(gradients, auto)
+    plain = _drive_policy_with_gradients(gradients, clipping.AutoThreshold())
+    switch = next(i for i, g in enumerate(got) if g is not None)
+    assert switch == 40 and plain[switch] is not None
+    factors = _replay_oscillation(gradients, switch, auto)
+    np.testing.assert_allclose(got[switch:], np.array(plain[switch:]) * factors, rtol=1e-5)
+    if alternating:
+        halvings = [switch + i for i in range(1, len(factors)) if factors[i] < factors[i - 1]]
+        assert halvings[0] == switch + 16 and len(halvings) >= 3 and got[-1] < plain[-1] / 4
+    else:
+        assert factors == [1.0] * len(factors) and got[switch:] == plain[switch:]
+
+
+def test_clipping_doctests():
+    import doctest
+
+    result = doctest.testmod(clipping, raise_on_error=False)
+    assert result.attempted > 10 and result.failed == 0
