@@ -5,7 +5,7 @@ TensorFlow; the public classes are imported on first use.
 """
 
 __version__ = "0.1.0"
-__all__ = ["GradientMonitor", "Explosion", "Culprit", "BatchNotKeptError", "find_culprits", "ClippingSweep", "Vanishing", "VanishingConfig",
+__all__ = ["GradientMonitor", "Explosion", "Culprit", "BatchNotKeptError", "find_culprits", "ClippingSweep", "AutoThreshold", "Vanishing", "VanishingConfig",
            "UnsupportedVersionError", "UnsupportedBackendError", "__version__"]
 
 
@@ -30,6 +30,10 @@ def __getattr__(name):
         from gradwatch.sweep.sweep import ClippingSweep
 
         return ClippingSweep
+    if name == "AutoThreshold":
+        from gradwatch.clipping import AutoThreshold
+
+        return AutoThreshold
     if name == "Vanishing":
         from gradwatch.vanishing_watch import Vanishing
 

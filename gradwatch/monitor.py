@@ -70,7 +70,7 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             statistic -- each variable's norm for `"clipnorm"` (one threshold
             per variable), the global norm for `"global_clipnorm"`, the
             root-mean-square gradient entry for `"clipvalue"`
-            (`clipping.AutoThreshold`). A `gradwatch.clipping.AutoThreshold`
+            (`clipping.AutoThreshold`). A `gradwatch.AutoThreshold`
             is `"auto"` with settings of its own, e.g.
             `AutoThreshold(oscillation=-0.3)` (measured, off by default).
         skip_nonfinite: skip updates whose gradient holds NaN/Inf. Defaults to

@@ -101,7 +101,7 @@ def check_clip_threshold(value):
     if _is_positive_number(value):
         return _as_number(value)
     raise ValueError("`clip_threshold` must be a positive finite number (float32 range, 1.2e-38 to 3.4e38), 'auto' "
-                     "or a `gradwatch.clipping.AutoThreshold`. "
+                     "or a `gradwatch.AutoThreshold`. "
                      f"{_received('clip_threshold', value)}")
 
 
