@@ -171,8 +171,10 @@ def train(job):
                 clipping.AUTO = dataclasses.replace(clipping.AUTO, rise=float(part[4:]))
             elif part.startswith("elev"):
                 clipping.AUTO = dataclasses.replace(clipping.AUTO, elevation=float(part[4:]))
-            elif part.startswith("osc"):  # "osc3": oscillation=-0.3
-                clipping.AUTO = dataclasses.replace(clipping.AUTO, oscillation=-float(part[3:]) / 10.0)
+            elif part.startswith("osc"):  # "osc3": oscillation=-0.3; "osc3s4": and oscillation_steps=4
+                level, _, steps = part[3:].partition("s")
+                clipping.AUTO = dataclasses.replace(clipping.AUTO, oscillation=-float(level) / 10.0,
+                                                    **({"oscillation_steps": int(steps)} if steps else {}))
         monitor = gradwatch.GradientMonitor(tempfile.mkdtemp(prefix="gw_auto_"), auto_clip=mode,
                                             clip_threshold="auto", verbose=0, vanishing=False, **extra)
         callbacks.append(monitor)

@@ -87,11 +87,13 @@ class AutoThreshold:
         oscillation: while clipping is on, a run whose successive gradients
             point against each other -- the average cosine between each
             clipped step's gradient and the one before (`oscillation_update`)
-            below this value over at least `recover_steps` steps -- is
+            below this value over at least `oscillation_steps` steps -- is
             overshooting at the threshold it has: the threshold is halved, for
             good, and the evidence starts again. In [-1, 1), or `-inf`
             (default): off. It needs one copy of the gradient, kept from one
             clipped step to the next (as much memory as the trainable weights).
+        oscillation_steps: the cosines averaged (and needed) before each
+            halving of the oscillation watch (a positive integer).
     """
 
     percentile: float = 25.0
@@ -104,6 +106,7 @@ class AutoThreshold:
     recover_steps: int = 16
     elevation: float = float("inf")
     oscillation: float = float("-inf")
+    oscillation_steps: int = 16
 
     @property
     def watches_oscillation(self):
@@ -113,7 +116,7 @@ class AutoThreshold:
         q, window = self.percentile, self.window
         if not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q <= 100):
             raise ValueError(f"`percentile` must be a number in (0, 100]. Received: percentile={q!r}")
-        for name in ("window", "recover_steps"):
+        for name in ("window", "recover_steps", "oscillation_steps"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
@@ -189,11 +192,11 @@ def gradient_cosine(dot, sq_norm, previous_sq_norm):
 def oscillation_update(average, count, cosine, valid, auto):
     """`(average, count, halve)` after one clipped step: the running average
     of the cosine between successive gradients (an exponential average over
-    about `recover_steps` steps) and how many steps it holds; `halve` when it
-    holds at least `recover_steps` and is below `auto.oscillation` -- then
-    both start again from zero (the evidence at the new threshold).
+    about `oscillation_steps` steps) and how many steps it holds; `halve` when
+    it holds at least `oscillation_steps` and is below `auto.oscillation` --
+    then both start again from zero (the evidence at the new threshold).
 
-    >>> auto = AutoThreshold(oscillation=-0.3, recover_steps=2)
+    >>> auto = AutoThreshold(oscillation=-0.3, oscillation_steps=2)
     >>> state = (0.0, 0.0)
     >>> for _ in range(2):
     ...     *state, halve = oscillation_update(*state, -0.9, True, auto)
@@ -202,10 +205,10 @@ def oscillation_update(average, count, cosine, valid, auto):
     """
     average, count, cosine = (tf.cast(v, tf.float32) for v in (average, count, cosine))
     valid = tf.cast(valid, tf.bool)
-    rate = 2.0 / (auto.recover_steps + 1.0)
+    rate = 2.0 / (auto.oscillation_steps + 1.0)
     average = tf.where(valid, average + rate * (cosine - average), average)
     count = tf.where(valid, count + 1.0, count)
-    halve = tf.logical_and(count >= auto.recover_steps, average < auto.oscillation)
+    halve = tf.logical_and(count >= auto.oscillation_steps, average < auto.oscillation)
     return tf.where(halve, 0.0, average), tf.where(halve, 0.0, count), halve
 
 

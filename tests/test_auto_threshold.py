@@ -473,26 +473,26 @@ def _drive_policy_with_gradients(gradients, auto):
 def _replay_oscillation(gradients, switch, auto):
     """The oscillation factor at each step from the switch on, written again: the cosine between
     each clipped step's gradient and the previous clipped step's, its exponential average over
-    `recover_steps`, halved for good once it held `recover_steps` cosines below `auto.oscillation`."""
+    `oscillation_steps`, halved for good once it held that many cosines below `auto.oscillation`."""
     average, count, factor, previous, factors = 0.0, 0, 1.0, None, []
-    rate = 2.0 / (auto.recover_steps + 1.0)
+    rate = 2.0 / (auto.oscillation_steps + 1.0)
     for gradient in gradients[switch:]:
         if previous is not None:
             cosine = float(np.dot(gradient, previous) / (np.linalg.norm(gradient) * np.linalg.norm(previous)))
             average += rate * (cosine - average)
             count += 1
-            if count >= auto.recover_steps and average < auto.oscillation:
+            if count >= auto.oscillation_steps and average < auto.oscillation:
                 factor, average, count = max(factor / 2, auto.min_scale), 0.0, 0
         previous = gradient
         factors.append(factor)
     return factors
 
 
-@pytest.mark.parametrize("alternating", [True, False])
-def test_a_clipped_run_whose_gradients_keep_reversing_is_clipped_harder(alternating):
+@pytest.mark.parametrize("alternating, steps", [(True, 16), (True, 4), (False, 16)])
+def test_a_clipped_run_whose_gradients_keep_reversing_is_clipped_harder(alternating, steps):
     """40 healthy steps, a spike (the switch), then gradients of the same size whose direction
     reverses every step (an overshooting run: cosine -1 between successive steps) or keeps it
-    (cosine +1). Reversing: the threshold is halved each time 16 cosines average below -0.3,
+    (cosine +1). Reversing: the threshold is halved each time `steps` cosines average below -0.3,
     exactly where the independent replay halves it; steady: never. With the watch off the same
     run keeps the switch's threshold."""
     rng = np.random.default_rng(1)
@@ -500,7 +500,7 @@ def test_a_clipped_run_whose_gradients_keep_reversing_is_clipped_harder(alternat
     sizes = list(np.exp(rng.normal(0.0, 0.1, 40))) + [50.0] + list(np.exp(rng.normal(0.0, 0.1, 80)))
     signs = [(-1.0) ** k if alternating else 1.0 for k in range(len(sizes))]
     gradients = [np.float32(s * n) * direction for s, n in zip(signs, sizes)]
-    auto = clipping.AutoThreshold(oscillation=-0.3)
+    auto = clipping.AutoThreshold(oscillation=-0.3, oscillation_steps=steps)
     got = _drive_policy_with_gradients(gradients, auto)
     plain = _drive_policy_with_gradients(gradients, clipping.AutoThreshold())
     switch = next(i for i, g in enumerate(got) if g is not None)
@@ -509,7 +509,7 @@ def test_a_clipped_run_whose_gradients_keep_reversing_is_clipped_harder(alternat
     np.testing.assert_allclose(got[switch:], np.array(plain[switch:]) * factors, rtol=1e-5)
     if alternating:
         halvings = [switch + i for i in range(1, len(factors)) if factors[i] < factors[i - 1]]
-        assert halvings[0] == switch + 16 and len(halvings) >= 3 and got[-1] < plain[-1] / 4
+        assert halvings[0] == switch + steps and len(halvings) >= 3 and got[-1] < plain[-1] / 4
     else:
         assert factors == [1.0] * len(factors) and got[switch:] == plain[switch:]
 
