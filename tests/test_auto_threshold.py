@@ -371,23 +371,28 @@ def test_adam_second_moments_are_brought_to_the_clipped_scale_at_the_switch(tmp_
         np.testing.assert_allclose(v1, beta_2 * factor * v0 + (1 - beta_2) * g ** 2, rtol=2e-4, atol=1e-12)
 
 
-def _drive_policy(norms, auto):
+def _drive_policy(norms, auto, gradients=None):
     """The in-graph policy (`global_clipnorm`, "auto", adaptive detector), driven eagerly step by
-    step with these global norms; the threshold it clips with at each step (None before the switch)."""
+    step with these global norms -- or, with `gradients` (one variable's, per step), with their norms
+    and the gradients themselves, as the capture passes them when `auto.oscillation` is on; the
+    threshold it clips with at each step (None before the switch)."""
     from gradwatch import policy, state
 
     rule = policy.StepPolicy(clip_mode="global_clipnorm", clip_threshold="auto", auto=auto, auto_switch=True)
     device = state.DeviceState(tf.distribute.get_strategy(), 1, 4, rule.initial_adaptive_state(),
-                               auto_shape=(auto.window, 1))
+                               auto_shape=(auto.window, 1),
+                               gradient_shapes=None if gradients is None else [gradients[0].shape])
 
     @tf.function
-    def step(norm):  # traced once: the policy's in-graph maths, as in a compiled train step
-        result = rule.decide(device, norm, tf.constant(False), tf.reshape(norm, [1]))
+    def step(value):  # traced once: the policy's in-graph maths, as in a compiled train step
+        norm = value if gradients is None else tf.norm(value)
+        result = rule.decide(device, norm, tf.constant(False), tf.reshape(norm, [1]),
+                             None if gradients is None else [value])
         return result.clip_threshold[0], result.clip_active
 
     thresholds = []
-    for norm in norms:
-        threshold, active = step(tf.constant(norm, tf.float32))
+    for value in (norms if gradients is None else gradients):
+        threshold, active = step(tf.constant(value, tf.float32))
         thresholds.append(float(threshold) if bool(active) else None)
     return thresholds
 
@@ -448,28 +453,6 @@ def test_a_run_that_stays_far_above_its_healthy_scale_although_clipped_is_clippe
         assert halving and halving[0] > 41 + 16  # not at once: the typical norm had to climb first
 
 
-def _drive_policy_with_gradients(gradients, auto):
-    """As `_drive_policy`, with the step's gradient (one variable) passed to the policy, as the
-    capture passes it when `auto.oscillation` is on; the threshold at each step (None before the switch)."""
-    from gradwatch import policy, state
-
-    rule = policy.StepPolicy(clip_mode="global_clipnorm", clip_threshold="auto", auto=auto, auto_switch=True)
-    device = state.DeviceState(tf.distribute.get_strategy(), 1, 4, rule.initial_adaptive_state(),
-                               auto_shape=(auto.window, 1), gradient_shapes=[gradients[0].shape])
-
-    @tf.function
-    def step(gradient):
-        norm = tf.norm(gradient)
-        result = rule.decide(device, norm, tf.constant(False), tf.reshape(norm, [1]), [gradient])
-        return result.clip_threshold[0], result.clip_active
-
-    thresholds = []
-    for gradient in gradients:
-        threshold, active = step(tf.constant(gradient, tf.float32))
-        thresholds.append(float(threshold) if bool(active) else None)
-    return thresholds
-
-
 def _replay_oscillation(gradients, switch, auto):
     """The oscillation factor at each step from the switch on, written again: the cosine between
     each clipped step's gradient and the previous clipped step's, its exponential average over
@@ -501,8 +484,8 @@ def test_a_clipped_run_whose_gradients_keep_reversing_is_clipped_harder(alternat
     signs = [(-1.0) ** k if alternating else 1.0 for k in range(len(sizes))]
     gradients = [np.float32(s * n) * direction for s, n in zip(signs, sizes)]
     auto = clipping.AutoThreshold(oscillation=-0.3, oscillation_steps=steps)
-    got = _drive_policy_with_gradients(gradients, auto)
-    plain = _drive_policy_with_gradients(gradients, clipping.AutoThreshold())
+    got = _drive_policy(None, auto, gradients)
+    plain = _drive_policy(None, clipping.AutoThreshold(), gradients)
     switch = next(i for i, g in enumerate(got) if g is not None)
     assert switch == 40 and plain[switch] is not None
     factors = _replay_oscillation(gradients, switch, auto)
