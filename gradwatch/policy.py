@@ -226,7 +226,8 @@ def _watch_oscillation(device_state, gradients, global_norm, nonfinite, auto):
     dot = tf.add_n([tf.reduce_sum(g * p) for g, p in zip(dense, previous)])
     sq_norm = tf.square(tf.cast(global_norm, tf.float32))
     finite = tf.logical_not(nonfinite)
-    cosine, valid = clipping.gradient_cosine(dot, sq_norm, device_state.previous_sq_norm.read_value())
+    previous_sq_norm = device_state.previous_sq_norm.read_value()
+    cosine, valid = clipping.gradient_cosine(dot, sq_norm, previous_sq_norm)
     packed = device_state.oscillation.read_value()
     average, count, halve = clipping.oscillation_update(packed[0], packed[1], cosine,
                                                         tf.logical_and(valid, finite), auto)
@@ -236,7 +237,7 @@ def _watch_oscillation(device_state, gradients, global_norm, nonfinite, auto):
     device_state.oscillation_scale.assign(scale)
     for variable, g, p in zip(device_state.previous_gradient, dense, previous):
         variable.assign(tf.where(finite, g, p))
-    device_state.previous_sq_norm.assign(tf.where(finite, sq_norm, device_state.previous_sq_norm.read_value()))
+    device_state.previous_sq_norm.assign(tf.where(finite, sq_norm, previous_sq_norm))
     return scale
 
 

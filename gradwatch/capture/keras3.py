@@ -219,11 +219,12 @@ class KerasCapture:
             held = self._held_writes
             if held is None:
                 return original(grads, trainable_variables, learning_rate)
-            held.hold()  # released by the update (`_on_distributed_update`)
+            held.hold()  # released, and the writes made, by the update (`_on_distributed_update`)
             try:
                 return original(grads, trainable_variables, learning_rate)
             finally:
                 held.release()
+                held.take()  # a step that reached no update makes none of them
         return update_step
 
     def _expected_variables(self):
@@ -256,12 +257,9 @@ class KerasCapture:
 
     def _on_weight_decay(self, original):
         def defer(variables):
-            self._deferred_decay = (original, list(variables))
+            variables = list(variables)
+            self._held_writes.defer(lambda: original(variables))
         return defer
-
-    def _take_deferred_decay(self):
-        deferred, self._deferred_decay = getattr(self, "_deferred_decay", None), None
-        return deferred
 
     def _on_distributed_update(self, original):
         def distributed_update(distribution, grads_and_vars, learning_rate):
@@ -279,22 +277,17 @@ class KerasCapture:
                     # each variable it holds, costs at every step: ~100 us a step per slot
                     # with one cond per slot on a small MLP).
                     _zero_all_if(slots, self._reset_pred, also=cap)
-            skip, decay = self._skip_pred, self._take_deferred_decay()
-            held = self._held_writes
-            writes = held.release() if held is not None else []
-
-            def before_update():  # what Keras wrote before the verdict was known (`gradwatch.capture.skip`)
-                if decay is not None:
-                    decay[0](decay[1])
-                if writes:
-                    held.replay(writes)
-
+            skip, held = self._skip_pred, self._held_writes
+            writes = []  # what Keras wrote before the verdict was known (`gradwatch.capture.skip`)
+            if held is not None:
+                held.release()
+                writes = held.take()
             if skip is None:
-                before_update()
+                DeferredWrites.replay(writes)
                 return original(distribution, grads_and_vars, learning_rate)
 
             def apply():
-                before_update()
+                DeferredWrites.replay(writes)
                 original(distribution, grads_and_vars, learning_rate)
                 return tf.constant(True)
 
