@@ -33,6 +33,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import sys
 import tempfile
 import time
@@ -171,10 +172,11 @@ def train(job):
                 clipping.AUTO = dataclasses.replace(clipping.AUTO, rise=float(part[4:]))
             elif part.startswith("elev"):
                 clipping.AUTO = dataclasses.replace(clipping.AUTO, elevation=float(part[4:]))
-            elif part.startswith("osc"):  # "osc3": oscillation=-0.3; "osc3s4": and oscillation_steps=4
-                level, _, steps = part[3:].partition("s")
-                clipping.AUTO = dataclasses.replace(clipping.AUTO, oscillation=-float(level) / 10.0,
-                                                    **({"oscillation_steps": int(steps)} if steps else {}))
+            elif part.startswith("ov"):  # "ov0": the overshoot watch off; "ov0.5n8t0": gain, steps, level
+                gain, steps, level = re.fullmatch(r"ov([\d.]+)(?:n(\d+))?(?:t(-?[\d.]+))?", part).groups()
+                clipping.AUTO = dataclasses.replace(
+                    clipping.AUTO, overshoot_gain=float(gain), **({"overshoot_steps": int(steps)} if steps else {}),
+                    **({"overshoot_level": float(level)} if level else {}))
         monitor = gradwatch.GradientMonitor(tempfile.mkdtemp(prefix="gw_auto_"), auto_clip=mode,
                                             clip_threshold="auto", verbose=0, vanishing=False, **extra)
         callbacks.append(monitor)

@@ -55,6 +55,19 @@ class AutoThreshold:
     a run that settled at a higher norm is not left frozen under a tiny
     threshold.
 
+    The overshoot watch, last, catches a run whose every step is too long
+    although its norms do not grow -- a divergence from step 1, clipped at
+    a threshold taken from its first, already too large, norms. While
+    clipping is on, each step measures the cosine between its gradient and
+    the update the optimizer just made: positive means the previous step went
+    past the point where the loss stopped falling along its direction (the
+    sign of the hypergradient of the step size, Baydin et al. 2018). Its
+    running average over about `overshoot_steps` steps, minus
+    `overshoot_level`, times `overshoot_gain`, is subtracted from the log of
+    the threshold's factor at every step, which never rises above 1: a run
+    whose updates keep overshooting is clipped harder and harder, and one
+    whose steps are short enough (the average below the level) comes back.
+
     Why these defaults: `benchmarks/auto_threshold.py` (kinds of trouble x
     model families x optimizers x seeds, each against 4 fixed thresholds from
     the start; tables in `benchmarks/README.md`). Once a run has exploded, a
@@ -84,16 +97,15 @@ class AutoThreshold:
             step 1 went from 4.3x to 1.5x the best fixed `global_clipnorm`,
             but the adding problem's RNN, whose norms rise as it learns after
             the switch, ended 1.2-2.7x worse on 4 seeds of 5.
-        oscillation: while clipping is on, a run whose successive gradients
-            point against each other -- the average cosine between each
-            clipped step's gradient and the one before (`oscillation_update`)
-            below this value over at least `oscillation_steps` steps -- is
-            overshooting at the threshold it has: the threshold is halved, for
-            good, and the evidence starts again. In [-1, 1), or `-inf`
-            (default): off. It needs one copy of the gradient, kept from one
-            clipped step to the next (as much memory as the trainable weights).
-        oscillation_steps: the cosines averaged (and needed) before each
-            halving of the oscillation watch (a positive integer).
+        overshoot_gain: how fast the overshoot watch moves the threshold
+            (`overshoot_update`): its factor changes by `exp(-gain * (average
+            - level))` per step (>= 0; 0 turns the watch off). It keeps one
+            copy of the trainable weights while clipping is on (allocated
+            with the monitor's state: as much memory as the weights).
+        overshoot_steps: the span of the watch's running average of cosines
+            (a positive integer).
+        overshoot_level: the average cosine at which the threshold holds:
+            above it, it shrinks; below, it comes back (in [-1, 1)).
     """
 
     percentile: float = 25.0
@@ -105,32 +117,33 @@ class AutoThreshold:
     min_scale: float = 1.0 / 64.0
     recover_steps: int = 16
     elevation: float = float("inf")
-    oscillation: float = float("-inf")
-    oscillation_steps: int = 16
+    overshoot_gain: float = 1.0
+    overshoot_steps: int = 16
+    overshoot_level: float = 0.1
 
     @property
-    def watches_oscillation(self):
-        return self.oscillation != float("-inf")
+    def watches_overshoot(self):
+        return self.overshoot_gain > 0
 
     def __post_init__(self):
         q, window = self.percentile, self.window
         if not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q <= 100):
             raise ValueError(f"`percentile` must be a number in (0, 100]. Received: percentile={q!r}")
-        for name in ("window", "recover_steps", "oscillation_steps"):
+        for name in ("window", "recover_steps", "overshoot_steps"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
         for name, low, high in (("rise", 1.0, float("inf")), ("shrink", 0.0, 1.0), ("min_scale", 0.0, 1.0),
-                                ("elevation", 1.0, float("inf"))):
+                                ("elevation", 1.0, float("inf")), ("overshoot_gain", 0.0, float("inf"))):
             value = getattr(self, name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not (number and (low < value if low == 0.0 else low <= value) and value <= high):
+            above_low = low < value if (low == 0.0 and name != "overshoot_gain") else low <= value
+            if not (number and above_low and value <= high):
                 bounds = f"[{low:g}, inf)" if high == float("inf") else f"({low:g}, {high:g}]"
                 raise ValueError(f"`{name}` must be a number in {bounds}. Received: {name}={value!r}")
-        value = self.oscillation
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (number and (value == float("-inf") or -1.0 <= value < 1.0)):
-            raise ValueError(f"`oscillation` must be a number in [-1, 1) or -inf (off). Received: oscillation={value!r}")
+        value = self.overshoot_level
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and -1.0 <= value < 1.0):
+            raise ValueError(f"`overshoot_level` must be a number in [-1, 1). Received: overshoot_level={value!r}")
 
 
 def grew(norm, reference, auto):
@@ -172,44 +185,49 @@ def auto_scale(scale, keeps_growing, finite, auto, factor=None, elevated=False):
     return tf.where(tf.cast(keeps_growing, tf.bool), shrunk, tf.where(tf.cast(finite, tf.bool), recovered, scale))
 
 
-def gradient_cosine(dot, sq_norm, previous_sq_norm):
-    """`(cosine, valid)` between a step's gradient and the one kept before it,
-    from their dot product and squared norms: valid when both are non-zero
-    and the result is finite.
+def cosine(dot, sq_norm, other_sq_norm):
+    """`(cosine, valid)` of two vectors from their dot product and squared
+    norms: valid when both are non-zero and the result is finite.
 
-    >>> [round(float(v), 3) for v in gradient_cosine(-2.0, 4.0, 1.0)]
+    >>> [round(float(v), 3) for v in cosine(-2.0, 4.0, 1.0)]
     [-1.0, 1.0]
-    >>> bool(gradient_cosine(0.0, 4.0, 0.0)[1])  # nothing kept yet
+    >>> bool(cosine(0.0, 4.0, 0.0)[1])  # nothing to compare with
     False
     """
-    dot, sq_norm, previous_sq_norm = (tf.cast(v, tf.float32) for v in (dot, sq_norm, previous_sq_norm))
-    denominator = tf.sqrt(sq_norm) * tf.sqrt(previous_sq_norm)
-    cosine = dot / tf.maximum(denominator, 1e-30)
-    valid = tf.logical_and(denominator > 0, tf.math.is_finite(cosine))
-    return tf.where(valid, cosine, 0.0), valid
+    dot, sq_norm, other_sq_norm = (tf.cast(v, tf.float32) for v in (dot, sq_norm, other_sq_norm))
+    denominator = tf.sqrt(sq_norm) * tf.sqrt(other_sq_norm)
+    value = dot / tf.maximum(denominator, 1e-30)
+    valid = tf.logical_and(denominator > 0, tf.math.is_finite(value))
+    return tf.where(valid, value, 0.0), valid
 
 
-def oscillation_update(average, count, cosine, valid, auto):
-    """`(average, count, halve)` after one clipped step: the running average
-    of the cosine between successive gradients (an exponential average over
-    about `oscillation_steps` steps) and how many steps it holds; `halve` when
-    it holds at least `oscillation_steps` and is below `auto.oscillation` --
-    then both start again from zero (the evidence at the new threshold).
+def overshoot_update(average, count, scale, cosine, valid, auto):
+    """`(average, count, scale)` after one step while clipping is on: the
+    running average of the cosine between each step's gradient and the update
+    before it (an exponential average over about `auto.overshoot_steps`
+    steps), how many it holds, and the threshold's factor: from the second
+    cosine on multiplied by `exp(-overshoot_gain * (average - overshoot_level))`,
+    within `[min_scale, 1]`. An invalid cosine (no previous update, a
+    non-finite step) changes nothing.
 
-    >>> auto = AutoThreshold(oscillation=-0.3, oscillation_steps=2)
-    >>> state = (0.0, 0.0)
-    >>> for _ in range(2):
-    ...     *state, halve = oscillation_update(*state, -0.9, True, auto)
-    >>> bool(halve), [float(v) for v in state]
-    (True, [0.0, 0.0])
+    >>> auto = AutoThreshold(overshoot_gain=1.0, overshoot_steps=3, overshoot_level=0.0)
+    >>> state = (0.0, 0.0, 1.0)
+    >>> for c in [0.8, 0.8, 0.8, -0.8]:
+    ...     state = overshoot_update(*state, c, True, auto)
+    ...     print([round(float(v), 3) for v in state])
+    [0.4, 1.0, 1.0]
+    [0.6, 2.0, 0.549]
+    [0.7, 3.0, 0.273]
+    [-0.05, 4.0, 0.287]
     """
-    average, count, cosine = (tf.cast(v, tf.float32) for v in (average, count, cosine))
+    average, count, scale, cosine = (tf.cast(v, tf.float32) for v in (average, count, scale, cosine))
     valid = tf.cast(valid, tf.bool)
-    rate = 2.0 / (auto.oscillation_steps + 1.0)
+    rate = 2.0 / (auto.overshoot_steps + 1.0)
     average = tf.where(valid, average + rate * (cosine - average), average)
     count = tf.where(valid, count + 1.0, count)
-    halve = tf.logical_and(count >= auto.oscillation_steps, average < auto.oscillation)
-    return tf.where(halve, 0.0, average), tf.where(halve, 0.0, count), halve
+    moved = tf.clip_by_value(scale * tf.exp(-auto.overshoot_gain * (average - auto.overshoot_level)),
+                             auto.min_scale, 1.0)
+    return average, count, tf.where(tf.logical_and(valid, count >= 2.0), moved, scale)
 
 
 def bounded_threshold(window_value, baseline, scale, auto):

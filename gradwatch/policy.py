@@ -83,11 +83,12 @@ class StepPolicy:
         thresholds, the largest one (no variable is clipped above it)."""
         return tf.reduce_max(clip_threshold)
 
-    def decide(self, device_state, global_norm, nonfinite, auto_values=None, gradients=None):
+    def decide(self, device_state, global_norm, nonfinite, auto_values=None, grads_and_vars=None):
         """`auto_values`: with `clip_threshold="auto"`, this step's statistic
         (`clipping.auto_statistic`, one entry per column of the window).
-        `gradients`: the step's gradients, with `AutoThreshold.oscillation`
-        (and `device_state.previous_gradient` of their shapes); else None."""
+        `grads_and_vars`: the step's gradients and variables, with
+        `AutoThreshold.overshoot_gain` (and `device_state.previous_weights` of
+        the variables' shapes, in order); else None."""
         threshold = self._threshold(device_state)
         exploded = detection.is_explosion(global_norm, threshold)
         if self.explosion_threshold is None:
@@ -97,13 +98,13 @@ class StepPolicy:
             clip_active, switching, clip_threshold, shrinking = false, false, tf.constant([0.0]), false
         else:
             clip_active, switching, clip_threshold, shrinking = self._update_clipping(
-                device_state, auto_values, threshold, exploded, nonfinite, global_norm, gradients)
+                device_state, auto_values, threshold, exploded, nonfinite, global_norm, grads_and_vars)
         skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
         flags = _flags(exploded, nonfinite, skip, switching, clip_active)
         return StepResult(threshold, exploded, clip_active, clip_threshold, skip, switching, flags, shrinking)
 
     def _update_clipping(self, device_state, auto_values, threshold, exploded, nonfinite, global_norm,
-                         gradients=None):
+                         grads_and_vars=None):
         """In-graph: `(clip_active, switching, clip_threshold, shrinking)` of this step."""
         was_active = device_state.clip_active.read_value()
         finite_explosion = tf.logical_and(exploded, tf.logical_not(nonfinite))
@@ -113,7 +114,7 @@ class StepPolicy:
         shrinking = tf.constant(False)
         if self.clip_threshold == "auto":
             clip_threshold, shrinking = self._auto_threshold(device_state, auto_values, threshold, global_norm,
-                                                  was_active, switching, finite_explosion, nonfinite, gradients)
+                                                  was_active, switching, finite_explosion, nonfinite, grads_and_vars)
             device_state.clip_threshold.assign(clip_threshold)
         else:  # a constant: `device_state.clip_threshold` keeps what `set_clip_state` wrote, no per-step write
             clip_threshold = tf.constant([float(self.clip_threshold)], tf.float32)
@@ -122,7 +123,7 @@ class StepPolicy:
         return clip_active, switching, clip_threshold, shrinking
 
     def _auto_threshold(self, device_state, auto_values, explosion_threshold, global_norm,
-                        was_active, switching, finite_explosion, nonfinite, gradients=None):
+                        was_active, switching, finite_explosion, nonfinite, grads_and_vars=None):
         """In-graph: the "auto" threshold of this step (`clipping.AutoThreshold`) and
         whether it shrinks at this step (the clipped norms doubled again).
         The window's percentile is computed (sorted) only while clipping is on;
@@ -156,9 +157,9 @@ class StepPolicy:
         # norm stays `elevation` times the one at the switch: the threshold keeps shrinking.
         # (With a fixed `explosion_threshold` there is no detector window.)
         elevation_on = self.explosion_threshold is None and auto.elevation != math.inf
-        # The oscillation watch (off by default): the gradient kept from one clipped step to the next.
-        watch_oscillation = (auto.watches_oscillation and gradients is not None
-                             and hasattr(device_state, "previous_gradient"))
+        # The overshoot watch: the weights kept from one step to the next while clipping is on.
+        watch_overshoot = (auto.watches_overshoot and grads_and_vars is not None
+                           and hasattr(device_state, "previous_weights"))
 
         def clipping_on():
             # The window's percentile: every step while clipping is on, or, with
@@ -189,8 +190,8 @@ class StepPolicy:
                 tf.where(tf.logical_or(switching, keeps_growing), global_norm, reference))
             device_state.auto_scale.assign(scale)
             threshold = clipping.bounded_threshold(window_value, new_baseline, scale, auto)
-            if watch_oscillation:
-                threshold = threshold * _watch_oscillation(device_state, gradients, global_norm, nonfinite, auto)
+            if watch_overshoot:
+                threshold = threshold * _watch_overshoot(device_state, grads_and_vars, nonfinite, auto)
             return threshold, keeps_growing
 
         def clipping_off():
@@ -215,30 +216,35 @@ class StepPolicy:
         return tf.where(device_state.clip_active.read_value(), threshold, bound)
 
 
-def _watch_oscillation(device_state, gradients, global_norm, nonfinite, auto):
-    """In-graph, on a clipped step: the cosine between this step's gradient and
-    the last clipped step's (`clipping.gradient_cosine`), its running average
-    (`clipping.oscillation_update`); this step's gradient kept for the next.
-    Returns the oscillation factor of the threshold (halved for good each time
-    the average says the run overshoots)."""
-    dense = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g in gradients]
-    previous = [v.read_value() for v in device_state.previous_gradient]
-    dot = tf.add_n([tf.reduce_sum(g * p) for g, p in zip(dense, previous)])
-    sq_norm = tf.square(tf.cast(global_norm, tf.float32))
+def _watch_overshoot(device_state, grads_and_vars, nonfinite, auto):
+    """In-graph, while clipping is on: the cosine between this step's gradient
+    and the update made at the step before (the weights now minus the weights
+    kept then, `clipping.cosine`), its running average and the threshold's
+    factor (`clipping.overshoot_update`); the weights kept for the next step.
+    Returns the factor."""
+    dense = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g, _ in grads_and_vars]
+    weights = [tf.cast(_read(v), tf.float32) for _, v in grads_and_vars]
+    updates = [w - p.read_value() for w, p in zip(weights, device_state.previous_weights)]
+    dot = tf.add_n([tf.reduce_sum(g * u) for g, u in zip(dense, updates)])
+    sq_norm = tf.add_n([tf.reduce_sum(tf.square(g)) for g in dense])
+    update_sq_norm = tf.add_n([tf.reduce_sum(tf.square(u)) for u in updates])
+    packed = device_state.overshoot.read_value()  # [average, count, weights kept]
     finite = tf.logical_not(nonfinite)
-    previous_sq_norm = device_state.previous_sq_norm.read_value()
-    cosine, valid = clipping.gradient_cosine(dot, sq_norm, previous_sq_norm)
-    packed = device_state.oscillation.read_value()
-    average, count, halve = clipping.oscillation_update(packed[0], packed[1], cosine,
-                                                        tf.logical_and(valid, finite), auto)
-    device_state.oscillation.assign(tf.stack([average, count]))
-    scale = device_state.oscillation_scale.read_value()
-    scale = tf.where(halve, tf.maximum(scale * 0.5, auto.min_scale), scale)
-    device_state.oscillation_scale.assign(scale)
-    for variable, g, p in zip(device_state.previous_gradient, dense, previous):
-        variable.assign(tf.where(finite, g, p))
-    device_state.previous_sq_norm.assign(tf.where(finite, sq_norm, previous_sq_norm))
+    value, valid = clipping.cosine(dot, sq_norm, update_sq_norm)
+    valid = tf.logical_and(tf.logical_and(valid, finite), packed[2] > 0)
+    average, count, scale = clipping.overshoot_update(packed[0], packed[1], device_state.overshoot_scale.read_value(),
+                                                      value, valid, auto)
+    device_state.overshoot.assign(tf.stack([average, count, tf.where(finite, 1.0, packed[2])]))
+    device_state.overshoot_scale.assign(scale)
+    for kept, w in zip(device_state.previous_weights, weights):
+        kept.assign(tf.where(finite, w, kept.read_value()))
     return scale
+
+
+def _read(variable):
+    """A variable's value: Keras 3's `.value` (a property), else TensorFlow's conversion."""
+    value = getattr(variable, "value", None)
+    return tf.convert_to_tensor(variable if value is None or callable(value) else value)
 
 
 def _update_adaptive(device_state, config, global_norm, exploded):

@@ -37,7 +37,7 @@ class DeviceState:
     step costs one scatter and the host one read.
     """
 
-    def __init__(self, strategy, num_layers, capacity, adaptive_state, auto_shape=None, gradient_shapes=None):
+    def __init__(self, strategy, num_layers, capacity, adaptive_state, auto_shape=None, weight_shapes=None):
         self.num_layers = num_layers
         self.capacity = capacity
         with strategy.scope():
@@ -65,13 +65,13 @@ class DeviceState:
                 self.reference_norm = make(tf.zeros([], tf.float32))
                 # The detector's typical norm at the switch (the run's healthy scale).
                 self.typical_base = make(tf.zeros([], tf.float32))
-            if gradient_shapes is not None:
-                # `AutoThreshold.oscillation`: the last clipped step's gradient and its
-                # squared norm, the running cosine and its count, the factor it took.
-                self.previous_gradient = [make(tf.zeros(shape, tf.float32)) for shape in gradient_shapes]
-                self.previous_sq_norm = make(tf.zeros([], tf.float32))
-                self.oscillation = make(tf.zeros([2], tf.float32))
-                self.oscillation_scale = make(tf.ones([], tf.float32))
+            if weight_shapes is not None:
+                # `AutoThreshold.overshoot_gain`: the weights of the last step while
+                # clipping is on, the running cosine, its count and whether weights
+                # were kept, and the factor it took.
+                self.previous_weights = [make(tf.zeros(shape, tf.float32)) for shape in weight_shapes]
+                self.overshoot = make(tf.zeros([3], tf.float32))
+                self.overshoot_scale = make(tf.ones([], tf.float32))
 
     def append(self, step, row):
         """In-graph: writes one record at the next ring-buffer slot; returns

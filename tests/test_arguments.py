@@ -172,10 +172,14 @@ def test_a_broken_repr_does_not_hide_the_error():
 
 
 def test_clip_threshold_takes_an_auto_threshold_with_its_own_settings(tmp_path):
-    rule = gradwatch.AutoThreshold(oscillation=-0.3)
+    rule = gradwatch.AutoThreshold(overshoot_gain=0.5)
     monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip="clipnorm", clip_threshold=rule)
     assert (monitor.clip_threshold, monitor.auto_threshold) == ("auto", rule)
     assert "AutoThreshold" in gradwatch.__all__
-    with pytest.raises(ValueError, match=r"`oscillation` must be a number in \[-1, 1\) or -inf \(off\)\. "
-                                         r"Received: oscillation=1\.5"):
-        gradwatch.AutoThreshold(oscillation=1.5)
+    with pytest.raises(ValueError, match=r"`overshoot_level` must be a number in \[-1, 1\)\. "
+                                         r"Received: overshoot_level=1\.5"):
+        gradwatch.AutoThreshold(overshoot_level=1.5)
+    with pytest.raises(ValueError, match=r"`overshoot_gain` must be a number in \[0, inf\)\. "
+                                         r"Received: overshoot_gain=-1"):
+        gradwatch.AutoThreshold(overshoot_gain=-1)
+    assert not gradwatch.AutoThreshold(overshoot_gain=0).watches_overshoot

@@ -115,15 +115,32 @@ def _fit(tmp_path, mode, optimizer=None, extra_callbacks=(), data=None, **monito
               callbacks=[snapshots, *extra_callbacks, monitor])
     weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
     deltas = [[b - a for a, b in zip(w0, w1)] for w0, w1 in zip(weights, weights[1:])]
-    return model, monitor, read_tags(str(tmp_path)), deltas
+    return model, monitor, read_tags(str(tmp_path)), deltas, _overshoot_factors(model, snapshots.snapshots, x, y)
 
 
-def _expected_thresholds(logged, names, q, pooled, window, auto=clipping.AUTO, divide=1.0):
+def _overshoot_factors(model, snapshots, x, y, auto=clipping.AUTO):
+    """`{step: factor}` of the overshoot watch from the switch (`SPIKE_STEP`) on, replayed
+    independently: each step's gradient from a tape at the weights it saw (`snapshots`), the
+    update from the weights before and after (`_replay_overshoot`)."""
+    gradients, flat = [], []
+    for k, weights in enumerate(snapshots):
+        model.set_weights(weights)
+        with tf.GradientTape() as tape:
+            rows = slice(k * BATCH, (k + 1) * BATCH)
+            loss = tf.reduce_mean(tf.square(model(x[rows]) - y[rows]))
+        gradients.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, model.trainable_variables)]))
+        flat.append(np.concatenate([w.ravel() for w in weights]))
+    factors = _replay_overshoot(gradients, flat, SPIKE_STEP - 1, auto)
+    return {SPIKE_STEP + i: f for i, f in enumerate(factors)}
+
+
+def _expected_thresholds(logged, names, q, pooled, window, auto=clipping.AUTO, divide=1.0, factors=None):
     """Per step from the switch on: the rule (`clipping.AutoThreshold`), written again here,
     replayed on the logged pre-clip statistics (one variable per layer here; `divide`: the
     statistic is the logged norm over it). The percentile of the healthy steps' window,
     entries capped at `rise` x the baseline once clipping is on, the threshold capped there
-    too, times the scale that shrinks while clipped steps keep growing."""
+    too, times the scale that shrinks while clipped steps keep growing, times the overshoot
+    watch's factor of the step (`factors`, from `_overshoot_factors`)."""
     exploded_steps = logged.get("grad_norm/explosion", {})
     rows, expected = [], {}
     active, base, scale, reference = False, None, 1.0, None
@@ -145,16 +162,17 @@ def _expected_thresholds(logged, names, q, pooled, window, auto=clipping.AUTO, d
             reference = norm
         elif np.isfinite(norm):
             scale = min(scale / auto.shrink ** (1.0 / auto.recover_steps), 1.0)
-        expected[step] = np.minimum(value, auto.rise * base) * scale
+        expected[step] = np.minimum(value, auto.rise * base) * scale * (factors or {}).get(step, 1.0)
     return expected
 
 
 def test_clipnorm_auto_threshold_written_every_step_is_the_rule_and_bounds_each_update(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="gradwatch")
     auto = clipping.AUTO
-    model, monitor, logged, deltas = _fit(tmp_path, "clipnorm")
+    model, monitor, logged, deltas, factors = _fit(tmp_path, "clipnorm")
     names = ["hidden", "out"]
-    expected = _expected_thresholds(logged, names, auto.percentile, not auto.per_variable, auto.window)
+    expected = _expected_thresholds(logged, names, auto.percentile, not auto.per_variable, auto.window,
+                                    factors=factors)
     written = logged["grad_norm/clip_threshold"]
     assert sorted(written) == list(range(SPIKE_STEP, STEPS + 1))  # every step from the switch on, only those
     for step, per_variable in expected.items():
@@ -180,18 +198,19 @@ def clipping_record(thresholds, auto):
 
 @pytest.mark.parametrize("mode", ["global_clipnorm", "clipvalue"])
 def test_global_and_value_thresholds_follow_the_run_and_bound_the_update(tmp_path, mode):
-    model, monitor, logged, deltas = _fit(tmp_path, mode)
+    model, monitor, logged, deltas, factors = _fit(tmp_path, mode)
     written = logged["grad_norm/clip_threshold"]
     assert sorted(written) == list(range(SPIKE_STEP, STEPS + 1))
     if mode == "global_clipnorm":
-        expected = _expected_thresholds(logged, ["global"], clipping.AUTO.percentile, False, clipping.AUTO.window)
+        expected = _expected_thresholds(logged, ["global"], clipping.AUTO.percentile, False, clipping.AUTO.window,
+                                        factors=factors)
         for step, (t,) in expected.items():
             assert written[step] == pytest.approx(t, rel=1e-6)
             assert np.sqrt(sum(np.sum(d ** 2) for d in deltas[step - 1])) == pytest.approx(
                 LR * min(logged["grad_norm/global"][step], t), rel=1e-4)
     else:  # the root-mean-square entry: the global norm over sqrt(8 * 16 + 16 * 1 entries)
         expected = _expected_thresholds(logged, ["global"], clipping.AUTO.percentile, False, clipping.AUTO.window,
-                                        divide=np.sqrt(144.0))
+                                        divide=np.sqrt(144.0), factors=factors)
         for step, (t,) in expected.items():
             assert written[step] == pytest.approx(t, rel=1e-5)
         for step in range(SPIKE_STEP, STEPS + 1):
@@ -214,7 +233,7 @@ def test_a_healthy_run_is_never_clipped(tmp_path):
 @pytest.mark.parametrize("reset", [True, False])
 def test_reset_momentum_zeroes_the_slots_at_the_switch(tmp_path, reset):
     optimizer = keras.optimizers.SGD(LR, momentum=0.9)
-    model, monitor, logged, deltas = _fit(tmp_path, "global_clipnorm", optimizer=optimizer, reset_momentum=reset)
+    model, monitor, logged, deltas, _ = _fit(tmp_path, "global_clipnorm", optimizer=optimizer, reset_momentum=reset)
     t = logged["grad_norm/clip_threshold"][SPIKE_STEP]
     update = np.sqrt(sum(np.sum(d ** 2) for d in deltas[SPIKE_STEP - 1]))
     # Keras' SGD: m <- 0.9 m - lr g; w <- w + m. With the slot zeroed first, the step moves by lr * t exactly.
@@ -298,14 +317,15 @@ def test_the_threshold_cannot_climb_with_a_divergence(tmp_path, mode):
 def test_the_momentum_is_zeroed_at_each_shrinking_step(tmp_path):
     """SGD with momentum, the learning rate growing x4 a step after step 8: at every step where
     the threshold shrinks (the clipped norm doubled again) the update is exactly -lr * the clipped
-    gradient (the momentum was zeroed first); at the other clipped steps it is not."""
+    gradient (the momentum was zeroed first); at the other clipped steps it is not. (The overshoot
+    watch, which moves the threshold without touching the momentum, is off here.)"""
     x, y = regression_data(n=STEPS * BATCH)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", use_bias=False, name="hidden"),
                               keras.layers.Dense(1, use_bias=False, name="out")])
     model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9), loss="mse")
     snapshots = WeightsBeforeEachStep()
-    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip="global_clipnorm", clip_threshold="auto",
-                                        verbose=0, update_freq=5)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip="global_clipnorm", verbose=0, update_freq=5,
+                                        clip_threshold=clipping.AutoThreshold(overshoot_gain=0.0))
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
               callbacks=[GrowingLearningRate(SPIKE_STEP, 4.0), snapshots, monitor])
     logged = read_tags(str(tmp_path))
@@ -348,7 +368,7 @@ def test_adam_second_moments_are_brought_to_the_clipped_scale_at_the_switch(tmp_
     beta_2 = 0.999
     x, y = _data()
     y[:BATCH] *= 8.0
-    model, monitor, logged, _ = _fit(tmp_path, "global_clipnorm", keras.optimizers.Adam(0.01, beta_2=beta_2),
+    model, monitor, logged, _, _ = _fit(tmp_path, "global_clipnorm", keras.optimizers.Adam(0.01, beta_2=beta_2),
                                      reset_momentum=reset, extra_callbacks=[moments], data=(x, y))
     step = SPIKE_STEP
     assert monitor.clipping_events[0]["step"] == step
@@ -371,27 +391,30 @@ def test_adam_second_moments_are_brought_to_the_clipped_scale_at_the_switch(tmp_
         np.testing.assert_allclose(v1, beta_2 * factor * v0 + (1 - beta_2) * g ** 2, rtol=2e-4, atol=1e-12)
 
 
-def _drive_policy(norms, auto, gradients=None):
+def _drive_policy(norms, auto, gradients=None, weights=None):
     """The in-graph policy (`global_clipnorm`, "auto", adaptive detector), driven eagerly step by
-    step with these global norms -- or, with `gradients` (one variable's, per step), with their norms
-    and the gradients themselves, as the capture passes them when `auto.oscillation` is on; the
-    threshold it clips with at each step (None before the switch)."""
+    step with these global norms -- or, with `gradients` and `weights` (one variable's, per step),
+    with the gradients' norms and the gradients and the variable themselves, as the capture passes
+    them to the overshoot watch; the threshold it clips with at each step (None before the switch)."""
     from gradwatch import policy, state
 
     rule = policy.StepPolicy(clip_mode="global_clipnorm", clip_threshold="auto", auto=auto, auto_switch=True)
+    watched = gradients is not None and auto.watches_overshoot
     device = state.DeviceState(tf.distribute.get_strategy(), 1, 4, rule.initial_adaptive_state(),
-                               auto_shape=(auto.window, 1),
-                               gradient_shapes=None if gradients is None else [gradients[0].shape])
+                               auto_shape=(auto.window, 1), weight_shapes=[gradients[0].shape] if watched else None)
+    variable = tf.Variable(tf.zeros(gradients[0].shape) if gradients is not None else 0.0)
 
     @tf.function
     def step(value):  # traced once: the policy's in-graph maths, as in a compiled train step
         norm = value if gradients is None else tf.norm(value)
         result = rule.decide(device, norm, tf.constant(False), tf.reshape(norm, [1]),
-                             None if gradients is None else [value])
+                             None if gradients is None else [(value, variable)])
         return result.clip_threshold[0], result.clip_active
 
     thresholds = []
-    for value in (norms if gradients is None else gradients):
+    for k, value in enumerate(norms if gradients is None else gradients):
+        if weights is not None:
+            variable.assign(weights[k])
         threshold, active = step(tf.constant(value, tf.float32))
         thresholds.append(float(threshold) if bool(active) else None)
     return thresholds
@@ -453,46 +476,54 @@ def test_a_run_that_stays_far_above_its_healthy_scale_although_clipped_is_clippe
         assert halving and halving[0] > 41 + 16  # not at once: the typical norm had to climb first
 
 
-def _replay_oscillation(gradients, switch, auto):
-    """The oscillation factor at each step from the switch on, written again: the cosine between
-    each clipped step's gradient and the previous clipped step's, its exponential average over
-    `oscillation_steps`, halved for good once it held that many cosines below `auto.oscillation`."""
-    average, count, factor, previous, factors = 0.0, 0, 1.0, None, []
-    rate = 2.0 / (auto.oscillation_steps + 1.0)
-    for gradient in gradients[switch:]:
-        if previous is not None:
-            cosine = float(np.dot(gradient, previous) / (np.linalg.norm(gradient) * np.linalg.norm(previous)))
+def _replay_overshoot(gradients, weights, switch, auto):
+    """The overshoot factor at each step from the switch on, written again: the cosine between
+    each step's gradient and the update before it (its weights minus the previous step's), its
+    exponential average over `overshoot_steps`, and from the second cosine on the factor times
+    `exp(-gain * (average - level))`, within [min_scale, 1]."""
+    average, count, factor, factors = 0.0, 0, 1.0, []
+    rate = 2.0 / (auto.overshoot_steps + 1.0)
+    for k in range(switch, len(gradients)):
+        if k > switch:
+            update, gradient = weights[k] - weights[k - 1], gradients[k]
+            cosine = float(np.dot(gradient, update) / (np.linalg.norm(gradient) * np.linalg.norm(update)))
             average += rate * (cosine - average)
             count += 1
-            if count >= auto.oscillation_steps and average < auto.oscillation:
-                factor, average, count = max(factor / 2, auto.min_scale), 0.0, 0
-        previous = gradient
+            if count >= 2:
+                factor = min(max(factor * np.exp(-auto.overshoot_gain * (average - auto.overshoot_level)),
+                                 auto.min_scale), 1.0)
         factors.append(factor)
     return factors
 
 
-@pytest.mark.parametrize("alternating, steps", [(True, 16), (True, 4), (False, 16)])
-def test_a_clipped_run_whose_gradients_keep_reversing_is_clipped_harder(alternating, steps):
-    """40 healthy steps, a spike (the switch), then gradients of the same size whose direction
-    reverses every step (an overshooting run: cosine -1 between successive steps) or keeps it
-    (cosine +1). Reversing: the threshold is halved each time `steps` cosines average below -0.3,
-    exactly where the independent replay halves it; steady: never. With the watch off the same
-    run keeps the switch's threshold."""
+@pytest.mark.parametrize("overshooting", [True, False])
+def test_a_clipped_run_whose_updates_keep_overshooting_is_clipped_harder(overshooting):
+    """40 healthy steps, a spike (the switch), then 80 steps of the same size whose gradient points
+    along the update just made (each step went too far: positive cosine, about 0.6) or against it
+    (steps too short: negative). Overshooting: the threshold shrinks at every step from the second
+    cosine on, as the independent replay says, down to `min_scale` of the switch's; too short: the
+    factor stays 1 and the threshold is the one the rule gives without the watch."""
     rng = np.random.default_rng(1)
-    direction = np.array([0.6, -0.8, 0.0, 0.0], np.float32)
     sizes = list(np.exp(rng.normal(0.0, 0.1, 40))) + [50.0] + list(np.exp(rng.normal(0.0, 0.1, 80)))
-    signs = [(-1.0) ** k if alternating else 1.0 for k in range(len(sizes))]
-    gradients = [np.float32(s * n) * direction for s, n in zip(signs, sizes)]
-    auto = clipping.AutoThreshold(oscillation=-0.3, oscillation_steps=steps)
-    got = _drive_policy(None, auto, gradients)
-    plain = _drive_policy(None, clipping.AutoThreshold(), gradients)
+    weights = [rng.normal(size=4).astype(np.float32)]
+    for _ in sizes[1:]:
+        weights.append(weights[-1] + rng.normal(size=4).astype(np.float32) * 0.1)
+    gradients = []
+    for k, size in enumerate(sizes):
+        update = weights[k] - weights[k - 1] if k else rng.normal(size=4)
+        direction = (1.0 if overshooting else -1.0) * update / np.linalg.norm(update) + 0.5 * rng.normal(size=4) / 2
+        gradients.append((size * direction / np.linalg.norm(direction)).astype(np.float32))
+    auto = clipping.AutoThreshold()
+    got = _drive_policy(None, auto, gradients, weights)
+    plain = _drive_policy(None, clipping.AutoThreshold(overshoot_gain=0.0), gradients, weights)
     switch = next(i for i, g in enumerate(got) if g is not None)
     assert switch == 40 and plain[switch] is not None
-    factors = _replay_oscillation(gradients, switch, auto)
-    np.testing.assert_allclose(got[switch:], np.array(plain[switch:]) * factors, rtol=1e-5)
-    if alternating:
-        halvings = [switch + i for i in range(1, len(factors)) if factors[i] < factors[i - 1]]
-        assert halvings[0] == switch + steps and len(halvings) >= 3 and got[-1] < plain[-1] / 4
+    factors = _replay_overshoot(gradients, weights, switch, auto)
+    np.testing.assert_allclose(got[switch:], np.array(plain[switch:]) * factors, rtol=1e-4)
+    if overshooting:
+        shrinking = factors[2:factors.index(auto.min_scale)]
+        assert len(shrinking) > 3 and all(b < a for a, b in zip(shrinking, shrinking[1:]))
+        assert factors[-1] == auto.min_scale and got[-1] == pytest.approx(plain[-1] * auto.min_scale, rel=1e-5)
     else:
         assert factors == [1.0] * len(factors) and got[switch:] == plain[switch:]
 

@@ -94,15 +94,15 @@ class KerasCapture:
         self.layer_paths, self._layer_of_variable = stats.layer_paths(self.model, variables, self.sublayers)
         # The "auto" window has a column per variable of the step (in its order) or one.
         self._column_of_variable = {id(v): i for i, v in enumerate(variables)}
-        auto_shape, gradient_shapes = None, None
+        auto_shape, weight_shapes = None, None
         if self.policy.is_auto:
             auto_shape = (self.policy.auto.window, self.policy.auto_columns(len(self._column_of_variable)))
-            if self.policy.auto.watches_oscillation:
-                gradient_shapes = [tuple(v.shape) for v in variables]
+            if self.policy.auto.watches_overshoot:
+                weight_shapes = [tuple(v.shape) for v in variables]
         with tf.init_scope():
             self.state = state.DeviceState(
                 self.model.distribute_strategy, len(self.layer_paths), self.capacity,
-                self.policy.initial_adaptive_state(), auto_shape, gradient_shapes)
+                self.policy.initial_adaptive_state(), auto_shape, weight_shapes)
         if self.policy.clip_mode is not None and not self.policy.auto_switch:
             self.state.set_clip_state(True, float(self.policy.clip_threshold))
 
@@ -398,11 +398,13 @@ class KerasCapture:
             if columns is not None:  # not every variable has a gradient: to model order
                 auto_values = tf.scatter_nd(columns[:, None], auto_values,
                                             [self.state.auto_window.shape[1]])
-        # The oscillation watch keeps a gradient per variable of the model, in order.
-        shapes = [tuple(v.shape) for v in getattr(self.state, "previous_gradient", [])]
-        whole = shapes and columns is None and all(g is not None for g in grads) and \
-            shapes == [tuple(g.shape) for g in grads]
-        step_result = policy.decide(self.state, global_norm, nonfinite, auto_values, grads if whole else None)
+        # The overshoot watch keeps the weights of every variable of the model, in order.
+        variables = getattr(self, "_current_variables", None) or []
+        shapes = [tuple(v.shape) for v in getattr(self.state, "previous_weights", [])]
+        whole = shapes and columns is None and len(variables) == len(grads) and \
+            all(g is not None for g in grads) and shapes == [tuple(v.shape) for v in variables]
+        step_result = policy.decide(self.state, global_norm, nonfinite, auto_values,
+                                    list(zip(grads, variables)) if whole else None)
         new_grads, clipped_norm = grads, global_norm
         recorded = tf.constant(0.0)
         if policy.clip_mode is not None:
