@@ -184,6 +184,8 @@ def auto_description(mode, auto):
     shrink = ", lower while clipped norms keep doubling" if auto.shrink < 1 else ""
     if auto.shrink < 1 and auto.elevation != float("inf"):
         shrink += f" or the typical norm stays {auto.elevation:g}x the one at the switch"
+    if auto.watches_overshoot:
+        shrink += (" or while each update overshoots" if shrink else ", lower while each update overshoots")
     return (f"it follows the run: {where}the {auto.percentile:g}th percentile of {statistic} over the last "
             f"{auto.window} healthy steps, updated every step, {bound}{shrink}")
 

@@ -312,6 +312,11 @@ def test_auto_threshold_and_momentum_reset(tmp_path, legacy):
     change = np.sqrt(sum(np.sum((w1 - w0) ** 2) for w0, w1 in zip(before, after)))
     np.testing.assert_allclose(change, lr * written[spike], rtol=1e-4)
     assert model.optimizer.global_clipnorm == pytest.approx(written[10])
+    # The overshoot watch ran at every step after the switch and kept the weights the last one saw.
+    device = monitor._last_run[0][0].state
+    assert device.overshoot.numpy()[1] == 10 - spike
+    for kept, weights in zip(device.previous_weights, snapshots.snapshots[-1]):
+        np.testing.assert_array_equal(kept.numpy(), weights)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "legacy_adam"])
