@@ -91,7 +91,8 @@ class AutoThreshold:
         rise: the threshold never exceeds `rise` times the baseline (>= 1).
         shrink: the factor applied at each clipped step that keeps growing,
             in (0, 1]; 1 turns the shrinking off.
-        min_scale: the smallest overall factor shrinking can reach, in (0, 1].
+        min_scale: the smallest factor each shrinking rule (growth, overshoot)
+            can reach, in (0, 1].
         recover_steps: non-exploding steps over which a shrunk threshold
             doubles back (a positive integer).
         elevation: while clipping is on and the run's typical norm (the
@@ -105,8 +106,8 @@ class AutoThreshold:
         overshoot_gain: how fast the overshoot watch moves the threshold
             (`overshoot_update`): its factor changes by `exp(-gain * (average
             - level))` per step (>= 0; 0 turns the watch off). It keeps one
-            copy of the trainable weights while clipping is on (allocated
-            with the monitor's state: as much memory as the weights).
+            float32 copy of the trainable weights (allocated with the
+            monitor's state, written only while clipping is on).
         overshoot_steps: the span of the watch's running average of cosines
             (a positive integer).
         overshoot_level: the average cosine at which the threshold holds:
@@ -138,13 +139,14 @@ class AutoThreshold:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-        for name, low, high in (("rise", 1.0, float("inf")), ("shrink", 0.0, 1.0), ("min_scale", 0.0, 1.0),
-                                ("elevation", 1.0, float("inf")), ("overshoot_gain", 0.0, float("inf"))):
+        inf = float("inf")
+        for name, low, high, bounds in (("rise", 1.0, inf, "[1, inf)"), ("shrink", 0.0, 1.0, "(0, 1]"),
+                                        ("min_scale", 0.0, 1.0, "(0, 1]"), ("elevation", 1.0, inf, "[1, inf)"),
+                                        ("overshoot_gain", 0.0, inf, "[0, inf)")):
             value = getattr(self, name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            above_low = low < value if (low == 0.0 and name != "overshoot_gain") else low <= value
+            above_low = low <= value if bounds.startswith("[") else low < value
             if not (number and above_low and value <= high):
-                bounds = f"[{low:g}, inf)" if high == float("inf") else f"({low:g}, {high:g}]"
                 raise ValueError(f"`{name}` must be a number in {bounds}. Received: {name}={value!r}")
         value = self.overshoot_level
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and -1.0 <= value < 1.0):

@@ -86,9 +86,11 @@ def test_auto_threshold_settings_are_checked():
         clipping.AutoThreshold(percentile=0)
     with pytest.raises(ValueError, match="window"):
         clipping.AutoThreshold(window=0)
-    for name, value in [("rise", 0.5), ("shrink", 0.0), ("shrink", 1.5), ("min_scale", 0.0), ("recover_steps", 0)]:
+    for name, value in [("rise", 0.5), ("shrink", 0.0), ("shrink", 1.5), ("min_scale", 0.0), ("recover_steps", 0),
+                        ("overshoot_gain", -0.5), ("overshoot_steps", 0), ("overshoot_level", -1.5)]:
         with pytest.raises(ValueError, match=f"`{name}` must be .* Received: {name}={value!r}"):
             clipping.AutoThreshold(**{name: value})
+    assert clipping.AutoThreshold(overshoot_gain=0.0, shrink=1.0, min_scale=1.0).overshoot_gain == 0.0  # the bounds
 
 
 # -- in a real fit ------------------------------------------------------------------
