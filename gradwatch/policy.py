@@ -192,9 +192,9 @@ class StepPolicy:
             device_state.auto_scale.assign(scale)
             threshold = clipping.bounded_threshold(window_value, new_baseline, scale, auto)
             if watch_overshoot:  # in a branch of its own: healthy steps pass it as one dead node
-                threshold = threshold * _unlowered_cond(
-                    clip_active, lambda: _watch_overshoot(device_state, grads_and_vars, nonfinite, auto),
-                    lambda: tf.ones([], tf.float32))
+                def watch():
+                    return _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto)
+                threshold = threshold * _unlowered_cond(clip_active, watch, lambda: tf.ones([], tf.float32))
             return threshold, keeps_growing
 
         def clipping_off():
@@ -219,17 +219,17 @@ class StepPolicy:
         return tf.where(device_state.clip_active.read_value(), threshold, bound)
 
 
-def _watch_overshoot(device_state, grads_and_vars, nonfinite, auto):
+def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto):
     """In-graph, while clipping is on: the cosine between this step's gradient
     and the update made at the step before (the weights now minus the weights
     kept then, `clipping.cosine`), its running average and the threshold's
     factor (`clipping.overshoot_update`); the weights kept for the next step.
     Returns the factor."""
     dense = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g, _ in grads_and_vars]
-    weights = [tf.cast(_read(v), tf.float32) for _, v in grads_and_vars]
+    weights = [tf.cast(state.variable_value(v), tf.float32) for _, v in grads_and_vars]
     updates = [w - p.read_value() for w, p in zip(weights, device_state.previous_weights)]
     dot = tf.add_n([tf.reduce_sum(g * u) for g, u in zip(dense, updates)])
-    sq_norm = tf.add_n([tf.reduce_sum(tf.square(g)) for g in dense])
+    sq_norm = tf.square(tf.cast(global_norm, tf.float32))  # the gradient's, as the step measured it
     update_sq_norm = tf.add_n([tf.reduce_sum(tf.square(u)) for u in updates])
     packed = device_state.overshoot.read_value()  # [average, count, weights kept]
     finite = tf.logical_not(nonfinite)
@@ -258,12 +258,6 @@ def _unlowered_cond(pred, true_fn, false_fn):
             if op.type in ("If", "StatelessIf"):
                 op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
     return result
-
-
-def _read(variable):
-    """A variable's value: Keras 3's `.value` (a property), else TensorFlow's conversion."""
-    value = getattr(variable, "value", None)
-    return tf.convert_to_tensor(variable if value is None or callable(value) else value)
 
 
 def _update_adaptive(device_state, config, global_norm, exploded):

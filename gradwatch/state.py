@@ -159,6 +159,14 @@ def backend_variable(variable):
     return inner if isinstance(inner, tf.Variable) else variable
 
 
+def variable_value(variable):
+    """In-graph: the current value of a Keras 3 or tf.Variable (never autocast)."""
+    variable = backend_variable(variable)
+    if isinstance(variable, tf.Variable):
+        return variable.read_value()
+    return tf.convert_to_tensor(variable)
+
+
 def _local(variable):
     """This replica's copy of an `ON_READ` variable (scatter ops need it)."""
     if isinstance(variable, tf.distribute.DistributedValues):

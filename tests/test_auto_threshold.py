@@ -124,7 +124,7 @@ def _overshoot_factors(model, snapshots, x, y, auto=clipping.AUTO):
     """`{step: factor}` of the overshoot watch from the switch (`SPIKE_STEP`) on, replayed
     independently: each step's gradient from a tape at the weights it saw (`snapshots`), the
     update from the weights before and after (`_replay_overshoot`)."""
-    gradients, flat = [], []
+    gradients, flat, final = [], [], model.get_weights()
     for k, weights in enumerate(snapshots):
         model.set_weights(weights)
         with tf.GradientTape() as tape:
@@ -132,6 +132,7 @@ def _overshoot_factors(model, snapshots, x, y, auto=clipping.AUTO):
             loss = tf.reduce_mean(tf.square(model(x[rows]) - y[rows]))
         gradients.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, model.trainable_variables)]))
         flat.append(np.concatenate([w.ravel() for w in weights]))
+    model.set_weights(final)
     factors = _replay_overshoot(gradients, flat, SPIKE_STEP - 1, auto)
     return {SPIKE_STEP + i: f for i, f in enumerate(factors)}
 

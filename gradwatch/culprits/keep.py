@@ -51,7 +51,7 @@ loop), input leaves that are not dense tensors (ragged, sparse).
 import numpy as np
 import tensorflow as tf
 
-from gradwatch.state import backend_variable
+from gradwatch.state import variable_value
 
 # Batches held on the device between two drains: the first SLOTS exploding
 # steps between two drains are kept.
@@ -72,14 +72,6 @@ def _is_xla_context():
         return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
     except Exception:
         return False
-
-
-def _value_of(variable):
-    """In-graph: the current value of a Keras 3 or tf.Variable (never autocast)."""
-    variable = backend_variable(variable)
-    if isinstance(variable, tf.Variable):
-        return variable.read_value()
-    return tf.convert_to_tensor(variable)
 
 
 class KeptBatch:
@@ -145,7 +137,7 @@ class BatchKeeper:
             return tf.cond(exploded, copy, lambda: tf.constant(False))
 
         def enqueue():
-            self._queue.enqueue([step] + leaves + [_value_of(w) for w in variables])
+            self._queue.enqueue([step] + leaves + [variable_value(w) for w in variables])
             return tf.constant(True)
 
         return tf.cond(tf.logical_and(exploded, self._queue.size() < self.slots), enqueue,
@@ -243,7 +235,7 @@ class BatchKeeper:
 
 def _flat(variables, dtype):
     """In-graph: the values of `variables` of `dtype`, flattened and concatenated."""
-    return tf.concat([tf.reshape(_value_of(w), [-1]) for w in variables if _dtype(w) == dtype], 0)
+    return tf.concat([tf.reshape(variable_value(w), [-1]) for w in variables if _dtype(w) == dtype], 0)
 
 
 def _dtype(variable):
