@@ -157,28 +157,23 @@ def train(job):
     net = build(family, seed, optimizer)
     callbacks, monitor = [keras.callbacks.TerminateOnNaN()], None
     if run.startswith("auto"):  # "auto", or variants: "auto+reset", "auto+noreset+p10", ...
-        import dataclasses
-
-        from gradwatch import clipping
-
-        clipping.AUTO = clipping.AutoThreshold()  # the defaults (workers run many jobs)
-        extra, parts = {}, run.split("+")[1:]
+        settings, extra, parts = {}, {}, run.split("+")[1:]  # the rule's defaults, but for these
         for part in parts:
             if part in ("reset", "noreset"):
                 extra["reset_momentum"] = part == "reset"
             elif part.startswith("p"):
-                clipping.AUTO = dataclasses.replace(clipping.AUTO, percentile=float(part[1:]))
+                settings["percentile"] = float(part[1:])
             elif part.startswith("rise"):
-                clipping.AUTO = dataclasses.replace(clipping.AUTO, rise=float(part[4:]))
+                settings["rise"] = float(part[4:])
             elif part.startswith("elev"):
-                clipping.AUTO = dataclasses.replace(clipping.AUTO, elevation=float(part[4:]))
+                settings["elevation"] = float(part[4:])
             elif part.startswith("ov"):  # "ov0": the overshoot watch off; "ov0.5n8t0": gain, steps, level
                 gain, steps, level = re.fullmatch(r"ov([\d.]+)(?:n(\d+))?(?:t(-?[\d.]+))?", part).groups()
-                clipping.AUTO = dataclasses.replace(
-                    clipping.AUTO, overshoot_gain=float(gain), **({"overshoot_steps": int(steps)} if steps else {}),
-                    **({"overshoot_level": float(level)} if level else {}))
+                settings.update(overshoot_gain=float(gain), **({"overshoot_steps": int(steps)} if steps else {}),
+                                **({"overshoot_level": float(level)} if level else {}))
         monitor = gradwatch.GradientMonitor(tempfile.mkdtemp(prefix="gw_auto_"), auto_clip=mode,
-                                            clip_threshold="auto", verbose=0, vanishing=False, **extra)
+                                            clip_threshold=gradwatch.AutoThreshold(**settings), verbose=0,
+                                            vanishing=False, **extra)
         callbacks.append(monitor)
     steps_per_epoch = TRAIN // BATCH
     if kind == "lr_spike":
