@@ -171,6 +171,9 @@ def train(job):
                 gain, steps, level = re.fullmatch(r"ov([\d.]+)(?:n(\d+))?(?:t(-?[\d.]+))?", part).groups()
                 settings.update(overshoot_gain=float(gain), **({"overshoot_steps": int(steps)} if steps else {}),
                                 **({"overshoot_level": float(level)} if level else {}))
+            elif part.startswith("up"):  # "up0": the update-size term off; "up0.5r0.02": gain, ratio
+                gain, ratio = re.fullmatch(r"up([\d.]+)(?:r([\d.]+))?", part).groups()
+                settings.update(update_gain=float(gain), **({"update_ratio": float(ratio)} if ratio else {}))
         monitor = gradwatch.GradientMonitor(tempfile.mkdtemp(prefix="gw_auto_"), auto_clip=mode,
                                             clip_threshold=gradwatch.AutoThreshold(**settings), verbose=0,
                                             vanishing=False, **extra)

@@ -184,8 +184,11 @@ def auto_description(mode, auto):
     shrink = ", lower while clipped norms keep doubling" if auto.shrink < 1 else ""
     if auto.shrink < 1 and auto.elevation != float("inf"):
         shrink += f" or the typical norm stays {auto.elevation:g}x the one at the switch"
-    if auto.watches_overshoot:
-        shrink += (" or while each update overshoots" if shrink else ", lower while each update overshoots")
+    watched = " or ".join(words for words, on in (("overshoots", auto.overshoot_gain > 0),
+                                                  (f"moves the weights by over {auto.update_ratio:.3g} of their norm",
+                                                   auto.update_gain > 0)) if on)
+    if watched:
+        shrink += (" or" if shrink else ", lower") + f" while each update {watched}"
     return (f"it follows the run: {where}the {auto.percentile:g}th percentile of {statistic} over the last "
             f"{auto.window} healthy steps, updated every step, {bound}{shrink}")
 

@@ -67,6 +67,14 @@ class AutoThreshold:
     the threshold's factor at every step, which never rises above 1: a run
     whose updates keep overshooting is clipped harder and harder, and one
     whose steps are short enough (the average below the level) comes back.
+    The same watch measures how far each update moved the weights, as a
+    fraction of their norm: a healthy step moves them by about 0.1% (the
+    classic rule of thumb; 0.1-3% on this project's healthy runs), the first
+    steps of a run diverging from step 1 by 10-70%. While an update moves
+    them by more than `update_ratio` (1%), the factor is also multiplied by
+    `(update_ratio / ratio) ** update_gain`: a divergence whose gradients
+    point nowhere in particular (no overshoot to read in the cosine) is
+    still clipped down to steps of a sane size.
 
     Why these defaults: `benchmarks/auto_threshold.py` (kinds of trouble x
     model families x optimizers x seeds, each against 4 fixed thresholds from
@@ -105,13 +113,20 @@ class AutoThreshold:
             the switch, ended 1.2-2.7x worse on 4 seeds of 5.
         overshoot_gain: how fast the overshoot watch moves the threshold
             (`overshoot_update`): its factor changes by `exp(-gain * (average
-            - level))` per step (>= 0; 0 turns the watch off). It keeps one
-            float32 copy of the trainable weights (allocated with the
-            monitor's state, written only while clipping is on).
+            - level))` per step (>= 0; 0 leaves the cosine out). The watch
+            keeps one float32 copy of the trainable weights (allocated with
+            the monitor's state, written only while clipping is on).
         overshoot_steps: the span of the watch's running average of cosines
             (a positive integer).
         overshoot_level: the average cosine at which the threshold holds:
             above it, it shrinks; below, it comes back (in [-1, 1)).
+        update_ratio: the fraction of the weights' norm an update may move
+            them by while clipping is on before the threshold shrinks for it
+            (in (0, 1)).
+        update_gain: how hard an update larger than that shrinks the factor
+            (`update_size_factor`; >= 0; 0 leaves the update's size out).
+            `overshoot_gain=0, update_gain=0` turns the whole watch off, and
+            its copy of the weights with it.
     """
 
     percentile: float = 25.0
@@ -126,10 +141,12 @@ class AutoThreshold:
     overshoot_gain: float = 1.0
     overshoot_steps: int = 16
     overshoot_level: float = 0.1
+    update_ratio: float = 0.01
+    update_gain: float = 0.5
 
     @property
     def watches_overshoot(self):
-        return self.overshoot_gain > 0
+        return self.overshoot_gain > 0 or self.update_gain > 0
 
     def __post_init__(self):
         q, window = self.percentile, self.window
@@ -142,11 +159,13 @@ class AutoThreshold:
         inf = float("inf")
         for name, low, high, bounds in (("rise", 1.0, inf, "[1, inf)"), ("shrink", 0.0, 1.0, "(0, 1]"),
                                         ("min_scale", 0.0, 1.0, "(0, 1]"), ("elevation", 1.0, inf, "[1, inf)"),
-                                        ("overshoot_gain", 0.0, inf, "[0, inf)")):
+                                        ("overshoot_gain", 0.0, inf, "[0, inf)"),
+                                        ("update_ratio", 0.0, 1.0, "(0, 1)"), ("update_gain", 0.0, inf, "[0, inf)")):
             value = getattr(self, name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            above_low = low <= value if bounds.startswith("[") else low < value
-            if not (number and above_low and value <= high):
+            above_low = number and (low <= value if bounds.startswith("[") else low < value)
+            below_high = number and (value <= high if bounds.endswith("]") or high == inf else value < high)
+            if not (above_low and below_high):
                 raise ValueError(f"`{name}` must be a number in {bounds}. Received: {name}={value!r}")
         value = self.overshoot_level
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and -1.0 <= value < 1.0):
@@ -208,14 +227,33 @@ def cosine(dot, sq_norm, other_sq_norm):
     return tf.where(valid, value, 0.0), valid
 
 
-def overshoot_update(average, count, scale, cosine, valid, auto):
+def update_size_factor(update_sq_norm, weights_sq_norm, auto):
+    """How much a step's update asks the threshold to shrink: `(update_ratio /
+    ratio) ** update_gain` while the update moved the weights by a `ratio` of
+    their norm above `auto.update_ratio`, else 1 (also when the weights are
+    zero or a norm is not finite).
+
+    >>> auto = AutoThreshold(update_ratio=0.01, update_gain=0.5)
+    >>> round(float(update_size_factor(0.04 ** 2, 1.0, auto)), 4)  # moved 4% of the weights: 1/2
+    0.5
+    >>> float(update_size_factor(0.001 ** 2, 1.0, auto)), float(update_size_factor(1.0, 0.0, auto))
+    (1.0, 1.0)
+    """
+    update_sq_norm, weights_sq_norm = (tf.cast(v, tf.float32) for v in (update_sq_norm, weights_sq_norm))
+    ratio = tf.sqrt(update_sq_norm) / tf.sqrt(tf.maximum(weights_sq_norm, 1e-30))
+    valid = tf.logical_and(weights_sq_norm > 0, tf.math.is_finite(ratio))
+    factor = tf.pow(auto.update_ratio / tf.maximum(ratio, auto.update_ratio), auto.update_gain)
+    return tf.where(valid, factor, 1.0)
+
+
+def overshoot_update(average, count, scale, cosine, valid, auto, size_factor=1.0):
     """`(average, count, scale)` after one step while clipping is on: the
     running average of the cosine between each step's gradient and the update
     before it (an exponential average over about `auto.overshoot_steps`
     steps), how many it holds, and the threshold's factor: from the second
-    cosine on multiplied by `exp(-overshoot_gain * (average - overshoot_level))`,
-    within `[min_scale, 1]`. An invalid cosine (no previous update, a
-    non-finite step) changes nothing.
+    cosine on multiplied by `exp(-overshoot_gain * (average - overshoot_level))`
+    and by `size_factor` (`update_size_factor`), within `[min_scale, 1]`. An
+    invalid cosine (no previous update, a non-finite step) changes nothing.
 
     >>> auto = AutoThreshold(overshoot_gain=1.0, overshoot_steps=3, overshoot_level=0.0)
     >>> state = (0.0, 0.0, 1.0)
@@ -226,14 +264,16 @@ def overshoot_update(average, count, scale, cosine, valid, auto):
     [0.6, 2.0, 0.549]
     [0.7, 3.0, 0.273]
     [-0.05, 4.0, 0.287]
+    >>> [round(float(v), 3) for v in overshoot_update(0.1, 2.0, 1.0, 0.1, True, auto, size_factor=0.5)]
+    [0.1, 3.0, 0.452]
     """
     average, count, scale, cosine = (tf.cast(v, tf.float32) for v in (average, count, scale, cosine))
     valid = tf.cast(valid, tf.bool)
     rate = 2.0 / (auto.overshoot_steps + 1.0)
     average = tf.where(valid, average + rate * (cosine - average), average)
     count = tf.where(valid, count + 1.0, count)
-    moved = tf.clip_by_value(scale * tf.exp(-auto.overshoot_gain * (average - auto.overshoot_level)),
-                             auto.min_scale, 1.0)
+    moved = scale * tf.exp(-auto.overshoot_gain * (average - auto.overshoot_level)) * size_factor
+    moved = tf.clip_by_value(moved, auto.min_scale, 1.0)
     return average, count, tf.where(tf.logical_and(valid, count >= 2.0), moved, scale)
 
 

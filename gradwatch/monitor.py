@@ -72,9 +72,9 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             root-mean-square gradient entry for `"clipvalue"`
             (`clipping.AutoThreshold`). A `gradwatch.AutoThreshold`
             is `"auto"` with settings of its own, e.g.
-            `AutoThreshold(overshoot_gain=0)` turns off the overshoot watch
-            (on by default: it keeps a copy of the weights while clipping is
-            on, to see whether each update went too far).
+            `AutoThreshold(overshoot_gain=0, update_gain=0)` turns off the
+            overshoot watch (on by default: it keeps a copy of the weights
+            while clipping is on, to see whether each update went too far).
         skip_nonfinite: skip updates whose gradient holds NaN/Inf. Defaults to
             True when `auto_clip` is set, else False.
         reset_momentum: with `auto_clip`, zero the optimizer's first-moment

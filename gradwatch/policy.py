@@ -231,12 +231,14 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto)
     dot = tf.add_n([tf.reduce_sum(g * u) for g, u in zip(dense, updates)])
     sq_norm = tf.square(tf.cast(global_norm, tf.float32))  # the gradient's, as the step measured it
     update_sq_norm = tf.add_n([tf.reduce_sum(tf.square(u)) for u in updates])
+    weights_sq_norm = tf.add_n([tf.reduce_sum(tf.square(w)) for w in weights])
     packed = device_state.overshoot.read_value()  # [average, count, weights kept]
     finite = tf.logical_not(nonfinite)
     value, valid = clipping.cosine(dot, sq_norm, update_sq_norm)
     valid = tf.logical_and(tf.logical_and(valid, finite), packed[2] > 0)
     average, count, scale = clipping.overshoot_update(packed[0], packed[1], device_state.overshoot_scale.read_value(),
-                                                      value, valid, auto)
+                                                      value, valid, auto,
+                                                      clipping.update_size_factor(update_sq_norm, weights_sq_norm, auto))
     device_state.overshoot.assign(tf.stack([average, count, tf.where(finite, 1.0, packed[2])]))
     device_state.overshoot_scale.assign(scale)
     for kept, w in zip(device_state.previous_weights, weights):

@@ -182,4 +182,7 @@ def test_clip_threshold_takes_an_auto_threshold_with_its_own_settings(tmp_path):
     with pytest.raises(ValueError, match=r"`overshoot_gain` must be a number in \[0, inf\)\. "
                                          r"Received: overshoot_gain=-1"):
         gradwatch.AutoThreshold(overshoot_gain=-1)
-    assert not gradwatch.AutoThreshold(overshoot_gain=0).watches_overshoot
+    with pytest.raises(ValueError, match=r"`update_ratio` must be a number in \(0, 1\)\. Received: update_ratio=1"):
+        gradwatch.AutoThreshold(update_ratio=1)
+    assert gradwatch.AutoThreshold(overshoot_gain=0).watches_overshoot  # the updates' size still
+    assert not gradwatch.AutoThreshold(overshoot_gain=0, update_gain=0).watches_overshoot
