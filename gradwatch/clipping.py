@@ -71,10 +71,13 @@ class AutoThreshold:
     fraction of their norm: a healthy step moves them by about 0.1% (the
     classic rule of thumb; 0.1-3% on this project's healthy runs), the first
     steps of a run diverging from step 1 by 10-70%. While an update moves
-    them by more than `update_ratio` (1%), the factor is also multiplied by
-    `(update_ratio / ratio) ** update_gain`: a divergence whose gradients
-    point nowhere in particular (no overshoot to read in the cosine) is
-    still clipped down to steps of a sane size.
+    them by more than `update_ratio` (1%), a second factor on the threshold
+    is multiplied by `(update_ratio / ratio) ** update_gain` at each step,
+    and while they move them by less it comes back the same way (never
+    above 1): a divergence whose gradients point nowhere in particular (no
+    overshoot to read in the cosine) is still clipped down to steps of a
+    sane size, and a learning-rate spike's shrinking is undone once the
+    spike is over. The two factors multiply (at least `min_scale`).
 
     Why these defaults: `benchmarks/auto_threshold.py` (kinds of trouble x
     model families x optimizers x seeds, each against 4 fixed thresholds from
@@ -123,8 +126,8 @@ class AutoThreshold:
         update_ratio: the fraction of the weights' norm an update may move
             them by while clipping is on before the threshold shrinks for it
             (in (0, 1)).
-        update_gain: how hard an update larger than that shrinks the factor
-            (`update_size_factor`; >= 0; 0 leaves the update's size out).
+        update_gain: how fast the updates' size moves its factor
+            (`update_size_update`; >= 0; 0 leaves the update's size out).
             `overshoot_gain=0, update_gain=0` turns the whole watch off, and
             its copy of the weights with it.
     """
@@ -227,33 +230,39 @@ def cosine(dot, sq_norm, other_sq_norm):
     return tf.where(valid, value, 0.0), valid
 
 
-def update_size_factor(update_sq_norm, weights_sq_norm, auto):
-    """How much a step's update asks the threshold to shrink: `(update_ratio /
-    ratio) ** update_gain` while the update moved the weights by a `ratio` of
-    their norm above `auto.update_ratio`, else 1 (also when the weights are
-    zero or a norm is not finite).
+def update_size_update(scale, update_sq_norm, weights_sq_norm, valid, auto):
+    """The threshold's size factor after a step while clipping is on: kept
+    at most 1 and at least `auto.min_scale`, multiplied by `(update_ratio /
+    ratio) ** update_gain`, where `ratio` is how far the step's update moved
+    the weights, as a fraction of their norm: it shrinks while updates move
+    them by more than `update_ratio`, comes back while they move them by
+    less. An invalid step (no update kept, not finite, zero weights)
+    changes nothing.
 
     >>> auto = AutoThreshold(update_ratio=0.01, update_gain=0.5)
-    >>> round(float(update_size_factor(0.04 ** 2, 1.0, auto)), 4)  # moved 4% of the weights: 1/2
+    >>> round(float(update_size_update(1.0, 0.04 ** 2, 1.0, True, auto)), 4)  # moved 4% of the weights
     0.5
-    >>> float(update_size_factor(0.001 ** 2, 1.0, auto)), float(update_size_factor(1.0, 0.0, auto))
-    (1.0, 1.0)
+    >>> round(float(update_size_update(0.5, 0.0025 ** 2, 1.0, True, auto)), 4)  # 0.25%: back up
+    1.0
+    >>> float(update_size_update(0.5, 1.0, 0.0, True, auto)), float(update_size_update(0.5, 1.0, 1.0, False, auto))
+    (0.5, 0.5)
     """
-    update_sq_norm, weights_sq_norm = (tf.cast(v, tf.float32) for v in (update_sq_norm, weights_sq_norm))
+    scale, update_sq_norm, weights_sq_norm = (tf.cast(v, tf.float32) for v in (scale, update_sq_norm, weights_sq_norm))
     ratio = tf.sqrt(update_sq_norm) / tf.sqrt(tf.maximum(weights_sq_norm, 1e-30))
-    valid = tf.logical_and(weights_sq_norm > 0, tf.math.is_finite(ratio))
-    factor = tf.pow(auto.update_ratio / tf.maximum(ratio, auto.update_ratio), auto.update_gain)
-    return tf.where(valid, factor, 1.0)
+    valid = tf.logical_and(tf.logical_and(tf.cast(valid, tf.bool), weights_sq_norm > 0),
+                           tf.logical_and(tf.math.is_finite(ratio), ratio > 0))
+    moved = scale * tf.pow(auto.update_ratio / tf.where(valid, ratio, 1.0), auto.update_gain)
+    return tf.where(valid, tf.clip_by_value(moved, auto.min_scale, 1.0), scale)
 
 
-def overshoot_update(average, count, scale, cosine, valid, auto, size_factor=1.0):
+def overshoot_update(average, count, scale, cosine, valid, auto):
     """`(average, count, scale)` after one step while clipping is on: the
     running average of the cosine between each step's gradient and the update
     before it (an exponential average over about `auto.overshoot_steps`
     steps), how many it holds, and the threshold's factor: from the second
-    cosine on multiplied by `exp(-overshoot_gain * (average - overshoot_level))`
-    and by `size_factor` (`update_size_factor`), within `[min_scale, 1]`. An
-    invalid cosine (no previous update, a non-finite step) changes nothing.
+    cosine on multiplied by `exp(-overshoot_gain * (average - overshoot_level))`,
+    within `[min_scale, 1]`. An invalid cosine (no previous update, a
+    non-finite step) changes nothing.
 
     >>> auto = AutoThreshold(overshoot_gain=1.0, overshoot_steps=3, overshoot_level=0.0)
     >>> state = (0.0, 0.0, 1.0)
@@ -264,16 +273,14 @@ def overshoot_update(average, count, scale, cosine, valid, auto, size_factor=1.0
     [0.6, 2.0, 0.549]
     [0.7, 3.0, 0.273]
     [-0.05, 4.0, 0.287]
-    >>> [round(float(v), 3) for v in overshoot_update(0.1, 2.0, 1.0, 0.1, True, auto, size_factor=0.5)]
-    [0.1, 3.0, 0.452]
     """
     average, count, scale, cosine = (tf.cast(v, tf.float32) for v in (average, count, scale, cosine))
     valid = tf.cast(valid, tf.bool)
     rate = 2.0 / (auto.overshoot_steps + 1.0)
     average = tf.where(valid, average + rate * (cosine - average), average)
     count = tf.where(valid, count + 1.0, count)
-    moved = scale * tf.exp(-auto.overshoot_gain * (average - auto.overshoot_level)) * size_factor
-    moved = tf.clip_by_value(moved, auto.min_scale, 1.0)
+    moved = tf.clip_by_value(scale * tf.exp(-auto.overshoot_gain * (average - auto.overshoot_level)),
+                             auto.min_scale, 1.0)
     return average, count, tf.where(tf.logical_and(valid, count >= 2.0), moved, scale)
 
 

@@ -223,8 +223,10 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto)
     """In-graph, while clipping is on: the cosine between this step's gradient
     and the update made at the step before (the weights now minus the weights
     kept then, `clipping.cosine`), its running average and the threshold's
-    factor (`clipping.overshoot_update`); the weights kept for the next step.
-    Returns the factor."""
+    factor (`clipping.overshoot_update`); that update's size against the
+    weights' and the size factor (`clipping.update_size_update`); the weights
+    kept for the next step. Returns the two factors' product (at least
+    `min_scale`)."""
     dense = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g, _ in grads_and_vars]
     weights = [tf.cast(state.variable_value(v), tf.float32) for _, v in grads_and_vars]
     updates = [w - p.read_value() for w, p in zip(weights, device_state.previous_weights)]
@@ -232,18 +234,18 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto)
     sq_norm = tf.square(tf.cast(global_norm, tf.float32))  # the gradient's, as the step measured it
     update_sq_norm = tf.add_n([tf.reduce_sum(tf.square(u)) for u in updates])
     weights_sq_norm = tf.add_n([tf.reduce_sum(tf.square(w)) for w in weights])
-    packed = device_state.overshoot.read_value()  # [average, count, weights kept]
+    packed = device_state.overshoot.read_value()  # [average, count, weights kept, size factor]
     finite = tf.logical_not(nonfinite)
+    kept = tf.logical_and(finite, packed[2] > 0)
     value, valid = clipping.cosine(dot, sq_norm, update_sq_norm)
-    valid = tf.logical_and(tf.logical_and(valid, finite), packed[2] > 0)
     average, count, scale = clipping.overshoot_update(packed[0], packed[1], device_state.overshoot_scale.read_value(),
-                                                      value, valid, auto,
-                                                      clipping.update_size_factor(update_sq_norm, weights_sq_norm, auto))
-    device_state.overshoot.assign(tf.stack([average, count, tf.where(finite, 1.0, packed[2])]))
+                                                      value, tf.logical_and(valid, kept), auto)
+    size = clipping.update_size_update(packed[3], update_sq_norm, weights_sq_norm, kept, auto)
+    device_state.overshoot.assign(tf.stack([average, count, tf.where(finite, 1.0, packed[2]), size]))
     device_state.overshoot_scale.assign(scale)
-    for kept, w in zip(device_state.previous_weights, weights):
-        kept.assign(tf.where(finite, w, kept.read_value()))
-    return scale
+    for kept_weights, w in zip(device_state.previous_weights, weights):
+        kept_weights.assign(tf.where(finite, w, kept_weights.read_value()))
+    return tf.maximum(scale * size, auto.min_scale)
 
 
 def _unlowered_cond(pred, true_fn, false_fn):

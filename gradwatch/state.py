@@ -66,11 +66,12 @@ class DeviceState:
                 # The detector's typical norm at the switch (the run's healthy scale).
                 self.typical_base = make(tf.zeros([], tf.float32))
             if weight_shapes is not None:
-                # `AutoThreshold.overshoot_gain`: the weights of the last step while
-                # clipping is on, the running cosine, its count and whether weights
-                # were kept, and the factor it took.
+                # The overshoot watch (`AutoThreshold.overshoot_gain`, `update_gain`):
+                # the weights of the last step while clipping is on; the running
+                # cosine, its count, whether weights were kept and the size factor;
+                # the cosine's factor.
                 self.previous_weights = [make(tf.zeros(shape, tf.float32)) for shape in weight_shapes]
-                self.overshoot = make(tf.zeros([3], tf.float32))
+                self.overshoot = make(tf.constant([0.0, 0.0, 0.0, 1.0], tf.float32))
                 self.overshoot_scale = make(tf.ones([], tf.float32))
 
     def append(self, step, row):

@@ -488,13 +488,13 @@ def test_a_run_that_stays_far_above_its_healthy_scale_although_clipped_is_clippe
 
 
 def _replay_overshoot(gradients, weights, switch, auto):
-    """The overshoot factor at each step from the switch on, written again: the cosine between
-    each step's gradient and the update before it (its weights minus the previous step's), its
-    exponential average over `overshoot_steps`, and from the second cosine on the factor times
-    `exp(-gain * (average - level))` and, where that update moved the weights by more than
-    `update_ratio` of their norm, times `(update_ratio / ratio) ** update_gain`; within
-    [min_scale, 1]."""
-    average, count, factor, factors = 0.0, 0, 1.0, []
+    """The overshoot watch's factor at each step from the switch on, written again: the cosine
+    between each step's gradient and the update before it (its weights minus the previous
+    step's), its exponential average over `overshoot_steps`, and from the second cosine on a
+    factor times `exp(-gain * (average - level))`; a second factor times `(update_ratio / ratio)
+    ** update_gain`, `ratio` being that update's norm over the weights'; each within
+    [min_scale, 1], their product at least min_scale."""
+    average, count, factor, size, factors = 0.0, 0, 1.0, 1.0, []
     rate = 2.0 / (auto.overshoot_steps + 1.0)
     for k in range(switch, len(gradients)):
         if k > switch:
@@ -504,10 +504,10 @@ def _replay_overshoot(gradients, weights, switch, auto):
             average += rate * (cosine - average)
             count += 1
             if count >= 2:
-                size = (auto.update_ratio / ratio) ** auto.update_gain if ratio > auto.update_ratio else 1.0
-                factor = min(max(factor * np.exp(-auto.overshoot_gain * (average - auto.overshoot_level)) * size,
+                factor = min(max(factor * np.exp(-auto.overshoot_gain * (average - auto.overshoot_level)),
                                  auto.min_scale), 1.0)
-        factors.append(factor)
+            size = min(max(size * (auto.update_ratio / ratio) ** auto.update_gain, auto.min_scale), 1.0)
+        factors.append(max(factor * size, auto.min_scale))
     return factors
 
 
@@ -518,14 +518,14 @@ def test_a_clipped_run_whose_updates_keep_overshooting_is_clipped_harder(directi
     against it (-1: steps too short); each update moves the weights by about `update_ratio` of
     their norm (less as they wander away). Every step's threshold is the rule without the watch times the factor of the
     independent replay. Overshooting: it shrinks at every step from the second cosine on, down to
-    `min_scale`; too short, with small updates: the factor stays 1; too short but with updates up to 100x
-    the rule's `update_ratio` (a cosine that alone would leave it at 1): it shrinks for their
-    size."""
+    `min_scale`; too short, with small updates: the factor stays 1; too short but with updates up
+    to 100x the rule's `update_ratio` (a cosine that alone would leave it at 1): it shrinks for
+    their size, and comes back to 1 once they are 1000x smaller (the last 40 steps)."""
     rng = np.random.default_rng(1)
     sizes = list(np.exp(rng.normal(0.0, 0.1, 40))) + [50.0] + list(np.exp(rng.normal(0.0, 0.1, 80)))
     weights = [rng.normal(size=4).astype(np.float32) * 0.1 / update_ratio]
-    for _ in sizes[1:]:
-        weights.append(weights[-1] + rng.normal(size=4).astype(np.float32) * 0.1)
+    for k in range(1, len(sizes)):  # the last 40 updates 1000x smaller
+        weights.append(weights[-1] + rng.normal(size=4).astype(np.float32) * (0.1 if k <= 80 else 1e-4))
     gradients = []
     for k, size in enumerate(sizes):
         update = weights[k] - weights[k - 1] if k else rng.normal(size=4)
@@ -545,7 +545,7 @@ def test_a_clipped_run_whose_updates_keep_overshooting_is_clipped_harder(directi
     elif update_ratio < auto.update_ratio:
         assert factors == [1.0] * len(factors) and got[switch:] == plain[switch:]
     else:  # the same short steps, but each update moving the weights by 10-100% of their norm
-        assert factors[2] < 0.8 and min(factors) < 0.1
+        assert factors[1] < 0.5 and min(factors) < 0.1 and factors[-1] == 1.0
 
 
 def test_clipping_doctests():
