@@ -189,7 +189,7 @@ def configurations(log_root, profile):
         "gradwatch auto_clip='clipnorm', clip_threshold='auto', reset_momentum=False": gw(**auto, reset_momentum=False),
         # Issue 24: the overshoot watch's untaken branch (it runs only once clipping is on) apart.
         "gradwatch auto_clip='clipnorm', clip_threshold='auto' without the overshoot watch": gw(
-            auto_clip="clipnorm", clip_threshold=gradwatch.AutoThreshold(overshoot_gain=0.0)),
+            auto_clip="clipnorm", clip_threshold=gradwatch.AutoThreshold(overshoot_gain=0.0, update_gain=0.0)),
         # Issue 25: culprits=False (the default) keeps nothing and adds nothing to the step;
         # "rank" and True keep exploding batches on the device (an untaken tf.cond on healthy
         # steps, and a one-scalar read every 8 steps); on healthy steps they cost the same

@@ -71,10 +71,10 @@ class AutoThreshold:
     fraction of their norm: a healthy step moves them by about 0.1% (the
     classic rule of thumb; 0.1-3% on this project's healthy runs), the first
     steps of a run diverging from step 1 by 10-70%. While an update moves
-    them by more than `update_ratio` (1%), a second factor on the threshold
-    is multiplied by `(update_ratio / ratio) ** update_gain` at each step,
-    and while they move them by less it comes back the same way (never
-    above 1): a divergence whose gradients point nowhere in particular (no
+    them by more than `update_ratio` (1%) and not less than the update
+    before, a second factor on the threshold is multiplied by `(update_ratio
+    / ratio) ** update_gain` at each step, and while they move them by less
+    than 1% it comes back the same way (never above 1): a divergence whose gradients point nowhere in particular (no
     overshoot to read in the cosine) is still clipped down to steps of a
     sane size, and a learning-rate spike's shrinking is undone once the
     spike is over. The two factors multiply (at least `min_scale`).
@@ -230,29 +230,37 @@ def cosine(dot, sq_norm, other_sq_norm):
     return tf.where(valid, value, 0.0), valid
 
 
-def update_size_update(scale, update_sq_norm, weights_sq_norm, valid, auto):
-    """The threshold's size factor after a step while clipping is on: kept
-    at most 1 and at least `auto.min_scale`, multiplied by `(update_ratio /
-    ratio) ** update_gain`, where `ratio` is how far the step's update moved
-    the weights, as a fraction of their norm: it shrinks while updates move
-    them by more than `update_ratio`, comes back while they move them by
-    less. An invalid step (no update kept, not finite, zero weights)
-    changes nothing.
+def update_size_update(scale, previous_ratio, update_sq_norm, weights_sq_norm, valid, auto):
+    """`(scale, ratio)`: the threshold's size factor after a step while
+    clipping is on, and how far the step's update moved the weights, as a
+    fraction of their norm (`ratio`). The factor is multiplied by
+    `(update_ratio / ratio) ** update_gain`, kept within `[min_scale, 1]`,
+    while updates move the weights by less than `update_ratio` (it comes
+    back) or by more and no less than the update before (`previous_ratio`:
+    it shrinks). An update above the ratio but already smaller than the one
+    before holds it: momentum carries earlier updates on for a few steps,
+    and shrinking for them again would clip the run to nothing. An invalid
+    step (no update kept, not finite, zero weights) changes nothing.
 
     >>> auto = AutoThreshold(update_ratio=0.01, update_gain=0.5)
-    >>> round(float(update_size_update(1.0, 0.04 ** 2, 1.0, True, auto)), 4)  # moved 4% of the weights
+    >>> [round(float(v), 4) for v in update_size_update(1.0, 0.0, 0.04 ** 2, 1.0, True, auto)]  # moved 4%
+    [0.5, 0.04]
+    >>> round(float(update_size_update(0.5, 0.04, 0.03 ** 2, 1.0, True, auto)[0]), 4)  # 3%, after 4%: held
     0.5
-    >>> round(float(update_size_update(0.5, 0.0025 ** 2, 1.0, True, auto)), 4)  # 0.25%: back up
+    >>> round(float(update_size_update(0.5, 0.03, 0.0025 ** 2, 1.0, True, auto)[0]), 4)  # 0.25%: back up
     1.0
-    >>> float(update_size_update(0.5, 1.0, 0.0, True, auto)), float(update_size_update(0.5, 1.0, 1.0, False, auto))
+    >>> float(update_size_update(0.5, 0.0, 1.0, 0.0, True, auto)[0]), float(update_size_update(0.5, 0.0, 1.0, 1.0, False, auto)[0])
     (0.5, 0.5)
     """
-    scale, update_sq_norm, weights_sq_norm = (tf.cast(v, tf.float32) for v in (scale, update_sq_norm, weights_sq_norm))
+    scale, previous_ratio, update_sq_norm, weights_sq_norm = (
+        tf.cast(v, tf.float32) for v in (scale, previous_ratio, update_sq_norm, weights_sq_norm))
     ratio = tf.sqrt(update_sq_norm) / tf.sqrt(tf.maximum(weights_sq_norm, 1e-30))
     valid = tf.logical_and(tf.logical_and(tf.cast(valid, tf.bool), weights_sq_norm > 0),
                            tf.logical_and(tf.math.is_finite(ratio), ratio > 0))
+    moves = tf.logical_and(valid, tf.logical_or(ratio <= auto.update_ratio, ratio >= previous_ratio))
     moved = scale * tf.pow(auto.update_ratio / tf.where(valid, ratio, 1.0), auto.update_gain)
-    return tf.where(valid, tf.clip_by_value(moved, auto.min_scale, 1.0), scale)
+    return (tf.where(moves, tf.clip_by_value(moved, auto.min_scale, 1.0), scale),
+            tf.where(valid, ratio, previous_ratio))
 
 
 def overshoot_update(average, count, scale, cosine, valid, auto):

@@ -492,9 +492,10 @@ def _replay_overshoot(gradients, weights, switch, auto):
     between each step's gradient and the update before it (its weights minus the previous
     step's), its exponential average over `overshoot_steps`, and from the second cosine on a
     factor times `exp(-gain * (average - level))`; a second factor times `(update_ratio / ratio)
-    ** update_gain`, `ratio` being that update's norm over the weights'; each within
-    [min_scale, 1], their product at least min_scale."""
-    average, count, factor, size, factors = 0.0, 0, 1.0, 1.0, []
+    ** update_gain`, `ratio` being that update's norm over the weights', unless it is above
+    `update_ratio` but below the update before; each within [min_scale, 1], their product at
+    least min_scale."""
+    average, count, factor, size, previous, factors = 0.0, 0, 1.0, 1.0, 0.0, []
     rate = 2.0 / (auto.overshoot_steps + 1.0)
     for k in range(switch, len(gradients)):
         if k > switch:
@@ -506,7 +507,9 @@ def _replay_overshoot(gradients, weights, switch, auto):
             if count >= 2:
                 factor = min(max(factor * np.exp(-auto.overshoot_gain * (average - auto.overshoot_level)),
                                  auto.min_scale), 1.0)
-            size = min(max(size * (auto.update_ratio / ratio) ** auto.update_gain, auto.min_scale), 1.0)
+            if ratio <= auto.update_ratio or ratio >= previous:  # not while already getting smaller
+                size = min(max(size * (auto.update_ratio / ratio) ** auto.update_gain, auto.min_scale), 1.0)
+            previous = ratio
         factors.append(max(factor * size, auto.min_scale))
     return factors
 
