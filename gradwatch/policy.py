@@ -234,15 +234,15 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto)
     sq_norm = tf.square(tf.cast(global_norm, tf.float32))  # the gradient's, as the step measured it
     update_sq_norm = tf.add_n([tf.reduce_sum(tf.square(u)) for u in updates])
     weights_sq_norm = tf.add_n([tf.reduce_sum(tf.square(w)) for w in weights])
-    packed = device_state.overshoot.read_value()  # [average, count, weights kept, size factor, last ratio]
+    # [average, count, weights kept, cosine factor, size factor, last ratio]
+    average, count, kept, scale, size, ratio = tf.unstack(device_state.overshoot.read_value())
     finite = tf.logical_not(nonfinite)
-    kept = tf.logical_and(finite, packed[2] > 0)
+    valid_update = tf.logical_and(finite, kept > 0)
     value, valid = clipping.cosine(dot, sq_norm, update_sq_norm)
-    average, count, scale = clipping.overshoot_update(packed[0], packed[1], device_state.overshoot_scale.read_value(),
-                                                      value, tf.logical_and(valid, kept), auto)
-    size, ratio = clipping.update_size_update(packed[3], packed[4], update_sq_norm, weights_sq_norm, kept, auto)
-    device_state.overshoot.assign(tf.stack([average, count, tf.where(finite, 1.0, packed[2]), size, ratio]))
-    device_state.overshoot_scale.assign(scale)
+    average, count, scale = clipping.overshoot_update(average, count, scale, value,
+                                                      tf.logical_and(valid, valid_update), auto)
+    size, ratio = clipping.update_size_update(size, ratio, update_sq_norm, weights_sq_norm, valid_update, auto)
+    device_state.overshoot.assign(tf.stack([average, count, tf.where(finite, 1.0, kept), scale, size, ratio]))
     for kept_weights, w in zip(device_state.previous_weights, weights):
         kept_weights.assign(tf.where(finite, w, kept_weights.read_value()))
     return tf.maximum(scale * size, auto.min_scale)

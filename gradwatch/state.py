@@ -68,11 +68,10 @@ class DeviceState:
             if weight_shapes is not None:
                 # The overshoot watch (`AutoThreshold.overshoot_gain`, `update_gain`):
                 # the weights of the last step while clipping is on; the running
-                # cosine, its count, whether weights were kept, the size factor and
-                # the last update's size; the cosine's factor.
+                # cosine, its count, whether weights were kept, the cosine's factor,
+                # the size factor and the last update's size.
                 self.previous_weights = [make(tf.zeros(shape, tf.float32)) for shape in weight_shapes]
-                self.overshoot = make(tf.constant([0.0, 0.0, 0.0, 1.0, 0.0], tf.float32))
-                self.overshoot_scale = make(tf.ones([], tf.float32))
+                self.overshoot = make(tf.constant([0.0, 0.0, 0.0, 1.0, 1.0, 0.0], tf.float32))
 
     def append(self, step, row):
         """In-graph: writes one record at the next ring-buffer slot; returns
