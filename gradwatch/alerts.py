@@ -169,6 +169,10 @@ def switch_message(event, cause, auto):
             f"{event['step']} (that step included)")
     if cause is not None:
         text += f", after the gradient explosion at step {cause.step} (global norm {cause.global_norm:.3g})"
+    if event.get("restarted"):
+        steps = f" {auto.restart_steps}" if auto is not None else ""
+        text += (f"; in trouble within its first{steps} healthy steps, the run restarts from the weights it had "
+                 "before its first step, clipped")
     return text
 
 

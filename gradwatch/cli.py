@@ -35,7 +35,8 @@ and infinities are the strings "nan", "inf", "-inf"; absent values are null):
              "explosions_led": 2, "max_norm": 5100.0, "median_norm": 0.4, "nonfinite": 0}
           ],
           "clipping": [                      # clipping switched on, by step
-            {"step": 120, "mode": "clipnorm", "threshold": 1.0, "cause_step": 120}
+            {"step": 120, "mode": "clipnorm", "threshold": 1.0, "cause_step": 120,
+             "restarted": false}             # the weights went back to the first step's
           ],
           "vanishing": {                     # vanishing / dead-gradient onsets
             "count": 2,

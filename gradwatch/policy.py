@@ -31,6 +31,7 @@ class StepResult(NamedTuple):
     switching: tf.Tensor  # clipping switches on at this step
     flags: tf.Tensor  # float32 bit set, see `state`
     shrinking: tf.Tensor  # "auto": clipped norms doubled again, the threshold shrinks at this step
+    restarting: tf.Tensor  # "auto": the weights go back to those before the first step (`AutoThreshold.restart_steps`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,39 +97,48 @@ class StepPolicy:
             _update_adaptive(device_state, self.adaptive, global_norm, exploded)
         if self.clip_mode is None:  # monitor only: no clipping state to read or keep
             false = tf.constant(False)
-            clip_active, switching, clip_threshold, shrinking = false, false, tf.constant([0.0]), false
+            clip_active, switching, clip_threshold, shrinking, restarting = false, false, tf.constant([0.0]), false, false
         else:
-            clip_active, switching, clip_threshold, shrinking = self._update_clipping(
+            clip_active, switching, clip_threshold, shrinking, restarting = self._update_clipping(
                 device_state, auto_values, threshold, exploded, nonfinite, global_norm, grads_and_vars)
         skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
-        flags = _flags(exploded, nonfinite, skip, switching, clip_active)
-        return StepResult(threshold, exploded, clip_active, clip_threshold, skip, switching, flags, shrinking)
+        flags = _flags(exploded, nonfinite, skip, switching, clip_active, restarting)
+        return StepResult(threshold, exploded, clip_active, clip_threshold, skip, switching, flags, shrinking,
+                          restarting)
+
+    @property
+    def restarts(self):
+        """A run in trouble from its start may restart (`AutoThreshold.restart_steps`):
+        "auto", switched on by the adaptive detector."""
+        return (self.is_auto and self.auto_switch and self.explosion_threshold is None
+                and self.auto.restart_steps > 0)
 
     def _update_clipping(self, device_state, auto_values, threshold, exploded, nonfinite, global_norm,
                          grads_and_vars=None):
-        """In-graph: `(clip_active, switching, clip_threshold, shrinking)` of this step."""
+        """In-graph: `(clip_active, switching, clip_threshold, shrinking, restarting)` of this step."""
         was_active = device_state.clip_active.read_value()
         finite_explosion = tf.logical_and(exploded, tf.logical_not(nonfinite))
         switching = tf.logical_and(tf.constant(self.auto_switch),
                                    tf.logical_and(tf.logical_not(was_active), finite_explosion))
         clip_active = tf.logical_or(was_active, switching)
-        shrinking = tf.constant(False)
+        shrinking = restarting = tf.constant(False)
         if self.clip_threshold == "auto":
-            clip_threshold, shrinking = self._auto_threshold(device_state, auto_values, threshold, global_norm,
-                                                  was_active, switching, finite_explosion, nonfinite, grads_and_vars)
+            clip_threshold, shrinking, restarting = self._auto_threshold(
+                device_state, auto_values, threshold, global_norm, was_active, switching, finite_explosion,
+                nonfinite, grads_and_vars)
             device_state.clip_threshold.assign(clip_threshold)
         else:  # a constant: `device_state.clip_threshold` keeps what `set_clip_state` wrote, no per-step write
             clip_threshold = tf.constant([float(self.clip_threshold)], tf.float32)
         if self.auto_switch:
             device_state.clip_active.assign(clip_active)
-        return clip_active, switching, clip_threshold, shrinking
+        return clip_active, switching, clip_threshold, shrinking, restarting
 
     def _auto_threshold(self, device_state, auto_values, explosion_threshold, global_norm,
                         was_active, switching, finite_explosion, nonfinite, grads_and_vars=None):
-        """In-graph: the "auto" threshold of this step (`clipping.AutoThreshold`) and
-        whether it shrinks at this step (the clipped norms doubled again).
-        The window's percentile is computed (sorted) only while clipping is on;
-        with `follow=False` only at the switch."""
+        """In-graph: the "auto" threshold of this step (`clipping.AutoThreshold`),
+        whether it shrinks at this step (the clipped norms doubled again) and
+        whether the run restarts. The window's percentile is computed (sorted)
+        only while clipping is on; with `follow=False` only at the switch."""
         auto = self.auto
         baseline = device_state.auto_base.read_value()
         healthy = tf.logical_not(tf.logical_or(finite_explosion, nonfinite))
@@ -159,8 +169,14 @@ class StepPolicy:
         # (With a fixed `explosion_threshold` there is no detector window.)
         elevation_on = self.explosion_threshold is None and auto.elevation != math.inf
         # The overshoot watch: the weights kept from one step to the next while clipping is on.
-        watch_overshoot = (auto.watches_overshoot and grads_and_vars is not None
-                           and hasattr(device_state, "previous_weights"))
+        keeps_weights = grads_and_vars is not None and hasattr(device_state, "previous_weights")
+        watch_overshoot = auto.watches_overshoot and keeps_weights
+        # The restart: the weights before the first step, kept until the switch.
+        restart_on = keeps_weights and self.restarts
+        restarting = tf.constant(False)
+        if restart_on:
+            kept = device_state.overshoot.read_value()[2]
+            restarting = clipping.restarts(switching, kept, _adaptive_state(device_state).count, auto)
 
         def clipping_on():
             # The window's percentile: every step while clipping is on, or, with
@@ -193,8 +209,8 @@ class StepPolicy:
             threshold = clipping.bounded_threshold(window_value, new_baseline, scale, auto)
             if watch_overshoot:  # in a branch of its own: healthy steps pass it as one dead node
                 def watch():
-                    return _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto)
-                threshold = threshold * _unlowered_cond(clip_active, watch, lambda: tf.ones([], tf.float32))
+                    return _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto, restarting)
+                threshold = threshold * unlowered_cond(clip_active, watch, lambda: tf.ones([], tf.float32))
             return threshold, keeps_growing
 
         def clipping_off():
@@ -202,9 +218,18 @@ class StepPolicy:
             # scale (1) and reference stay as they are, and the threshold is
             # not used (the record's CLIP_THRESHOLD is 0 and nothing is clipped).
             # So none of the window's statistics are computed before the switch.
+            if restart_on:  # the weights before the first step: kept once, then one untaken `If` a step
+                def keep_start():
+                    for kept_weights, (_, v) in zip(device_state.previous_weights, grads_and_vars):
+                        kept_weights.assign(tf.cast(state.variable_value(v), tf.float32))
+                    packed = device_state.overshoot.read_value()
+                    device_state.overshoot.assign(tf.tensor_scatter_nd_update(packed, [[2]], [clipping.KEPT_START]))
+                    return tf.constant(True)
+                unlowered_cond(tf.equal(kept, clipping.KEPT_NONE), keep_start, lambda: tf.constant(False))
             return tf.zeros_like(baseline), tf.constant(False)
 
-        return tf.cond(clip_active, clipping_on, clipping_off)
+        threshold, shrinking = tf.cond(clip_active, clipping_on, clipping_off)
+        return threshold, shrinking, restarting
 
     def _threshold(self, device_state):
         if self.explosion_threshold is not None:
@@ -219,14 +244,15 @@ class StepPolicy:
         return tf.where(device_state.clip_active.read_value(), threshold, bound)
 
 
-def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto):
+def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto, restarting=False):
     """In-graph, while clipping is on: the cosine between this step's gradient
     and the update made at the step before (the weights now minus the weights
     kept then, `clipping.cosine`), its running average and the threshold's
     factor (`clipping.overshoot_update`); that update's size against the
     weights' and the size factor (`clipping.update_size_update`); the weights
-    kept for the next step. Returns the two factors' product (at least
-    `min_scale`)."""
+    kept for the next step. At a restart the "update" is everything the run
+    moved since its first step, and the weights kept are those it restarts
+    from. Returns the two factors' product (at least `min_scale`)."""
     dense = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g, _ in grads_and_vars]
     weights = [tf.cast(state.variable_value(v), tf.float32) for _, v in grads_and_vars]
     updates = [w - p.read_value() for w, p in zip(weights, device_state.previous_weights)]
@@ -237,18 +263,23 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto)
     # [average, count, weights kept, cosine factor, size factor, last ratio]
     average, count, kept, scale, size, ratio = tf.unstack(device_state.overshoot.read_value())
     finite = tf.logical_not(nonfinite)
-    valid_update = tf.logical_and(finite, kept > 0)
+    restarting = tf.cast(restarting, tf.bool)
+    # The weights of the step before, or at a restart those before the first step
+    # (kept before the switch: stale at a later switch).
+    valid_update = tf.logical_and(finite, tf.logical_or(tf.equal(kept, clipping.KEPT_LAST), restarting))
     value, valid = clipping.cosine(dot, sq_norm, update_sq_norm)
     average, count, scale = clipping.overshoot_update(average, count, scale, value,
                                                       tf.logical_and(valid, valid_update), auto)
     size, ratio = clipping.update_size_update(size, ratio, update_sq_norm, weights_sq_norm, valid_update, auto)
-    device_state.overshoot.assign(tf.stack([average, count, tf.where(finite, 1.0, kept), scale, size, ratio]))
+    kept = tf.where(tf.logical_or(finite, restarting), clipping.KEPT_LAST, kept)
+    device_state.overshoot.assign(tf.stack([average, count, kept, scale, size, ratio]))
     for kept_weights, w in zip(device_state.previous_weights, weights):
-        kept_weights.assign(tf.where(finite, w, kept_weights.read_value()))
+        # At a restart the weights now are those kept (the capture restores them).
+        kept_weights.assign(tf.where(tf.logical_and(finite, tf.logical_not(restarting)), w, kept_weights.read_value()))
     return tf.maximum(scale * size, auto.min_scale)
 
 
-def _unlowered_cond(pred, true_fn, false_fn):
+def unlowered_cond(pred, true_fn, false_fn):
     """`tf.cond`, kept a functional `If` in a traced graph (not lowered to
     Switch/Merge): inside another cond's untaken branch it is one dead node,
     where a lowered one passes every op of its branches as dead nodes (measured:
@@ -278,12 +309,13 @@ def _adaptive_state(device_state):
     return detection.AdaptiveState(packed[0], packed[1:])
 
 
-_FLAG_BITS = (state.EXPLODED, state.NONFINITE, state.SKIPPED, state.CLIP_SWITCHED_ON, state.CLIP_ACTIVE)
+_FLAG_BITS = (state.EXPLODED, state.NONFINITE, state.SKIPPED, state.CLIP_SWITCHED_ON, state.CLIP_ACTIVE,
+              state.RESTARTED)
 
 
-def _flags(exploded, nonfinite, skip, switching, clip_active):
+def _flags(exploded, nonfinite, skip, switching, clip_active, restarting):
     """The FLAGS column: a float32 bit set (one stack, cast and dot product)."""
-    bits = tf.cast(tf.stack([exploded, nonfinite, skip, switching, clip_active]), tf.float32)
+    bits = tf.cast(tf.stack([exploded, nonfinite, skip, switching, clip_active, restarting]), tf.float32)
     return tf.reduce_sum(bits * tf.constant(_FLAG_BITS, tf.float32))
 
 

@@ -312,6 +312,8 @@ class Recorder:
             setattr(self.capture.optimizer, mode, threshold)
             event = {"step": step, "epoch": int(epoch), "mode": mode,
                      "threshold": threshold, "cause_step": step}
+            if state.has_flag(rows[index, state.FLAGS], state.RESTARTED):
+                event["restarted"] = True  # the weights went back to those before the first step
             if self.capture.name is not None:
                 event["optimizer"] = self.capture.name
             events.append(event)

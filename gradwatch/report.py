@@ -90,7 +90,7 @@ def _top_layers(run):
 
 def _clipping(run):
     return [{"step": c.step, "mode": c.mode, "threshold": _optional(c.threshold),
-             "cause_step": c.cause_step} for c in run.clipping]
+             "cause_step": c.cause_step, "restarted": c.restarted} for c in run.clipping]
 
 
 def _vanishing(run):
@@ -244,7 +244,8 @@ def _run_details(run):
             lines.append(f"  {kind} gradients: {names}")
     for event in run["clipping"]:
         lines.append(f"  clipping: {event['mode']} switched on at step {event['step']}, "
-                     f"threshold {_num(event['threshold'])}")
+                     f"threshold {_num(event['threshold'])}"
+                     + ("; restarted from the weights before the first step" if event.get("restarted") else ""))
     for note in run.get("notes", ()):
         lines.append(f"  note: {note}")
     return lines

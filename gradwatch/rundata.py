@@ -69,6 +69,7 @@ class ClippingEvent:
     threshold: float = None
     epoch: int = None
     cause_step: int = None  # the explosion that switched clipping on
+    restarted: bool = False  # the weights went back to those before the first step (`AutoThreshold.restart_steps`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,4 +218,5 @@ def clipping_event_from_doc(event_step, doc):
         threshold=to_float(doc.get("threshold")),
         epoch=_optional_int(doc.get("epoch")),
         cause_step=_optional_int(doc.get("cause_step")),
+        restarted=doc.get("restarted") is True,
     )

@@ -16,8 +16,8 @@ GLOBAL, GLOBAL_CLIPPED, THRESHOLD, CLIP_THRESHOLD, FLAGS = range(5)
 LAYERS_START = 5
 
 # Bits of the FLAGS column.
-EXPLODED, NONFINITE, SKIPPED, CLIP_SWITCHED_ON, CLIP_ACTIVE, OVERFLOW = (
-    1, 2, 4, 8, 16, 32)
+EXPLODED, NONFINITE, SKIPPED, CLIP_SWITCHED_ON, CLIP_ACTIVE, OVERFLOW, RESTARTED = (
+    1, 2, 4, 8, 16, 32, 64)
 
 
 def has_flag(flags, bit):
@@ -67,9 +67,11 @@ class DeviceState:
                 self.typical_base = make(tf.zeros([], tf.float32))
             if weight_shapes is not None:
                 # The overshoot watch (`AutoThreshold.overshoot_gain`, `update_gain`):
-                # the weights of the last step while clipping is on; the running
-                # cosine, its count, whether weights were kept, the cosine's factor,
-                # the size factor and the last update's size.
+                # the weights of the last step while clipping is on (before the
+                # switch, with `restart_steps`, those before the first step); the
+                # running cosine, its count, what the weights kept are
+                # (`clipping.KEPT_*`), the cosine's factor, the size factor and
+                # the last update's size.
                 self.previous_weights = [make(tf.zeros(shape, tf.float32)) for shape in weight_shapes]
                 self.overshoot = make(tf.constant([0.0, 0.0, 0.0, 1.0, 1.0, 0.0], tf.float32))
 

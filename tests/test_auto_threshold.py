@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import gradwatch
 from gradwatch import clipping
+from gradwatch import logs as gradwatch_logs
 from helpers import WeightsBeforeEachStep, read_tags, regression_data
 
 pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
@@ -88,11 +89,14 @@ def test_auto_threshold_settings_are_checked():
         clipping.AutoThreshold(window=0)
     for name, value in [("rise", 0.5), ("shrink", 0.0), ("shrink", 1.5), ("min_scale", 0.0), ("recover_steps", 0),
                         ("overshoot_gain", -0.5), ("overshoot_steps", 0), ("overshoot_level", -1.5),
-                        ("update_ratio", 0.0), ("update_ratio", 1.0), ("update_gain", -1.0), ("update_gain", "1")]:
+                        ("update_ratio", 0.0), ("update_ratio", 1.0), ("update_gain", -1.0), ("update_gain", "1"),
+                        ("restart_steps", -1), ("restart_steps", 2.5), ("restart_steps", True)]:
         with pytest.raises(ValueError, match=f"`{name}` must be .* Received: {name}={value!r}"):
             clipping.AutoThreshold(**{name: value})
     assert clipping.AutoThreshold(overshoot_gain=0.0, shrink=1.0, min_scale=1.0).overshoot_gain == 0.0  # the bounds
     assert clipping.AutoThreshold(update_gain=0.0, update_ratio=0.999).update_gain == 0.0
+    assert clipping.AutoThreshold(restart_steps=0).keeps_weights  # the watch keeps them
+    assert not clipping.AutoThreshold(restart_steps=0, overshoot_gain=0.0, update_gain=0.0).keeps_weights
 
 
 # -- in a real fit ------------------------------------------------------------------
@@ -323,6 +327,52 @@ def test_the_threshold_cannot_climb_with_a_divergence(tmp_path, mode, watch):
     at_switch = written[switch]
     assert all(value <= at_switch * (1 + 1e-6) for value in written.values())
     assert min(written.values()) < (0.1 if watch else 0.5) * at_switch  # it shrank while the norms kept doubling
+
+
+@pytest.mark.parametrize("mode", ["global_clipnorm", "clipvalue"])
+@pytest.mark.parametrize("restart_steps", [16, 4, 0])
+def test_a_run_in_trouble_within_its_first_steps_restarts_from_its_first_weights(tmp_path, caplog, mode,
+                                                                                  restart_steps):
+    """Targets x1e4 at step 8 (7 healthy steps before): with `restart_steps=16` (the default)
+    the run restarts: the weights after the switching step are the weights before step 1 minus
+    the clipped update of that step's gradient (a tape at the weights the step saw, clipped
+    here), and the switch is recorded and logged as a restart; with `restart_steps` 4 or 0 it is
+    too late for one (or off): the clipped update starts from the weights the step saw."""
+    caplog.set_level(logging.WARNING, logger="gradwatch")
+    x, y = _data()
+    model = keras.Sequential([keras.Input((8,)),
+                              keras.layers.Dense(16, activation="tanh", use_bias=False, name="hidden"),
+                              keras.layers.Dense(1, use_bias=False, name="out")])
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip=mode, verbose=0, update_freq=5,
+                                        clip_threshold=clipping.AutoThreshold(restart_steps=restart_steps))
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    [event] = monitor.clipping_events
+    assert event["step"] == SPIKE_STEP
+    restarted = restart_steps > SPIKE_STEP - 1
+    assert event.get("restarted", False) is restarted
+    weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
+    seen = weights[SPIKE_STEP - 1]  # the weights the switching step saw
+    model.set_weights(seen)
+    with tf.GradientTape() as tape:
+        rows = slice((SPIKE_STEP - 1) * BATCH, SPIKE_STEP * BATCH)
+        loss = tf.reduce_mean(tf.square(model(x[rows]) - y[rows]))
+    grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
+    threshold = read_tags(str(tmp_path))["grad_norm/clip_threshold"][SPIKE_STEP]
+    if mode == "global_clipnorm":
+        norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
+        clipped = [g * min(1.0, threshold / norm) for g in grads]
+    else:
+        clipped = [np.clip(g, -threshold, threshold) for g in grads]
+    start = weights[0] if restarted else seen
+    for before, grad, after in zip(start, clipped, weights[SPIKE_STEP]):
+        np.testing.assert_allclose(after, before - LR * grad, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(weights[0][0], seen[0])  # the 7 steps before did move the weights
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("switched on")]
+    assert len(logged) == 1 and ("restarts from the weights it had before its first step" in logged[0]) is restarted
+    [run] = gradwatch_logs.read_logdir(str(tmp_path))
+    assert [(c.step, c.restarted) for c in run.clipping] == [(SPIKE_STEP, restarted)]
 
 
 def test_the_momentum_is_zeroed_at_each_shrinking_step(tmp_path):

@@ -250,6 +250,28 @@ def test_sparse_embedding_gradients_go_through_the_clipping_cond(mode, tmp_path)
         assert max(np.abs(d).max() for d in delta) <= bound
 
 
+@pytest.mark.parametrize("mirrored, jit_compile", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("restart_steps", [16, 0])
+def test_a_restart_takes_the_run_back_to_its_first_weights(tmp_path, mirrored, jit_compile, restart_steps):
+    """"auto" with the adaptive detector, the spike at step 6 (5 healthy steps before): with
+    `restart_steps=16` the switching step's clipped update (global norm: learning rate x the
+    threshold) starts from the weights before step 1, on one device, under MirroredStrategy and
+    under XLA; with 0, from the weights that step saw."""
+    model, monitor, deltas = train(tmp_path, strategy=two_cpu_strategy() if mirrored else None, jit_compile=jit_compile,
+                                   explosion_threshold=None, auto_clip="global_clipnorm",
+                                   clip_threshold=clipping.AutoThreshold(restart_steps=restart_steps))
+    [event] = monitor.clipping_events
+    assert event["step"] == SPIKE_STEP and event.get("restarted", False) is (restart_steps > 0)
+    final = [v.numpy() for v in model.trainable_variables]
+    after = [w - sum(d[i] for d in deltas[SPIKE_STEP:]) for i, w in enumerate(final)]  # after the switching step
+    first = [w - d for w, d in zip(after, [sum(d[i] for d in deltas[:SPIKE_STEP]) for i in range(len(final))])]
+    seen = [a - d for a, d in zip(after, deltas[SPIKE_STEP - 1])]
+    start = first if restart_steps else seen
+    moved = global_norm([a - s for a, s in zip(after, start)])
+    assert moved == pytest.approx(LR * event["threshold"], rel=1e-4)
+    assert global_norm([s - f for s, f in zip(seen, first)]) > 5 * moved  # the first 5 steps moved them
+
+
 @pytest.mark.parametrize("mirrored", [False, True])
 def test_the_overshoot_watch_keeps_the_weights_each_step_saw(tmp_path, mirrored):
     """"auto" through `fit` (and under MirroredStrategy): the capture hands the step's gradients and

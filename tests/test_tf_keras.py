@@ -319,6 +319,25 @@ def test_auto_threshold_and_momentum_reset(tmp_path, legacy):
         np.testing.assert_array_equal(kept.numpy(), weights)
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_auto_threshold_restarts_a_run_in_trouble_from_its_start(tmp_path, legacy):
+    """The adaptive detector switches "auto" clipping on at step 6 (5 healthy steps before, fewer
+    than `restart_steps`): the switching step's update, lr x the threshold (momentum zeroed),
+    starts from the weights before step 1."""
+    lr, spike = 0.01, 6
+    x, y = spiked_data(steps=10, batch_size=16, spike_steps=[spike], scale=1e3)
+    sgd = (tf_keras.optimizers.legacy.SGD if legacy else tf_keras.optimizers.SGD)(lr, momentum=0.9)
+    snapshots = WeightsBeforeEachStep()
+    model, monitor = fit(tmp_path, x, y, optimizer=sgd, callbacks=[snapshots], update_freq=3,
+                         auto_clip="global_clipnorm", clip_threshold="auto")
+    assert [(e["step"], e.get("restarted")) for e in monitor.clipping_events] == [(spike, True)]
+    threshold = read_tags(str(tmp_path))[tags.CLIP_THRESHOLD][spike]
+    first, seen, after = snapshots.snapshots[0], snapshots.snapshots[spike - 1], snapshots.snapshots[spike]
+    change = np.sqrt(sum(np.sum((w1 - w0) ** 2) for w0, w1 in zip(first, after)))
+    np.testing.assert_allclose(change, lr * threshold, rtol=1e-4)
+    assert np.sqrt(sum(np.sum((w1 - w0) ** 2) for w0, w1 in zip(first, seen))) > 3 * change
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "legacy_adam"])
 def test_nonfinite_step_is_skipped_leaving_weights_and_slots(tmp_path, optimizer, caplog):
     opt = {"adam": lambda: tf_keras.optimizers.Adam(0.01),

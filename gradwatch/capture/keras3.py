@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from gradwatch import clipping, state, stats
 from gradwatch.capture.skip import DeferredWrites
-from gradwatch.policy import HostDetector
+from gradwatch.policy import HostDetector, unlowered_cond
 
 _RECORD_KEY = "_gradwatch_record"
 
@@ -69,6 +69,7 @@ class KerasCapture:
         self._skip_pred = None
         self._held_writes = None  # `DeferredWrites` while skipping on one device
         self._reset_pred = None  # trace time: zero the momentum at this step (reset_momentum)
+        self._restart_pred = None  # trace time: the weights go back to those kept (`AutoThreshold.restart_steps`)
         self._cap = None  # trace time: (clip mode, threshold) of this step, for the second moments
         self._installed = {}
         self.latest_record = None  # the train function's last record output, if any
@@ -97,7 +98,7 @@ class KerasCapture:
         auto_shape, weight_shapes = None, None
         if self.policy.is_auto:
             auto_shape = (self.policy.auto.window, self.policy.auto_columns(len(self._column_of_variable)))
-            if self.policy.auto.watches_overshoot:
+            if self.policy.auto.keeps_weights:
                 weight_shapes = [tuple(v.shape) for v in variables]
         with tf.init_scope():
             self.state = state.DeviceState(
@@ -182,7 +183,7 @@ class KerasCapture:
         self._wrap(self.optimizer, "_all_reduce_sum_gradients", self._on_all_reduced)
         self._wrap(self.optimizer, "_backend_update_step", self._on_update_step)
         self._wrap(self.optimizer, "_clip_gradients", lambda original: (lambda grads: grads))
-        if self.policy.skip_nonfinite or self.policy.reset_momentum:
+        if self.policy.skip_nonfinite or self.policy.reset_momentum or self.policy.restarts:
             self._wrap(self.optimizer, "_distributed_tf_update_step", self._on_distributed_update)
         # Writes Keras makes before the gradient reaches gradwatch wait for the update (single device).
         self._held_writes = None
@@ -263,6 +264,8 @@ class KerasCapture:
 
     def _on_distributed_update(self, original):
         def distributed_update(distribution, grads_and_vars, learning_rate):
+            if self._restart_pred is not None:  # before the update, which then starts from them
+                _restore_if(distribution, self._current_variables, self.state.previous_weights, self._restart_pred)
             if self._reset_pred is not None:  # here the slots can be written under any strategy
                 slots = momentum_slots(self.optimizer)
                 cap = self._second_moment_cap(distribution, grads_and_vars)
@@ -431,6 +434,8 @@ class KerasCapture:
         # doubled again (the momentum is carrying the run away: `clipping.AutoThreshold`).
         self._reset_pred = (tf.logical_or(step_result.switching, step_result.shrinking)
                             if policy.reset_momentum else None)
+        # A run in trouble from its start goes back to its first weights (restored by the update).
+        self._restart_pred = step_result.restarting if whole and policy.restarts else None
         self._cap = (policy.clip_mode, tf.cast(threshold, tf.float32)) if policy.clip_mode else None
         return new_grads, [global_norm, clipped_norm, step_result.threshold, recorded, step_result.flags]
 
@@ -510,6 +515,33 @@ def _zero_if(slot, predicate):
         slot.assign(tf.zeros_like(slot))
         return tf.constant(True)
     return tf.cond(predicate, reset, lambda: tf.constant(False))
+
+
+def _restore_if(distribution, variables, kept, predicate):
+    """Each variable `=` its kept copy when `predicate` (a restart): one functional
+    `If` for them all on one device (a healthy step passes it untaken); under a
+    distribution strategy, each variable through `extended.update`."""
+    if state.is_distributed(distribution):
+        for variable, copy in zip(variables, kept):
+            target = state.backend_variable(variable)
+            distribution.extended.update(target, _assign_if, args=(predicate, tf.cast(copy.read_value(), target.dtype)),
+                                         group=False)
+        return
+
+    def restore():
+        done = [state.backend_variable(variable).assign(tf.cast(copy.read_value(), state.backend_variable(variable).dtype))
+                for variable, copy in zip(variables, kept)]
+        with tf.control_dependencies(done):
+            return tf.constant(True)
+    unlowered_cond(predicate, restore, lambda: tf.constant(False))
+
+
+def _assign_if(variable, predicate, value):
+    """`variable = value` when `predicate` (a `tf.cond`)."""
+    def assign():
+        variable.assign(value)
+        return tf.constant(True)
+    return tf.cond(predicate, assign, lambda: tf.constant(False))
 
 
 def _zero_all_if(slots, predicate, also=None):

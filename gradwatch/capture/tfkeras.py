@@ -36,7 +36,7 @@ import sys
 import tensorflow as tf
 
 from gradwatch import state
-from gradwatch.capture.keras3 import KerasCapture, _zero_if, momentum_slots, run_compiled_step
+from gradwatch.capture.keras3 import KerasCapture, _assign_if, _zero_if, momentum_slots, run_compiled_step
 
 
 def is_tf_keras_model(model):
@@ -131,7 +131,8 @@ class TfKerasCapture(KerasCapture):
 
         self._check_unhooked_and_prepare()
         optimizer = self.optimizer
-        skip = self.policy.skip_nonfinite or self.policy.reset_momentum  # both wrap the update
+        # Skipping, the momentum reset and the restart all wrap the update.
+        skip = self.policy.skip_nonfinite or self.policy.reset_momentum or self.policy.restarts
         if isinstance(optimizer, tf_keras.optimizers.legacy.Optimizer):
             self._wrap(optimizer, "_transform_gradients", self._on_transform_gradients)
             if skip:
@@ -191,6 +192,11 @@ class TfKerasCapture(KerasCapture):
 
     def _on_update(self, original):
         def update(gradient, variable, *args, **kwargs):
+            if self._restart_pred is not None:  # before the update, which then starts from them
+                position = {id(v): i for i, v in enumerate(self._current_variables)}.get(id(variable))
+                if position is not None:
+                    copy = self.state.previous_weights[position]
+                    _assign_if(variable, self._restart_pred, tf.cast(copy.read_value(), variable.dtype))
             if self._reset_pred is not None:
                 slot = self._momentum_slot(variable)
                 if slot is not None:

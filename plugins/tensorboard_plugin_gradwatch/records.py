@@ -144,4 +144,5 @@ def clipping(record):
         "mode": mode[:_MODE_CHARS] if isinstance(mode, str) else None,
         "threshold": _number(record.get("threshold")),
         "cause_step": _int(record.get("cause_step")),
+        "restarted": record.get("restarted") is True,
     }

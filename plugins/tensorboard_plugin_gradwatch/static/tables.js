@@ -125,7 +125,8 @@ function renderClipping(container, events, onSelect) {
   for (const event of events) {
     const item = el('li', '', `Clipping switched on at step ${fmtStep(event.step)}` +
       ` (${event.mode || 'global norm'}, threshold ${fmt(event.threshold)}` +
-      `${event.cause_step != null ? `, caused by step ${fmtStep(event.cause_step)}` : ''}).`);
+      `${event.cause_step != null ? `, caused by step ${fmtStep(event.cause_step)}` : ''})` +
+      `${event.restarted ? '; the run restarted from the weights before its first step' : ''}.`);
     item.addEventListener('click', () => onSelect(event.step));
     list.appendChild(item);
   }
