@@ -2,6 +2,7 @@
 written every step against the rule replayed on the logged norms, and the clipped update measured
 on the weights."""
 
+import json
 import logging
 
 import keras
@@ -11,6 +12,7 @@ import tensorflow as tf
 
 import gradwatch
 from gradwatch import clipping
+from gradwatch import cli as gradwatch_cli
 from gradwatch import logs as gradwatch_logs
 from helpers import WeightsBeforeEachStep, read_tags, regression_data
 
@@ -331,7 +333,7 @@ def test_the_threshold_cannot_climb_with_a_divergence(tmp_path, mode, watch):
 
 @pytest.mark.parametrize("mode", ["global_clipnorm", "clipvalue"])
 @pytest.mark.parametrize("restart_steps", [16, 4, 0])
-def test_a_run_in_trouble_within_its_first_steps_restarts_from_its_first_weights(tmp_path, caplog, mode,
+def test_a_run_in_trouble_within_its_first_steps_restarts_from_its_first_weights(tmp_path, caplog, capsys, mode,
                                                                                   restart_steps):
     """Targets x1e4 at step 8 (7 healthy steps before): with `restart_steps=16` (the default)
     the run restarts: the weights after the switching step are the weights before step 1 minus
@@ -373,6 +375,12 @@ def test_a_run_in_trouble_within_its_first_steps_restarts_from_its_first_weights
     assert len(logged) == 1 and ("restarts from the weights it had before its first step" in logged[0]) is restarted
     [run] = gradwatch_logs.read_logdir(str(tmp_path))
     assert [(c.step, c.restarted) for c in run.clipping] == [(SPIKE_STEP, restarted)]
+    capsys.readouterr()
+    assert gradwatch_cli.main(["report", str(tmp_path), "--json"]) == 0
+    [report] = json.loads(capsys.readouterr().out)["runs"]
+    assert [(c["step"], c["restarted"]) for c in report["clipping"]] == [(SPIKE_STEP, restarted)]
+    gradwatch_cli.main(["report", str(tmp_path)])
+    assert ("restarted from the weights before the first step" in capsys.readouterr().out) is restarted
 
 
 def test_the_momentum_is_zeroed_at_each_shrinking_step(tmp_path):

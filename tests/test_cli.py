@@ -65,7 +65,8 @@ def test_json_report_holds_runs_and_explosions(capsys, exploded_logdir):
     assert explosions["records"][1]["layers"][0] == ["lstm", "nan"]
     assert rnn["top_layers"][0]["layer"] == "lstm"
     assert rnn["top_layers"][0]["explosions_led"] == 2
-    assert rnn["clipping"] == [{"step": 17, "mode": "clipnorm", "threshold": 1.0, "cause_step": 17}]
+    assert rnn["clipping"] == [{"step": 17, "mode": "clipnorm", "threshold": 1.0, "cause_step": 17,
+                                "restarted": False}]
     assert runs["mlp run"]["explosions"]["count"] == 0
     assert runs["mlp run"]["explosions"]["first_step"] is None
 
