@@ -366,7 +366,10 @@ def main():
         jobs = [job for job in jobs if _key(job) not in done]
     print(f"{len(jobs)} runs", flush=True)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool, open(args.out, "a") as out:
+    # A fresh worker every 10 runs: a long-lived one keeps growing (10.6 GB resident after ~1000
+    # runs, measured), and the machine then swaps.
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context, max_tasks_per_child=10) as pool, \
+            open(args.out, "a") as out:
         for result in pool.map(train, jobs, chunksize=1):
             result["label"] = args.label
             out.write(json.dumps(result) + "\n")
