@@ -75,6 +75,9 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             `AutoThreshold(overshoot_gain=0, update_gain=0)` turns off the
             overshoot watch (on by default: it keeps a copy of the weights
             while clipping is on, to see whether each update went too far).
+            A run that explodes within its first 16 healthy steps restarts
+            from the weights it had before its first step, clipped (kept in
+            the same copy; `AutoThreshold(restart_steps=0)` turns it off).
         skip_nonfinite: skip updates whose gradient holds NaN/Inf. Defaults to
             True when `auto_clip` is set, else False.
         reset_momentum: with `auto_clip`, zero the optimizer's first-moment
