@@ -28,7 +28,6 @@ Results are appended as JSON lines (one per training run).
 
 import argparse
 import collections
-import concurrent.futures
 import itertools
 import json
 import multiprocessing
@@ -367,10 +366,10 @@ def main():
     print(f"{len(jobs)} runs", flush=True)
     context = multiprocessing.get_context("spawn")
     # A fresh worker every 10 runs: a long-lived one keeps growing (10.6 GB resident after ~1000
-    # runs, measured), and the machine then swaps.
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context, max_tasks_per_child=10) as pool, \
-            open(args.out, "a") as out:
-        for result in pool.map(train, jobs, chunksize=1):
+    # runs, measured), and the machine then swaps. (`multiprocessing.Pool`: `ProcessPoolExecutor`
+    # with `max_tasks_per_child` hung here after the first worker's 10 runs, Python 3.11.7.)
+    with context.Pool(args.workers, maxtasksperchild=10) as pool, open(args.out, "a") as out:
+        for result in pool.imap(train, jobs, chunksize=1):
             result["label"] = args.label
             out.write(json.dumps(result) + "\n")
             out.flush()
