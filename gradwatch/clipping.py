@@ -321,6 +321,31 @@ def restarts(switching, kept, healthy_steps, auto):
                           tf.equal(tf.cast(kept, tf.float32), KEPT_START))
 
 
+def carried_uphill(average, ratio, valid, auto):
+    """Whether the optimizer's momentum is carrying a clipped run uphill: the
+    updates keep overshooting (the running cosine between each gradient and
+    the update before it is above `overshoot_level`) and the last one still
+    moved the weights by more than twice `update_ratio` of their norm. The
+    clipped gradient is then too small to turn the run around (a
+    learning-rate spike's momentum coasted uphill for ~20 steps, 2-7% of the
+    weights a step, while the threshold shrank to 1/64), so the momentum is
+    zeroed at that step (`reset_momentum`; the "gradient restart" of
+    O'Donoghue and Candes 2015). Twice: at `update_ratio` itself the resets
+    also stopped the momentum of runs restarted after diverging from step 1,
+    whose clipped updates stay at 1-2% for tens of steps (the tanh MLP: 1.1-2.0x
+    -> 1.8-3.2x the best fixed threshold). `valid`: the step measured an update.
+
+    >>> auto = AutoThreshold()  # overshoot_level 0.1, update_ratio 0.01
+    >>> [bool(carried_uphill(a, r, True, auto)) for a, r in [(0.5, 0.03), (0.05, 0.03), (0.5, 0.015)]]
+    [True, False, False]
+    >>> bool(carried_uphill(0.5, 0.03, False, auto))
+    False
+    """
+    average, ratio = tf.cast(average, tf.float32), tf.cast(ratio, tf.float32)
+    return tf.logical_and(tf.cast(valid, tf.bool),
+                          tf.logical_and(average > auto.overshoot_level, ratio > 2.0 * auto.update_ratio))
+
+
 def overshoot_update(average, count, scale, cosine, valid, auto):
     """`(average, count, scale)` after one step while clipping is on: the
     running average of the cosine between each step's gradient and the update

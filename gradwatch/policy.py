@@ -32,6 +32,7 @@ class StepResult(NamedTuple):
     flags: tf.Tensor  # float32 bit set, see `state`
     shrinking: tf.Tensor  # "auto": clipped norms doubled again, the threshold shrinks at this step
     restarting: tf.Tensor  # "auto": the weights go back to those before the first step (`AutoThreshold.restart_steps`)
+    uphill: tf.Tensor  # "auto": the momentum carries the clipped run uphill (`clipping.carried_uphill`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +98,15 @@ class StepPolicy:
             _update_adaptive(device_state, self.adaptive, global_norm, exploded)
         if self.clip_mode is None:  # monitor only: no clipping state to read or keep
             false = tf.constant(False)
-            clip_active, switching, clip_threshold, shrinking, restarting = false, false, tf.constant([0.0]), false, false
+            clip_active, switching, clip_threshold, shrinking, restarting, uphill = (
+                false, false, tf.constant([0.0]), false, false, false)
         else:
-            clip_active, switching, clip_threshold, shrinking, restarting = self._update_clipping(
+            clip_active, switching, clip_threshold, shrinking, restarting, uphill = self._update_clipping(
                 device_state, auto_values, threshold, exploded, nonfinite, global_norm, grads_and_vars)
         skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
         flags = _flags(exploded, nonfinite, skip, switching, clip_active, restarting)
         return StepResult(threshold, exploded, clip_active, clip_threshold, skip, switching, flags, shrinking,
-                          restarting)
+                          restarting, uphill)
 
     @property
     def restarts(self):
@@ -115,15 +117,15 @@ class StepPolicy:
 
     def _update_clipping(self, device_state, auto_values, threshold, exploded, nonfinite, global_norm,
                          grads_and_vars=None):
-        """In-graph: `(clip_active, switching, clip_threshold, shrinking, restarting)` of this step."""
+        """In-graph: `(clip_active, switching, clip_threshold, shrinking, restarting, uphill)` of this step."""
         was_active = device_state.clip_active.read_value()
         finite_explosion = tf.logical_and(exploded, tf.logical_not(nonfinite))
         switching = tf.logical_and(tf.constant(self.auto_switch),
                                    tf.logical_and(tf.logical_not(was_active), finite_explosion))
         clip_active = tf.logical_or(was_active, switching)
-        shrinking = restarting = tf.constant(False)
+        shrinking = restarting = uphill = tf.constant(False)
         if self.clip_threshold == "auto":
-            clip_threshold, shrinking, restarting = self._auto_threshold(
+            clip_threshold, shrinking, restarting, uphill = self._auto_threshold(
                 device_state, auto_values, threshold, global_norm, was_active, switching, finite_explosion,
                 nonfinite, grads_and_vars)
             device_state.clip_threshold.assign(clip_threshold)
@@ -131,13 +133,13 @@ class StepPolicy:
             clip_threshold = tf.constant([float(self.clip_threshold)], tf.float32)
         if self.auto_switch:
             device_state.clip_active.assign(clip_active)
-        return clip_active, switching, clip_threshold, shrinking, restarting
+        return clip_active, switching, clip_threshold, shrinking, restarting, uphill
 
     def _auto_threshold(self, device_state, auto_values, explosion_threshold, global_norm,
                         was_active, switching, finite_explosion, nonfinite, grads_and_vars=None):
         """In-graph: the "auto" threshold of this step (`clipping.AutoThreshold`),
-        whether it shrinks at this step (the clipped norms doubled again) and
-        whether the run restarts. The window's percentile is computed (sorted)
+        whether it shrinks at this step (the clipped norms doubled again),
+        whether the run restarts and whether the momentum carries it uphill. The window's percentile is computed (sorted)
         only while clipping is on; with `follow=False` only at the switch."""
         auto = self.auto
         baseline = device_state.auto_base.read_value()
@@ -210,8 +212,9 @@ class StepPolicy:
             if watch_overshoot:  # in a branch of its own: healthy steps pass it as one dead node
                 def watch():
                     return _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto, restarting)
-                threshold = threshold * unlowered_cond(clip_active, watch, lambda: tf.ones([], tf.float32))
-            return threshold, keeps_growing
+                factor, uphill = unlowered_cond(clip_active, watch, lambda: (tf.ones([], tf.float32), tf.constant(False)))
+                return threshold * factor, keeps_growing, uphill
+            return threshold, keeps_growing, tf.constant(False)
 
         def clipping_off():
             # Clipping has never been on (it never switches off): the baseline,
@@ -226,10 +229,10 @@ class StepPolicy:
                     device_state.overshoot.assign(tf.tensor_scatter_nd_update(packed, [[2]], [clipping.KEPT_START]))
                     return tf.constant(True)
                 unlowered_cond(tf.equal(kept, clipping.KEPT_NONE), keep_start, lambda: tf.constant(False))
-            return tf.zeros_like(baseline), tf.constant(False)
+            return tf.zeros_like(baseline), tf.constant(False), tf.constant(False)
 
-        threshold, shrinking = tf.cond(clip_active, clipping_on, clipping_off)
-        return threshold, shrinking, restarting
+        threshold, shrinking, uphill = tf.cond(clip_active, clipping_on, clipping_off)
+        return threshold, shrinking, restarting, uphill
 
     def _threshold(self, device_state):
         if self.explosion_threshold is not None:
@@ -252,7 +255,8 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto,
     weights' and the size factor (`clipping.update_size_update`); the weights
     kept for the next step. At a restart the "update" is everything the run
     moved since its first step, and the weights kept are those it restarts
-    from. Returns the two factors' product (at least `min_scale`)."""
+    from. Returns the two factors' product (at least `min_scale`) and whether
+    the momentum carries the run uphill (`clipping.carried_uphill`)."""
     dense = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g, _ in grads_and_vars]
     weights = [tf.cast(state.variable_value(v), tf.float32) for _, v in grads_and_vars]
     updates = [w - p.read_value() for w, p in zip(weights, device_state.previous_weights)]
@@ -276,7 +280,8 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto,
     for kept_weights, w in zip(device_state.previous_weights, weights):
         # At a restart the weights now are those kept (the capture restores them).
         kept_weights.assign(tf.where(tf.logical_and(finite, tf.logical_not(restarting)), w, kept_weights.read_value()))
-    return tf.maximum(scale * size, auto.min_scale)
+    uphill = clipping.carried_uphill(average, ratio, valid_update, auto)
+    return tf.maximum(scale * size, auto.min_scale), uphill
 
 
 def unlowered_cond(pred, true_fn, false_fn):

@@ -413,6 +413,58 @@ def test_the_momentum_is_zeroed_at_each_shrinking_step(tmp_path):
             assert abs(update - lr * clipped[step]) > 1e-3 * lr * clipped[step], step
 
 
+class LearningRateSpike(keras.callbacks.Callback):
+    """The learning rate times `factor` for the steps in `steps`."""
+
+    def __init__(self, steps, factor):
+        super().__init__()
+        self.steps, self.factor, self.seen = steps, factor, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.seen += 1
+        self.model.optimizer.learning_rate.assign(LR * (self.factor if self.seen in self.steps else 1.0))
+
+
+def test_the_momentum_is_zeroed_while_it_carries_the_clipped_run_uphill(tmp_path):
+    """SGD with momentum; targets x1e4 at step 8 switch clipping on (no restart: replayed as is),
+    then the learning rate x30 for steps 10-12 fills the momentum, which coasts on after it. The
+    steps where it carries the run uphill are replayed independently (the cosine between each
+    step's gradient -- a tape at the weights it saw -- and the update before it, averaged; that
+    update's size against the weights'): there are some, and at each of them the update is
+    exactly -lr * the clipped gradient (the momentum was zeroed first); at the other clipped steps
+    after the spike it is not."""
+    x, y = _data()
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", use_bias=False, name="hidden"),
+                              keras.layers.Dense(1, use_bias=False, name="out")])
+    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9), loss="mse")
+    snapshots = WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip="global_clipnorm", verbose=0, update_freq=5,
+                                        clip_threshold=clipping.AutoThreshold(restart_steps=0))
+    spike = LearningRateSpike({10, 11, 12}, 30.0)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[spike, snapshots, monitor])
+    clipped = read_tags(str(tmp_path))["grad_norm/global_clipped"]
+    weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
+    assert monitor.clipping_events[0]["step"] == SPIKE_STEP
+    gradients, final = [], model.get_weights()
+    for k, before in enumerate(snapshots.snapshots):
+        model.set_weights(before)
+        with tf.GradientTape() as tape:
+            rows = slice(k * BATCH, (k + 1) * BATCH)
+            loss = tf.reduce_mean(tf.square(model(x[rows]) - y[rows]))
+        gradients.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, model.trainable_variables)]))
+    model.set_weights(final)
+    flat = [np.concatenate([w.ravel() for w in step]) for step in snapshots.snapshots]
+    uphill = []
+    _replay_overshoot(gradients, flat, SPIKE_STEP - 1, clipping.AUTO, uphill=uphill)
+    carried = [SPIKE_STEP + i for i, c in enumerate(uphill) if c]
+    assert carried, "the scenario must carry the run uphill at least once"
+    for step in range(13, STEPS + 1):
+        lr = LR * (30.0 if step in (10, 11, 12) else 1.0)
+        update = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in zip(weights[step - 1], weights[step])))
+        zeroed = bool(update == pytest.approx(lr * clipped[step], rel=1e-4))
+        assert zeroed is (step in carried), (step, carried)
+
+
 class SecondMomentsBeforeEachStep(WeightsBeforeEachStep):
     """The weights and Adam's `v` slots before every step (zeros before the optimizer is built)."""
 
@@ -460,11 +512,12 @@ def test_adam_second_moments_are_brought_to_the_clipped_scale_at_the_switch(tmp_
         np.testing.assert_allclose(v1, beta_2 * factor * v0 + (1 - beta_2) * g ** 2, rtol=2e-4, atol=1e-12)
 
 
-def _drive_policy(norms, auto, gradients=None, weights=None):
+def _drive_policy(norms, auto, gradients=None, weights=None, uphill=None):
     """The in-graph policy (`global_clipnorm`, "auto", adaptive detector), driven eagerly step by
     step with these global norms -- or, with `gradients` and `weights` (one variable's, per step),
     with the gradients' norms and the gradients and the variable themselves, as the capture passes
-    them to the overshoot watch; the threshold it clips with at each step (None before the switch)."""
+    them to the overshoot watch; the threshold it clips with at each step (None before the switch).
+    `uphill`: a list, given each step's verdict that the momentum carries the run uphill."""
     from gradwatch import policy, state
 
     rule = policy.StepPolicy(clip_mode="global_clipnorm", clip_threshold="auto", auto=auto, auto_switch=True)
@@ -478,14 +531,16 @@ def _drive_policy(norms, auto, gradients=None, weights=None):
         norm = value if gradients is None else tf.norm(value)
         result = rule.decide(device, norm, tf.constant(False), tf.reshape(norm, [1]),
                              None if gradients is None else [(value, variable)])
-        return result.clip_threshold[0], result.clip_active
+        return result.clip_threshold[0], result.clip_active, result.uphill
 
     thresholds = []
     for k, value in enumerate(norms if gradients is None else gradients):
         if weights is not None:
             variable.assign(weights[k])
-        threshold, active = step(tf.constant(value, tf.float32))
+        threshold, active, carried = step(tf.constant(value, tf.float32))
         thresholds.append(float(threshold) if bool(active) else None)
+        if uphill is not None:
+            uphill.append(bool(carried))
     return thresholds
 
 
@@ -545,14 +600,15 @@ def test_a_run_that_stays_far_above_its_healthy_scale_although_clipped_is_clippe
         assert halving and halving[0] > 41 + 16  # not at once: the typical norm had to climb first
 
 
-def _replay_overshoot(gradients, weights, switch, auto):
+def _replay_overshoot(gradients, weights, switch, auto, uphill=None):
     """The overshoot watch's factor at each step from the switch on, written again: the cosine
     between each step's gradient and the update before it (its weights minus the previous
     step's), its exponential average over `overshoot_steps`, and from the second cosine on a
     factor times `exp(-gain * (average - level))`; a second factor times `(update_ratio / ratio)
     ** update_gain`, `ratio` being that update's norm over the weights', unless it is above
     `update_ratio` but below the update before; each within [min_scale, 1], their product at
-    least min_scale."""
+    least min_scale. `uphill`: a list, given each step's verdict that the momentum carries the run
+    uphill (from the switch on: the average above `overshoot_level`, the ratio above twice `update_ratio`)."""
     average, count, factor, size, previous, factors = 0.0, 0, 1.0, 1.0, 0.0, []
     rate = 2.0 / (auto.overshoot_steps + 1.0)
     for k in range(switch, len(gradients)):
@@ -568,11 +624,13 @@ def _replay_overshoot(gradients, weights, switch, auto):
             if ratio <= auto.update_ratio or ratio >= previous:  # not while already getting smaller
                 size = min(max(size * (auto.update_ratio / ratio) ** auto.update_gain, auto.min_scale), 1.0)
             previous = ratio
+        if uphill is not None:
+            uphill.append(k > switch and average > auto.overshoot_level and ratio > 2 * auto.update_ratio)
         factors.append(max(factor * size, auto.min_scale))
     return factors
 
 
-@pytest.mark.parametrize("direction, update_ratio", [(1.0, 0.001), (-1.0, 0.001), (-1.0, 1.0)])
+@pytest.mark.parametrize("direction, update_ratio", [(1.0, 0.001), (-1.0, 0.001), (-1.0, 1.0), (1.0, 1.0)])
 def test_a_clipped_run_whose_updates_keep_overshooting_is_clipped_harder(direction, update_ratio):
     """40 healthy steps, a spike (the switch), then 80 steps of the same size whose gradient points
     along the update just made (`direction` 1: each step went too far, a cosine of about 0.6) or
@@ -581,7 +639,9 @@ def test_a_clipped_run_whose_updates_keep_overshooting_is_clipped_harder(directi
     independent replay. Overshooting: it shrinks at every step from the second cosine on, down to
     `min_scale`; too short, with small updates: the factor stays 1; too short but with updates up
     to 100x the rule's `update_ratio` (a cosine that alone would leave it at 1): it shrinks for
-    their size, and comes back to 1 once they are 1000x smaller (the last 40 steps)."""
+    their size, and comes back to 1 once they are 1000x smaller (the last 40 steps). At every
+    step the verdict that the momentum carries the run uphill (to be zeroed) is the replay's: only
+    overshooting steps with large updates are (the last case, until the updates get small)."""
     rng = np.random.default_rng(1)
     sizes = list(np.exp(rng.normal(0.0, 0.1, 40))) + [50.0] + list(np.exp(rng.normal(0.0, 0.1, 80)))
     weights = [rng.normal(size=4).astype(np.float32) * 0.1 / update_ratio]
@@ -593,12 +653,18 @@ def test_a_clipped_run_whose_updates_keep_overshooting_is_clipped_harder(directi
         along = direction * update / np.linalg.norm(update) + 0.5 * rng.normal(size=4) / 2
         gradients.append((size * along / np.linalg.norm(along)).astype(np.float32))
     auto = clipping.AutoThreshold(update_ratio=0.01)
-    got = _drive_policy(None, auto, gradients, weights)
+    got_uphill, replayed_uphill = [], []
+    got = _drive_policy(None, auto, gradients, weights, uphill=got_uphill)
     plain = _drive_policy(None, clipping.AutoThreshold(overshoot_gain=0.0, update_gain=0.0), gradients, weights)
     switch = next(i for i, g in enumerate(got) if g is not None)
     assert switch == 40 and plain[switch] is not None
-    factors = _replay_overshoot(gradients, weights, switch, auto)
+    factors = _replay_overshoot(gradients, weights, switch, auto, uphill=replayed_uphill)
+    assert got_uphill == [False] * switch + replayed_uphill
     np.testing.assert_allclose(got[switch:], np.array(plain[switch:]) * factors, rtol=1e-4)
+    if direction > 0 and update_ratio > auto.update_ratio:  # overshooting, 10-100% updates
+        assert sum(replayed_uphill[:81]) >= 30 and not any(replayed_uphill[81:])
+        return
+    assert not any(replayed_uphill)
     if direction > 0:
         shrinking = factors[2:factors.index(auto.min_scale)]
         assert len(shrinking) > 3 and all(b < a for a, b in zip(shrinking, shrinking[1:]))

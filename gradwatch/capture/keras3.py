@@ -431,8 +431,9 @@ class KerasCapture:
         self._exploded_pred = step_result.exploded
         self._skip_pred = step_result.skip if policy.skip_nonfinite else None
         # The momentum is zeroed at the switch and, with "auto", whenever the clipped norms
-        # doubled again (the momentum is carrying the run away: `clipping.AutoThreshold`).
-        self._reset_pred = (tf.logical_or(step_result.switching, step_result.shrinking)
+        # doubled again or the updates keep overshooting while still large (the momentum is
+        # carrying the run away: `clipping.AutoThreshold`, `clipping.carried_uphill`).
+        self._reset_pred = (tf.reduce_any(tf.stack([step_result.switching, step_result.shrinking, step_result.uphill]))
                             if policy.reset_momentum else None)
         # A run in trouble from its start goes back to its first weights (restored by the update).
         self._restart_pred = step_result.restarting if whole and policy.restarts else None
