@@ -78,7 +78,12 @@ class AutoThreshold:
     gradients point nowhere in particular (no overshoot to read in the
     cosine) is still clipped down to steps of a sane size, and a
     learning-rate spike's shrinking is undone once the spike is over. The
-    two factors multiply (at least `min_scale`).
+    two factors multiply (at least `min_scale`). And while the updates keep
+    overshooting (the running cosine above `overshoot_level`) and still
+    move the weights by more than twice `update_ratio`, the momentum is what
+    carries the run uphill -- the clipped gradient is too small to turn it
+    around -- so with `GradientMonitor(reset_momentum=True)` the momentum is
+    zeroed at each such step (`carried_uphill`).
 
     The restart, last: a run in trouble from its start has no healthy steps
     to take a threshold from, and its first, too long, steps have already

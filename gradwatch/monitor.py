@@ -84,7 +84,10 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             slots (SGD's momentum, Adam's `m`) at the step clipping switches
             on, so the updates already in the momentum do not go on after
             the switch; with `clip_threshold="auto"`, also whenever the
-            clipped norms double again (`clipping.AutoThreshold`). Default
+            clipped norms double again, and whenever the momentum carries
+            the clipped run uphill -- its updates keep overshooting and
+            still move the weights by over twice `update_ratio`
+            (`clipping.AutoThreshold`, `clipping.carried_uphill`). Default
             True: after a learning-rate spike the momentum carried the spiked
             updates on for tens of steps (SGD+momentum, 3 models: "auto" ended
             92-8271x the best fixed threshold without the reset, 1.00-1.32x
