@@ -522,16 +522,15 @@ def _restore_if(distribution, variables, kept, predicate):
     """Each variable `=` its kept copy when `predicate` (a restart): one functional
     `If` for them all on one device (a healthy step passes it untaken); under a
     distribution strategy, each variable through `extended.update`."""
+    targets = [state.backend_variable(variable) for variable in variables]
     if state.is_distributed(distribution):
-        for variable, copy in zip(variables, kept):
-            target = state.backend_variable(variable)
+        for target, copy in zip(targets, kept):
             distribution.extended.update(target, _assign_if, args=(predicate, tf.cast(copy.read_value(), target.dtype)),
                                          group=False)
         return
 
     def restore():
-        done = [state.backend_variable(variable).assign(tf.cast(copy.read_value(), state.backend_variable(variable).dtype))
-                for variable, copy in zip(variables, kept)]
+        done = [target.assign(tf.cast(copy.read_value(), target.dtype)) for target, copy in zip(targets, kept)]
         with tf.control_dependencies(done):
             return tf.constant(True)
     unlowered_cond(predicate, restore, lambda: tf.constant(False))

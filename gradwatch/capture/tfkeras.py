@@ -193,7 +193,7 @@ class TfKerasCapture(KerasCapture):
     def _on_update(self, original):
         def update(gradient, variable, *args, **kwargs):
             if self._restart_pred is not None:  # before the update, which then starts from them
-                position = {id(v): i for i, v in enumerate(self._current_variables)}.get(id(variable))
+                position = next((i for i, v in enumerate(self._current_variables) if v is variable), None)
                 if position is not None:
                     copy = self.state.previous_weights[position]
                     _assign_if(variable, self._restart_pred, tf.cast(copy.read_value(), variable.dtype))
