@@ -139,8 +139,9 @@ class StepPolicy:
                         was_active, switching, finite_explosion, nonfinite, grads_and_vars=None):
         """In-graph: the "auto" threshold of this step (`clipping.AutoThreshold`),
         whether it shrinks at this step (the clipped norms doubled again),
-        whether the run restarts and whether the momentum carries it uphill. The window's percentile is computed (sorted)
-        only while clipping is on; with `follow=False` only at the switch."""
+        whether the run restarts and whether the momentum carries it uphill.
+        The window's percentile is computed (sorted) only while clipping is on;
+        with `follow=False` only at the switch."""
         auto = self.auto
         baseline = device_state.auto_base.read_value()
         healthy = tf.logical_not(tf.logical_or(finite_explosion, nonfinite))
@@ -212,7 +213,8 @@ class StepPolicy:
             if watch_overshoot:  # in a branch of its own: healthy steps pass it as one dead node
                 def watch():
                     return _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto, restarting)
-                factor, uphill = unlowered_cond(clip_active, watch, lambda: (tf.ones([], tf.float32), tf.constant(False)))
+                unwatched = lambda: (tf.ones([], tf.float32), tf.constant(False))  # noqa: E731
+                factor, uphill = unlowered_cond(clip_active, watch, unwatched)
                 return threshold * factor, keeps_growing, uphill
             return threshold, keeps_growing, tf.constant(False)
 

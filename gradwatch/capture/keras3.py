@@ -511,11 +511,8 @@ def _assign(slot, value):
 
 
 def _zero_if(slot, predicate):
-    """`slot = 0` when `predicate` (a `tf.cond`: nothing is read or written otherwise)."""
-    def reset():
-        slot.assign(tf.zeros_like(slot))
-        return tf.constant(True)
-    return tf.cond(predicate, reset, lambda: tf.constant(False))
+    """`slot = 0` when `predicate` (`_assign_if`)."""
+    return _assign_if(slot, predicate, lambda: tf.zeros_like(slot))
 
 
 def _restore_if(distribution, variables, kept, predicate):
@@ -525,8 +522,8 @@ def _restore_if(distribution, variables, kept, predicate):
     targets = [state.backend_variable(variable) for variable in variables]
     if state.is_distributed(distribution):
         for target, copy in zip(targets, kept):
-            distribution.extended.update(target, _assign_if, args=(predicate, tf.cast(copy.read_value(), target.dtype)),
-                                         group=False)
+            distribution.extended.update(target, _assign_if, group=False,
+                                         args=(predicate, lambda t=target, c=copy: tf.cast(c.read_value(), t.dtype)))
         return
 
     def restore():
@@ -537,9 +534,10 @@ def _restore_if(distribution, variables, kept, predicate):
 
 
 def _assign_if(variable, predicate, value):
-    """`variable = value` when `predicate` (a `tf.cond`)."""
+    """`variable = value()` when `predicate` (a `tf.cond`: the value is computed,
+    and the variable written, only in the taken branch)."""
     def assign():
-        variable.assign(value)
+        variable.assign(value())
         return tf.constant(True)
     return tf.cond(predicate, assign, lambda: tf.constant(False))
 

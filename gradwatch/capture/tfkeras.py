@@ -196,7 +196,7 @@ class TfKerasCapture(KerasCapture):
                 position = next((i for i, v in enumerate(self._current_variables) if v is variable), None)
                 if position is not None:
                     copy = self.state.previous_weights[position]
-                    _assign_if(variable, self._restart_pred, tf.cast(copy.read_value(), variable.dtype))
+                    _assign_if(variable, self._restart_pred, lambda: tf.cast(copy.read_value(), variable.dtype))
             if self._reset_pred is not None:
                 slot = self._momentum_slot(variable)
                 if slot is not None:
