@@ -170,6 +170,9 @@ def train(job):
                 gain, steps, level = re.fullmatch(r"ov([\d.]+)(?:n(\d+))?(?:t(-?[\d.]+))?", part).groups()
                 settings.update(overshoot_gain=float(gain), **({"overshoot_steps": int(steps)} if steps else {}),
                                 **({"overshoot_level": float(level)} if level else {}))
+            elif part.startswith("rb"):  # "rb32l0.3": rollback every 32 healthy steps, level 0.3
+                steps, level = re.fullmatch(r"rb(\d+)(?:l([\d.]+))?", part).groups()
+                settings.update(rollback_steps=int(steps), **({"rollback_level": float(level)} if level else {}))
             elif part.startswith("up"):  # "up0": the update-size term off; "up0.5r0.02": gain, ratio
                 gain, ratio = re.fullmatch(r"up([\d.]+)(?:r([\d.]+))?", part).groups()
                 settings.update(update_gain=float(gain), **({"update_ratio": float(ratio)} if ratio else {}))

@@ -170,9 +170,14 @@ def switch_message(event, cause, auto):
     if cause is not None:
         text += f", after the gradient explosion at step {cause.step} (global norm {cause.global_norm:.3g})"
     if event.get("restarted"):
-        steps = f" {auto.restart_steps}" if auto is not None else ""
-        text += (f"; in trouble within its first{steps} healthy steps, the run restarts from the weights it had "
-                 "before its first step, clipped")
+        kept = event.get("restart_step")
+        if isinstance(kept, int) and kept > 1:
+            text += (f"; the run rolls back to the weights it had before step {kept} (the last kept, at a quiet "
+                     "step: the norms were already building up before this one), clipped")
+        else:
+            steps = f" {auto.restart_steps}" if auto is not None else ""
+            text += (f"; in trouble within its first{steps} healthy steps, the run restarts from the weights it had "
+                     "before its first step, clipped")
     return text
 
 

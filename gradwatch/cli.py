@@ -36,7 +36,8 @@ and infinities are the strings "nan", "inf", "-inf"; absent values are null):
           ],
           "clipping": [                      # clipping switched on, by step
             {"step": 120, "mode": "clipnorm", "threshold": 1.0, "cause_step": 120,
-             "restarted": false}             # the weights went back to the first step's
+             "restarted": false,             # the weights went back to those kept:
+             "restart_step": null}           # before this step (1: the first), else null
           ],
           "vanishing": {                     # vanishing / dead-gradient onsets
             "count": 2,

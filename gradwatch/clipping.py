@@ -95,9 +95,21 @@ class AutoThreshold:
     switch) and the run goes on from there, clipped, with the momentum zeroed
     (`reset_momentum`). The distance it had moved since counts as the update
     the size factor measures, so the threshold starts as low as those steps
-    were long. The switch is logged and recorded as a restart. The learning
-    rate schedule, the optimizer's step count and non-trainable weights
-    (BatchNormalization's statistics) are not taken back.
+    were long. The switch is logged and recorded as a restart.
+
+    The rollback: trouble that builds up over a few steps mid-run (a
+    learning-rate spike: norms x3-x6 a step, each still under the detector's
+    threshold) does its harm before the step that crosses it, whose own
+    update is then clipped too late to matter. So, past those first
+    `restart_steps`, the kept weights are refreshed at the first quiet step
+    (its norm under `rollback_level` times the detector's threshold)
+    `rollback_steps` steps or more after they were last kept, and a switch whose previous healthy step was
+    already loud (at least `rollback_level` times the threshold) takes the
+    run back to them, as a restart does: recorded with the step they were
+    kept at. A switch out of the blue (one corrupted batch after quiet steps)
+    has nothing to undo and does not roll back. Both the restart and the
+    rollback leave the learning rate schedule, the optimizer's step count and
+    non-trainable weights (BatchNormalization's statistics) where they are.
 
     Why these defaults: `benchmarks/auto_threshold.py` (kinds of trouble x
     model families x optimizers x seeds, each against 4 fixed thresholds from
@@ -161,7 +173,14 @@ class AutoThreshold:
         restart_steps: a switch before the detector has seen this many
             healthy steps restarts the run from the weights before its first
             step (a non-negative integer; 0 turns the restart off). Needs the
-            adaptive detector (no fixed `explosion_threshold`).
+            adaptive detector (no fixed `explosion_threshold`), as the
+            rollback does.
+        rollback_steps: after `restart_steps`, the weights are kept again
+            (at a quiet step) this many steps or more after the last time, for a rollback (a
+            non-negative integer; 0 turns the rollback off). A rollback loses
+            at most about this many steps of training.
+        rollback_level: a step is quiet below this fraction of the
+            detector's threshold, loud at or above it (in (0, 1]).
     """
 
     percentile: float = 25.0
@@ -179,6 +198,8 @@ class AutoThreshold:
     update_ratio: float = 0.01
     update_gain: float = 0.5
     restart_steps: int = 16
+    rollback_steps: int = 32
+    rollback_level: float = 0.3
 
     @property
     def watches_overshoot(self):
@@ -187,8 +208,13 @@ class AutoThreshold:
     @property
     def keeps_weights(self):
         """The monitor keeps a copy of the trainable weights (the overshoot
-        watch's last step, or the first step's for a restart)."""
-        return self.watches_overshoot or self.restart_steps > 0
+        watch's last step, or a quiet step's for a restart or a rollback)."""
+        return self.watches_overshoot or self.goes_back
+
+    @property
+    def goes_back(self):
+        """A switch may take the run back to kept weights (a restart or a rollback)."""
+        return self.restart_steps > 0 or self.rollback_steps > 0
 
     def __post_init__(self):
         q, window = self.percentile, self.window
@@ -198,12 +224,14 @@ class AutoThreshold:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-        value = self.restart_steps
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-            raise ValueError(f"`restart_steps` must be a non-negative integer. Received: restart_steps={value!r}")
+        for name in ("restart_steps", "rollback_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"`{name}` must be a non-negative integer. Received: {name}={value!r}")
         inf = float("inf")
         for name, low, high, bounds in (("rise", 1.0, inf, "[1, inf)"), ("shrink", 0.0, 1.0, "(0, 1]"),
                                         ("min_scale", 0.0, 1.0, "(0, 1]"), ("elevation", 1.0, inf, "[1, inf)"),
+                                        ("rollback_level", 0.0, 1.0, "(0, 1]"),
                                         ("overshoot_gain", 0.0, inf, "[0, inf)"),
                                         ("update_ratio", 0.0, 1.0, "(0, 1)"), ("update_gain", 0.0, inf, "[0, inf)")):
             value = getattr(self, name)
@@ -305,7 +333,9 @@ def update_size_update(scale, previous_ratio, update_sq_norm, weights_sq_norm, v
             tf.where(valid, ratio, previous_ratio))
 
 
-# What the watch's copy of the weights holds (`DeviceState.overshoot[2]`).
+# What the watch's copy of the weights holds (`DeviceState.overshoot[2]`):
+# nothing yet, the last step's (clipping on), or a quiet step's before the
+# switch (the first step's, then refreshed for a rollback).
 KEPT_NONE, KEPT_LAST, KEPT_START = 0.0, 1.0, 2.0
 
 
@@ -324,6 +354,53 @@ def restarts(switching, kept, healthy_steps, auto):
     early = tf.cast(healthy_steps, tf.float32) < float(auto.restart_steps)
     return tf.logical_and(tf.logical_and(tf.cast(switching, tf.bool), early),
                           tf.equal(tf.cast(kept, tf.float32), KEPT_START))
+
+
+def keeps_weights_now(kept, healthy_steps, steps_since_kept, norm, threshold, auto):
+    """Whether a step before the switch keeps the weights it saw, to go
+    back to: the first step; then, once `auto.restart_steps` healthy steps
+    were seen (`healthy_steps` counts this step if healthy), the first
+    quiet step (`norm` under `auto.rollback_level` times the detector's
+    `threshold`) at least `auto.rollback_steps` steps after the last kept.
+
+    >>> auto = AutoThreshold(restart_steps=16, rollback_steps=32, rollback_level=0.3)
+    >>> [bool(keeps_weights_now(KEPT_NONE, n, 0.0, 1.0, 10.0, auto)) for n in [0.0, 1.0]]
+    [True, True]
+    >>> [bool(keeps_weights_now(KEPT_START, n, d, 1.0, 10.0, auto)) for n, d in [(10.0, 40.0), (20.0, 31.0), (20.0, 32.0)]]
+    [False, False, True]
+    >>> bool(keeps_weights_now(KEPT_START, 40.0, 40.0, 3.0, 10.0, auto))  # loud: not kept
+    False
+    >>> bool(keeps_weights_now(KEPT_START, 40.0, 40.0, 1.0, 10.0, AutoThreshold(rollback_steps=0)))
+    False
+    """
+    kept = tf.cast(kept, tf.float32)
+    first = tf.equal(kept, KEPT_NONE)
+    if auto.rollback_steps <= 0:
+        return first
+    due = tf.logical_and(tf.cast(healthy_steps, tf.float32) >= float(max(auto.restart_steps, 1)),
+                         tf.cast(steps_since_kept, tf.float32) >= float(auto.rollback_steps))
+    quiet = tf.cast(norm, tf.float32) < auto.rollback_level * tf.cast(threshold, tf.float32)
+    return tf.logical_or(first, tf.logical_and(tf.equal(kept, KEPT_START), tf.logical_and(due, quiet)))
+
+
+def rolls_back(switching, kept, last_norm, threshold, auto):
+    """Whether clipping switches on after a build-up and the run goes back to
+    the weights kept at a quiet step: the last healthy step before the switch
+    already had a norm (`last_norm`) of at least `auto.rollback_level` times
+    the detector's `threshold`.
+
+    >>> auto = AutoThreshold(rollback_level=0.3)
+    >>> [bool(rolls_back(True, KEPT_START, n, 10.0, auto)) for n in [2.9, 3.0, 9.0]]
+    [False, True, True]
+    >>> [bool(rolls_back(s, k, 9.0, 10.0, auto)) for s, k in [(False, KEPT_START), (True, KEPT_LAST)]]
+    [False, False]
+    >>> bool(rolls_back(True, KEPT_START, 9.0, 10.0, AutoThreshold(rollback_steps=0)))
+    False
+    """
+    loud = tf.cast(last_norm, tf.float32) >= auto.rollback_level * tf.cast(threshold, tf.float32)
+    return tf.logical_and(tf.logical_and(tf.cast(switching, tf.bool), loud),
+                          tf.logical_and(tf.equal(tf.cast(kept, tf.float32), KEPT_START),
+                                         tf.constant(auto.rollback_steps > 0)))
 
 
 def carried_uphill(average, ratio, valid, auto):

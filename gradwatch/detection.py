@@ -249,6 +249,26 @@ def update_adaptive_state(state, global_norm, exploded, config, ops=TENSOR_OPS):
     return AdaptiveState(ops.where(healthy, new_count, count), log_norms)
 
 
+def last_norm(state, config, ops=TENSOR_OPS):
+    """The norm of the latest healthy step (the last one the window took in);
+    0 before any.
+
+    >>> config = AdaptiveConfig(window=2)
+    >>> state = initial_adaptive_state(config)
+    >>> float(last_norm(state, config))
+    0.0
+    >>> for norm, exploded in [(3.0, False), (5.0, False), (7.0, False), (1e6, True)]:
+    ...     state = update_adaptive_state(state, norm, exploded, config)
+    >>> round(float(last_norm(state, config)), 4)  # the window wrapped; the explosion never entered
+    7.0
+    """
+    count = ops.float32(state[0])
+    window = float(config.window)
+    latest = ops.maximum(count - 1.0, 0.0)
+    slot = latest - window * ops.floor(latest / window)
+    return ops.where(count < 1.0, 0.0, ops.exp(ops.pick(state[1], slot)))
+
+
 def is_explosion(global_norm, threshold, ops=TENSOR_OPS):
     """`not (global_norm < threshold)`: NaN and Inf always explode, and so does equality.
 

@@ -77,7 +77,10 @@ class GradientMonitor(capture.TfKerasCallbackCompat, keras.callbacks.Callback):
             while clipping is on, to see whether each update went too far).
             A run that explodes within its first 16 healthy steps restarts
             from the weights it had before its first step, clipped (kept in
-            the same copy; `AutoThreshold(restart_steps=0)` turns it off).
+            the same copy; `AutoThreshold(restart_steps=0)` turns it off);
+            later, a switch whose previous step's norm was already building
+            up rolls back to the weights kept at a quiet step at most about
+            32 steps before (`AutoThreshold(rollback_steps=0)` turns it off).
         skip_nonfinite: skip updates whose gradient holds NaN/Inf. Defaults to
             True when `auto_clip` is set, else False.
         reset_momentum: with `auto_clip`, zero the optimizer's first-moment

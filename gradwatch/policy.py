@@ -86,12 +86,13 @@ class StepPolicy:
         thresholds, the largest one (no variable is clipped above it)."""
         return tf.reduce_max(clip_threshold)
 
-    def decide(self, device_state, global_norm, nonfinite, auto_values=None, grads_and_vars=None):
+    def decide(self, device_state, global_norm, nonfinite, auto_values=None, grads_and_vars=None, step=None):
         """`auto_values`: with `clip_threshold="auto"`, this step's statistic
         (`clipping.auto_statistic`, one entry per column of the window).
         `grads_and_vars`: the step's gradients and variables, with
         `AutoThreshold.overshoot_gain` (and `device_state.previous_weights` of
-        the variables' shapes, in order); else None."""
+        the variables' shapes, in order); else None. `step`: this step's
+        number, kept with the weights a restart or rollback goes back to."""
         threshold = self._threshold(device_state)
         exploded = detection.is_explosion(global_norm, threshold)
         if self.explosion_threshold is None:
@@ -102,7 +103,7 @@ class StepPolicy:
                 false, false, tf.constant([0.0]), false, false, false)
         else:
             clip_active, switching, clip_threshold, shrinking, restarting, uphill = self._update_clipping(
-                device_state, auto_values, threshold, exploded, nonfinite, global_norm, grads_and_vars)
+                device_state, auto_values, threshold, exploded, nonfinite, global_norm, grads_and_vars, step)
         skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
         flags = _flags(exploded, nonfinite, skip, switching, clip_active, restarting)
         return StepResult(threshold, exploded, clip_active, clip_threshold, skip, switching, flags, shrinking,
@@ -110,13 +111,12 @@ class StepPolicy:
 
     @property
     def restarts(self):
-        """A run in trouble from its start may restart (`AutoThreshold.restart_steps`):
-        "auto", switched on by the adaptive detector."""
-        return (self.is_auto and self.auto_switch and self.explosion_threshold is None
-                and self.auto.restart_steps > 0)
+        """A switch may take the run back to kept weights (`AutoThreshold.restart_steps`,
+        `rollback_steps`): "auto", switched on by the adaptive detector."""
+        return self.is_auto and self.auto_switch and self.explosion_threshold is None and self.auto.goes_back
 
     def _update_clipping(self, device_state, auto_values, threshold, exploded, nonfinite, global_norm,
-                         grads_and_vars=None):
+                         grads_and_vars=None, step=None):
         """In-graph: `(clip_active, switching, clip_threshold, shrinking, restarting, uphill)` of this step."""
         was_active = device_state.clip_active.read_value()
         finite_explosion = tf.logical_and(exploded, tf.logical_not(nonfinite))
@@ -127,7 +127,7 @@ class StepPolicy:
         if self.clip_threshold == "auto":
             clip_threshold, shrinking, restarting, uphill = self._auto_threshold(
                 device_state, auto_values, threshold, global_norm, was_active, switching, finite_explosion,
-                nonfinite, grads_and_vars)
+                nonfinite, grads_and_vars, step)
             device_state.clip_threshold.assign(clip_threshold)
         else:  # a constant: `device_state.clip_threshold` keeps what `set_clip_state` wrote, no per-step write
             clip_threshold = tf.constant([float(self.clip_threshold)], tf.float32)
@@ -136,10 +136,11 @@ class StepPolicy:
         return clip_active, switching, clip_threshold, shrinking, restarting, uphill
 
     def _auto_threshold(self, device_state, auto_values, explosion_threshold, global_norm,
-                        was_active, switching, finite_explosion, nonfinite, grads_and_vars=None):
+                        was_active, switching, finite_explosion, nonfinite, grads_and_vars=None, step=None):
         """In-graph: the "auto" threshold of this step (`clipping.AutoThreshold`),
         whether it shrinks at this step (the clipped norms doubled again),
-        whether the run restarts and whether the momentum carries it uphill.
+        whether the run goes back to kept weights (a restart or a rollback, decided
+        at the switch) and whether the momentum carries it uphill.
         The window's percentile is computed (sorted) only while clipping is on;
         with `follow=False` only at the switch."""
         auto = self.auto
@@ -174,14 +175,21 @@ class StepPolicy:
         # The overshoot watch: the weights kept from one step to the next while clipping is on.
         keeps_weights = grads_and_vars is not None and hasattr(device_state, "previous_weights")
         watch_overshoot = auto.watches_overshoot and keeps_weights
-        # The restart: the weights before the first step, kept until the switch.
+        # The restart and the rollback: the weights of a quiet step (the first, then
+        # refreshed), kept until the switch.
         restart_on = keeps_weights and self.restarts
-        restarting = tf.constant(False)
         if restart_on:
-            kept = device_state.overshoot.read_value()[2]
-            restarting = clipping.restarts(switching, kept, _adaptive_state(device_state).count, auto)
+            packed_overshoot = device_state.overshoot.read_value()
+            kept, kept_step = packed_overshoot[2], packed_overshoot[state.KEPT_STEP]
 
         def clipping_on():
+            restarting = tf.constant(False)
+            if restart_on:  # decided here: no cost before the switch
+                adaptive_state = _adaptive_state(device_state)
+                restarting = tf.logical_or(
+                    clipping.restarts(switching, kept, adaptive_state.count, auto),
+                    clipping.rolls_back(switching, kept, detection.last_norm(adaptive_state, self.adaptive),
+                                        explosion_threshold, auto))
             # The window's percentile: every step while clipping is on, or, with
             # `follow=False`, at the switch only.
             if auto.follow:
@@ -215,26 +223,30 @@ class StepPolicy:
                     return _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto, restarting)
                 unwatched = lambda: (tf.ones([], tf.float32), tf.constant(False))  # noqa: E731
                 factor, uphill = unlowered_cond(clip_active, watch, unwatched)
-                return threshold * factor, keeps_growing, uphill
-            return threshold, keeps_growing, tf.constant(False)
+                return threshold * factor, keeps_growing, restarting, uphill
+            return threshold, keeps_growing, restarting, tf.constant(False)
 
         def clipping_off():
             # Clipping has never been on (it never switches off): the baseline,
             # scale (1) and reference stay as they are, and the threshold is
             # not used (the record's CLIP_THRESHOLD is 0 and nothing is clipped).
             # So none of the window's statistics are computed before the switch.
-            if restart_on:  # the weights before the first step: kept once, then one untaken `If` a step
-                def keep_start():
+            if restart_on:  # the weights of the first step, then of a quiet step every `rollback_steps`
+                def keep_weights():  # (one untaken `If` on the other steps)
                     for kept_weights, (_, v) in zip(device_state.previous_weights, grads_and_vars):
                         kept_weights.assign(tf.cast(state.variable_value(v), tf.float32))
-                    packed = device_state.overshoot.read_value()
-                    device_state.overshoot.assign(tf.tensor_scatter_nd_update(packed, [[2]], [clipping.KEPT_START]))
+                    this_step = tf.cast(step if step is not None else -1, tf.float32)
+                    device_state.overshoot.assign(tf.tensor_scatter_nd_update(
+                        packed_overshoot, [[2], [state.KEPT_STEP]],
+                        tf.stack([tf.constant(clipping.KEPT_START), this_step])))
                     return tf.constant(True)
-                unlowered_cond(tf.equal(kept, clipping.KEPT_NONE), keep_start, lambda: tf.constant(False))
-            return tf.zeros_like(baseline), tf.constant(False), tf.constant(False)
+                since = tf.cast(step, tf.float32) - kept_step if step is not None else tf.constant(0.0)
+                keep = clipping.keeps_weights_now(kept, _adaptive_state(device_state).count, since, global_norm,
+                                                  explosion_threshold, auto)
+                unlowered_cond(keep, keep_weights, lambda: tf.constant(False))
+            return tf.zeros_like(baseline), tf.constant(False), tf.constant(False), tf.constant(False)
 
-        threshold, shrinking, uphill = tf.cond(clip_active, clipping_on, clipping_off)
-        return threshold, shrinking, restarting, uphill
+        return tf.cond(clip_active, clipping_on, clipping_off)
 
     def _threshold(self, device_state):
         if self.explosion_threshold is not None:
@@ -266,8 +278,8 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto,
     sq_norm = tf.square(tf.cast(global_norm, tf.float32))  # the gradient's, as the step measured it
     update_sq_norm = tf.add_n([tf.reduce_sum(tf.square(u)) for u in updates])
     weights_sq_norm = tf.add_n([tf.reduce_sum(tf.square(w)) for w in weights])
-    # [average, count, weights kept, cosine factor, size factor, last ratio]
-    average, count, kept, scale, size, ratio = tf.unstack(device_state.overshoot.read_value())
+    # [average, count, weights kept, cosine factor, size factor, last ratio, step kept]
+    average, count, kept, scale, size, ratio, kept_step = tf.unstack(device_state.overshoot.read_value())
     finite = tf.logical_not(nonfinite)
     restarting = tf.cast(restarting, tf.bool)
     # The weights of the step before, or at a restart those before the first step
@@ -278,7 +290,7 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto,
                                                       tf.logical_and(valid, valid_update), auto)
     size, ratio = clipping.update_size_update(size, ratio, update_sq_norm, weights_sq_norm, valid_update, auto)
     kept = tf.where(tf.logical_or(finite, restarting), clipping.KEPT_LAST, kept)
-    device_state.overshoot.assign(tf.stack([average, count, kept, scale, size, ratio]))
+    device_state.overshoot.assign(tf.stack([average, count, kept, scale, size, ratio, kept_step]))
     for kept_weights, w in zip(device_state.previous_weights, weights):
         # At a restart the weights now are those kept (the capture restores them).
         kept_weights.assign(tf.where(tf.logical_and(finite, tf.logical_not(restarting)), w, kept_weights.read_value()))

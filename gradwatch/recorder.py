@@ -313,7 +313,8 @@ class Recorder:
             event = {"step": step, "epoch": int(epoch), "mode": mode,
                      "threshold": threshold, "cause_step": step}
             if state.has_flag(rows[index, state.FLAGS], state.RESTARTED):
-                event["restarted"] = True  # the weights went back to those before the first step
+                event["restarted"] = True  # the weights went back to those kept before this step:
+                event["restart_step"] = state.kept_step(self.capture.state)  # (1: the first step)
             if self.capture.name is not None:
                 event["optimizer"] = self.capture.name
             events.append(event)

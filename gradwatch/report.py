@@ -88,9 +88,19 @@ def _top_layers(run):
     return rows[:TOP_LAYER_COUNT]
 
 
+def _restart_text(event):
+    if not event.get("restarted"):
+        return ""
+    step = event.get("restart_step")
+    if isinstance(step, int) and step > 1:
+        return f"; rolled back to the weights before step {step}"
+    return "; restarted from the weights before the first step"
+
+
 def _clipping(run):
     return [{"step": c.step, "mode": c.mode, "threshold": _optional(c.threshold),
-             "cause_step": c.cause_step, "restarted": c.restarted} for c in run.clipping]
+             "cause_step": c.cause_step, "restarted": c.restarted, "restart_step": c.restart_step}
+            for c in run.clipping]
 
 
 def _vanishing(run):
@@ -245,7 +255,7 @@ def _run_details(run):
     for event in run["clipping"]:
         lines.append(f"  clipping: {event['mode']} switched on at step {event['step']}, "
                      f"threshold {_num(event['threshold'])}"
-                     + ("; restarted from the weights before the first step" if event.get("restarted") else ""))
+                     + _restart_text(event))
     for note in run.get("notes", ()):
         lines.append(f"  note: {note}")
     return lines

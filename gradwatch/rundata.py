@@ -69,7 +69,8 @@ class ClippingEvent:
     threshold: float = None
     epoch: int = None
     cause_step: int = None  # the explosion that switched clipping on
-    restarted: bool = False  # the weights went back to those before the first step (`AutoThreshold.restart_steps`)
+    restarted: bool = False  # the weights went back to those kept (`AutoThreshold.restart_steps`, `rollback_steps`)
+    restart_step: int = None  # ... those before this step (1: the first step); None if unknown or not restarted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,4 +220,5 @@ def clipping_event_from_doc(event_step, doc):
         epoch=_optional_int(doc.get("epoch")),
         cause_step=_optional_int(doc.get("cause_step")),
         restarted=doc.get("restarted") is True,
+        restart_step=_optional_int(doc.get("restart_step")) if doc.get("restarted") is True else None,
     )

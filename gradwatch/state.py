@@ -20,6 +20,11 @@ EXPLODED, NONFINITE, SKIPPED, CLIP_SWITCHED_ON, CLIP_ACTIVE, OVERFLOW, RESTARTED
     1, 2, 4, 8, 16, 32, 64)
 
 
+# `DeviceState.overshoot[KEPT_STEP]`: the step whose weights a restart or a
+# rollback goes back to (exact in float32 up to step 2**24).
+KEPT_STEP = 6
+
+
 def has_flag(flags, bit):
     """Vectorised flag test on a float FLAGS column (numpy)."""
     return (np.asarray(flags).astype(np.int64) & bit) != 0
@@ -68,12 +73,13 @@ class DeviceState:
             if weight_shapes is not None:
                 # The overshoot watch (`AutoThreshold.overshoot_gain`, `update_gain`):
                 # the weights of the last step while clipping is on (before the
-                # switch, with `restart_steps`, those before the first step); the
+                # switch, for a restart or a rollback, those of a quiet step); the
                 # running cosine, its count, what the weights kept are
-                # (`clipping.KEPT_*`), the cosine's factor, the size factor and
-                # the last update's size.
+                # (`clipping.KEPT_*`), the cosine's factor, the size factor, the
+                # last update's size and the step whose weights were kept before
+                # the switch (`KEPT_STEP`).
                 self.previous_weights = [make(tf.zeros(shape, tf.float32)) for shape in weight_shapes]
-                self.overshoot = make(tf.constant([0.0, 0.0, 0.0, 1.0, 1.0, 0.0], tf.float32))
+                self.overshoot = make(tf.constant([0.0, 0.0, 0.0, 1.0, 1.0, 0.0, -1.0], tf.float32))
 
     def append(self, step, row):
         """In-graph: writes one record at the next ring-buffer slot; returns
@@ -174,6 +180,16 @@ def _local(variable):
     if isinstance(variable, tf.distribute.DistributedValues):
         return variable._get_on_device_or_primary()
     return variable
+
+
+def kept_step(device_state):
+    """Host side: the step whose weights a restart or a rollback went back
+    to (the weights before that step's update), or None if none were kept."""
+    overshoot = getattr(device_state, "overshoot", None)
+    if overshoot is None:
+        return None
+    step = float(_host_value(overshoot)[KEPT_STEP])
+    return int(step) if step >= 1 else None
 
 
 def _host_value(variable):

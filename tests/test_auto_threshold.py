@@ -2,6 +2,7 @@
 written every step against the rule replayed on the logged norms, and the clipped update measured
 on the weights."""
 
+import contextlib
 import json
 import logging
 
@@ -14,7 +15,7 @@ import gradwatch
 from gradwatch import clipping
 from gradwatch import cli as gradwatch_cli
 from gradwatch import logs as gradwatch_logs
-from helpers import WeightsBeforeEachStep, read_tags, regression_data
+from helpers import WeightsBeforeEachStep, read_tags, regression_data, two_cpu_strategy
 
 pytestmark = pytest.mark.core  # also run on the oldest supported versions (.ci/run)
 
@@ -92,13 +93,18 @@ def test_auto_threshold_settings_are_checked():
     for name, value in [("rise", 0.5), ("shrink", 0.0), ("shrink", 1.5), ("min_scale", 0.0), ("recover_steps", 0),
                         ("overshoot_gain", -0.5), ("overshoot_steps", 0), ("overshoot_level", -1.5),
                         ("update_ratio", 0.0), ("update_ratio", 1.0), ("update_gain", -1.0), ("update_gain", "1"),
-                        ("restart_steps", -1), ("restart_steps", 2.5), ("restart_steps", True)]:
+                        ("restart_steps", -1), ("restart_steps", 2.5), ("restart_steps", True),
+                        ("rollback_steps", -1), ("rollback_steps", 8.0), ("rollback_level", 0.0),
+                        ("rollback_level", 1.5), ("rollback_level", "0.3")]:
         with pytest.raises(ValueError, match=f"`{name}` must be .* Received: {name}={value!r}"):
             clipping.AutoThreshold(**{name: value})
     assert clipping.AutoThreshold(overshoot_gain=0.0, shrink=1.0, min_scale=1.0).overshoot_gain == 0.0  # the bounds
     assert clipping.AutoThreshold(update_gain=0.0, update_ratio=0.999).update_gain == 0.0
     assert clipping.AutoThreshold(restart_steps=0).keeps_weights  # the watch keeps them
-    assert not clipping.AutoThreshold(restart_steps=0, overshoot_gain=0.0, update_gain=0.0).keeps_weights
+    assert clipping.AutoThreshold(restart_steps=0, overshoot_gain=0.0, update_gain=0.0).keeps_weights  # the rollback
+    assert not clipping.AutoThreshold(restart_steps=0, rollback_steps=0, overshoot_gain=0.0,
+                                      update_gain=0.0).keeps_weights
+    assert clipping.AutoThreshold(rollback_level=1.0).rollback_level == 1.0
 
 
 # -- in a real fit ------------------------------------------------------------------
@@ -381,6 +387,94 @@ def test_a_run_in_trouble_within_its_first_steps_restarts_from_its_first_weights
     assert [(c["step"], c["restarted"]) for c in report["clipping"]] == [(SPIKE_STEP, restarted)]
     gradwatch_cli.main(["report", str(tmp_path)])
     assert ("restarted from the weights before the first step" in capsys.readouterr().out) is restarted
+
+
+ROLLBACK_STEPS, TROUBLE_STEP, LONG_STEPS = 8, 22, 40
+
+
+@pytest.mark.parametrize("trouble, where", [("building_up", "one device"), ("building_up", "mirrored"),
+                                            ("building_up", "xla"), ("out_of_the_blue", "one device")])
+def test_a_switch_after_a_build_up_rolls_back_to_the_weights_kept_at_a_quiet_step(tmp_path, caplog, capsys, trouble,
+                                                                                    where):
+    """`rollback_steps=8`, `restart_steps=4`. From step 22 either the learning rate grows x3 a step
+    (the norms build up over a few steps before one crosses the threshold) or one batch's targets
+    are x1e4 (out of the blue, after quiet steps). Building up: the last healthy step before the
+    switch was loud (>= `rollback_level` x the threshold, from the logged norms), and the weights
+    after the switching step are those before the last step kept (the first; then the first quiet
+    step 8 or more steps after the last kept, replayed from the logged norms and thresholds),
+    minus the learning rate x the switching step's gradient (a tape at the weights it saw)
+    clipped; recorded with
+    that step, logged, in the report and its JSON. Out of the blue: no rollback; the clipped update
+    starts from the weights the switching step saw. On one device, under MirroredStrategy (two
+    replicas: the tape's full-batch gradient is their all-reduced one) and under XLA."""
+    caplog.set_level(logging.WARNING, logger="gradwatch")
+    x, y = regression_data(n=LONG_STEPS * BATCH)
+    callbacks = []
+    if trouble == "building_up":
+        callbacks.append(GrowingLearningRate(TROUBLE_STEP, 2.0))
+    else:
+        y[(TROUBLE_STEP - 1) * BATCH:TROUBLE_STEP * BATCH] *= 1e4
+    strategy = two_cpu_strategy() if where == "mirrored" else None
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = keras.Sequential([keras.Input((8,)),
+                                  keras.layers.Dense(16, activation="tanh", use_bias=False, name="hidden"),
+                                  keras.layers.Dense(1, use_bias=False, name="out")])
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", jit_compile=where == "xla")
+    rates, snapshots = LearningRates(), WeightsBeforeEachStep()
+    rule = clipping.AutoThreshold(restart_steps=4, rollback_steps=ROLLBACK_STEPS)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip="global_clipnorm", verbose=0, update_freq=5,
+                                        clip_threshold=rule)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=callbacks + [rates, snapshots, monitor])
+    [event] = monitor.clipping_events
+    switch = event["step"]
+    logged = read_tags(str(tmp_path))
+    norms, thresholds = logged["grad_norm/global"], logged["grad_norm/threshold"]
+    assert TROUBLE_STEP <= switch < LONG_STEPS and norms[switch] >= thresholds[switch]
+    assert all(norms[s] < thresholds[s] for s in range(2, switch))  # every step before was healthy
+    loud = norms[switch - 1] >= rule.rollback_level * thresholds[switch]
+    assert loud is (trouble == "building_up")
+    kept = [1]  # the first step's weights, then the first quiet step 8 or more steps after the last kept
+    for s in range(2, switch):
+        if s >= rule.restart_steps and s - kept[-1] >= ROLLBACK_STEPS and norms[s] < rule.rollback_level * thresholds[s]:
+            kept.append(s)
+    assert len(kept) > 2
+    rolled_back = kept[-1] if loud else None
+    assert event.get("restarted", False) is loud and event.get("restart_step") == rolled_back
+    weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
+    seen = weights[switch - 1]  # the weights the switching step saw
+    model.set_weights(seen)
+    with tf.GradientTape() as tape:
+        rows = slice((switch - 1) * BATCH, switch * BATCH)
+        loss = tf.reduce_mean(tf.square(model(x[rows]) - y[rows]))
+    grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
+    clipped = [g * min(1.0, logged["grad_norm/clip_threshold"][switch] / norm) for g in grads]
+    start = weights[rolled_back - 1] if loud else seen
+    for before, grad, after in zip(start, clipped, weights[switch]):
+        np.testing.assert_allclose(after, before - rates.rates[switch - 1] * grad, rtol=1e-4, atol=1e-6)
+    if loud:
+        assert not np.allclose(start[0], seen[0])  # the steps since did move the weights
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("switched on")]
+    assert (f"rolls back to the weights it had before step {rolled_back}" in line) is loud
+    [run] = gradwatch_logs.read_logdir(str(tmp_path))
+    assert [(c.step, c.restarted, c.restart_step) for c in run.clipping] == [(switch, loud, rolled_back)]
+    capsys.readouterr()
+    assert gradwatch_cli.main(["report", str(tmp_path), "--json"]) == 0
+    [report] = json.loads(capsys.readouterr().out)["runs"]
+    assert [(c["step"], c["restarted"], c["restart_step"]) for c in report["clipping"]] == [(switch, loud, rolled_back)]
+    gradwatch_cli.main(["report", str(tmp_path)])
+    assert (f"rolled back to the weights before step {rolled_back}" in capsys.readouterr().out) is loud
+
+
+class LearningRates(keras.callbacks.Callback):
+    """The optimizer's learning rate at each step (after the callbacks before it set it)."""
+
+    def on_train_begin(self, logs=None):
+        self.rates = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.rates.append(float(self.model.optimizer.learning_rate.numpy()))
 
 
 def test_the_momentum_is_zeroed_at_each_shrinking_step(tmp_path):

@@ -66,7 +66,7 @@ def test_json_report_holds_runs_and_explosions(capsys, exploded_logdir):
     assert rnn["top_layers"][0]["layer"] == "lstm"
     assert rnn["top_layers"][0]["explosions_led"] == 2
     assert rnn["clipping"] == [{"step": 17, "mode": "clipnorm", "threshold": 1.0, "cause_step": 17,
-                                "restarted": False}]
+                                "restarted": False, "restart_step": None}]
     assert runs["mlp run"]["explosions"]["count"] == 0
     assert runs["mlp run"]["explosions"]["first_step"] is None
 

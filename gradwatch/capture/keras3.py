@@ -407,7 +407,8 @@ class KerasCapture:
         whole = shapes and columns is None and len(variables) == len(grads) and \
             all(g is not None for g in grads) and shapes == [tuple(v.shape) for v in variables]
         step_result = policy.decide(self.state, global_norm, nonfinite, auto_values,
-                                    list(zip(grads, variables)) if whole else None)
+                                    list(zip(grads, variables)) if whole else None,
+                                    step=self.optimizer.iterations + 1 if policy.restarts else None)
         new_grads, clipped_norm = grads, global_norm
         recorded = tf.constant(0.0)
         if policy.clip_mode is not None:
@@ -435,7 +436,7 @@ class KerasCapture:
         # carrying the run away: `clipping.AutoThreshold`, `clipping.carried_uphill`).
         self._reset_pred = (tf.reduce_any(tf.stack([step_result.switching, step_result.shrinking, step_result.uphill]))
                             if policy.reset_momentum else None)
-        # A run in trouble from its start goes back to its first weights (restored by the update).
+        # A restart or a rollback: back to the weights kept (restored by the update).
         self._restart_pred = step_result.restarting if whole and policy.restarts else None
         self._cap = (policy.clip_mode, tf.cast(threshold, tf.float32)) if policy.clip_mode else None
         return new_grads, [global_norm, clipped_norm, step_result.threshold, recorded, step_result.flags]

@@ -145,4 +145,5 @@ def clipping(record):
         "threshold": _number(record.get("threshold")),
         "cause_step": _int(record.get("cause_step")),
         "restarted": record.get("restarted") is True,
+        "restart_step": _int(record.get("restart_step")) if record.get("restarted") is True else None,
     }

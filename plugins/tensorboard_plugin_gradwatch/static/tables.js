@@ -118,6 +118,14 @@ export function renderAlerts(container, data, selectedStep, onSelect) {
   renderClipping(container, data.clipping, onSelect);
 }
 
+function restartText(event) {
+  if (!event.restarted) return '';
+  if (event.restart_step != null && event.restart_step > 1) {
+    return `; the run rolled back to the weights before step ${fmtStep(event.restart_step)}`;
+  }
+  return '; the run restarted from the weights before its first step';
+}
+
 function renderClipping(container, events, onSelect) {
   if (!events || !events.length) return;
   const list = el('ul', 'gw-clipping');
@@ -126,7 +134,7 @@ function renderClipping(container, events, onSelect) {
     const item = el('li', '', `Clipping switched on at step ${fmtStep(event.step)}` +
       ` (${event.mode || 'global norm'}, threshold ${fmt(event.threshold)}` +
       `${event.cause_step != null ? `, caused by step ${fmtStep(event.cause_step)}` : ''})` +
-      `${event.restarted ? '; the run restarted from the weights before its first step' : ''}.`);
+      `${restartText(event)}.`);
     item.addEventListener('click', () => onSelect(event.step));
     list.appendChild(item);
   }

@@ -107,3 +107,14 @@ def test_a_clip_threshold_that_follows_the_run_is_drawn_step_by_step():
     assert view["clip_threshold"]["steps"] == clip_steps.tolist()
     np.testing.assert_allclose(view["clip_threshold"]["values"], clip)
     assert view["clipping_spans"] == [[4, 10]]
+
+
+def test_a_clipping_event_keeps_its_restart_step_only_as_an_integer_of_a_restart():
+    from tensorboard_plugin_gradwatch import records
+
+    base = {"step": 40, "mode": "global_clipnorm", "threshold": 0.5, "cause_step": 40, "restarted": True}
+    assert records.clipping(dict(base, restart_step=17))["restart_step"] == 17
+    for hostile in ["17<img src=x onerror=alert(1)>", 17.5, True, None, [17], 2 ** 70]:
+        assert records.clipping(dict(base, restart_step=hostile))["restart_step"] is None
+    clean = records.clipping(dict(base, restarted="yes", restart_step=17))
+    assert clean["restarted"] is False and clean["restart_step"] is None
