@@ -190,9 +190,12 @@ def configurations(log_root, profile):
         # Issue 24: the overshoot watch's untaken branch (it runs only once clipping is on) apart.
         "gradwatch auto_clip='clipnorm', clip_threshold='auto' without the overshoot watch": gw(
             auto_clip="clipnorm", clip_threshold=gradwatch.AutoThreshold(overshoot_gain=0.0, update_gain=0.0)),
-        # Issue 24: the restart's two untaken `If`s (the first weights kept; restored) apart.
-        "gradwatch auto_clip='clipnorm', clip_threshold='auto' without the restart": gw(
-            auto_clip="clipnorm", clip_threshold=gradwatch.AutoThreshold(restart_steps=0)),
+        # Issue 24: the restart's and the rollback's untaken `If`s (weights kept; restored) and the
+        # rollback's copy every 32+ steps apart.
+        "gradwatch auto_clip='clipnorm', clip_threshold='auto' without the restart nor the rollback": gw(
+            auto_clip="clipnorm", clip_threshold=gradwatch.AutoThreshold(restart_steps=0, rollback_steps=0)),
+        "gradwatch auto_clip='clipnorm', clip_threshold='auto' without the rollback": gw(
+            auto_clip="clipnorm", clip_threshold=gradwatch.AutoThreshold(rollback_steps=0)),
         # Issue 25: culprits=False (the default) keeps nothing and adds nothing to the step;
         # "rank" and True keep exploding batches on the device (an untaken tf.cond on healthy
         # steps, and a one-scalar read every 8 steps); on healthy steps they cost the same

@@ -103,10 +103,10 @@ class AutoThreshold:
     update is then clipped too late to matter. So, past those first
     `restart_steps`, the kept weights are refreshed at the first quiet step
     (its norm under `rollback_level` times the detector's threshold)
-    `rollback_steps` steps or more after they were last kept, and a switch whose previous healthy step was
-    already loud (at least `rollback_level` times the threshold) takes the
-    run back to them, as a restart does: recorded with the step they were
-    kept at. A switch out of the blue (one corrupted batch after quiet steps)
+    `rollback_steps` steps or more after they were last kept, and a switch
+    whose previous healthy step was already loud (at least `rollback_level`
+    times the threshold) takes the run back to them, as a restart does:
+    recorded with the step they were kept at. A switch out of the blue (one corrupted batch after quiet steps)
     has nothing to undo and does not roll back. Both the restart and the
     rollback leave the learning rate schedule, the optimizer's step count and
     non-trainable weights (BatchNormalization's statistics) where they are.
@@ -176,9 +176,10 @@ class AutoThreshold:
             adaptive detector (no fixed `explosion_threshold`), as the
             rollback does.
         rollback_steps: after `restart_steps`, the weights are kept again
-            (at a quiet step) this many steps or more after the last time, for a rollback (a
-            non-negative integer; 0 turns the rollback off). A rollback loses
-            at most about this many steps of training.
+            (at a quiet step) this many steps or more after the last time,
+            for a rollback (a non-negative integer; 0 turns the rollback
+            off). A rollback loses the steps since: up to this many, a few
+            more where no step was quiet at the time.
         rollback_level: a step is quiet below this fraction of the
             detector's threshold, loud at or above it (in (0, 1]).
     """
@@ -366,7 +367,8 @@ def keeps_weights_now(kept, healthy_steps, steps_since_kept, norm, threshold, au
     >>> auto = AutoThreshold(restart_steps=16, rollback_steps=32, rollback_level=0.3)
     >>> [bool(keeps_weights_now(KEPT_NONE, n, 0.0, 1.0, 10.0, auto)) for n in [0.0, 1.0]]
     [True, True]
-    >>> [bool(keeps_weights_now(KEPT_START, n, d, 1.0, 10.0, auto)) for n, d in [(10.0, 40.0), (20.0, 31.0), (20.0, 32.0)]]
+    >>> cases = [(10.0, 40.0), (20.0, 31.0), (20.0, 32.0)]  # (healthy steps, steps since kept)
+    >>> [bool(keeps_weights_now(KEPT_START, n, d, 1.0, 10.0, auto)) for n, d in cases]
     [False, False, True]
     >>> bool(keeps_weights_now(KEPT_START, 40.0, 40.0, 3.0, 10.0, auto))  # loud: not kept
     False

@@ -436,7 +436,8 @@ def test_a_switch_after_a_build_up_rolls_back_to_the_weights_kept_at_a_quiet_ste
     assert loud is (trouble == "building_up")
     kept = [1]  # the first step's weights, then the first quiet step 8 or more steps after the last kept
     for s in range(2, switch):
-        if s >= rule.restart_steps and s - kept[-1] >= ROLLBACK_STEPS and norms[s] < rule.rollback_level * thresholds[s]:
+        due = s >= rule.restart_steps and s - kept[-1] >= ROLLBACK_STEPS
+        if due and norms[s] < rule.rollback_level * thresholds[s]:
             kept.append(s)
     assert len(kept) > 2
     rolled_back = kept[-1] if loud else None

@@ -338,6 +338,36 @@ def test_auto_threshold_restarts_a_run_in_trouble_from_its_start(tmp_path, legac
     assert np.sqrt(sum(np.sum((w1 - w0) ** 2) for w0, w1 in zip(first, seen))) > 3 * change
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_auto_threshold_rolls_back_after_a_build_up(tmp_path, legacy):
+    """`AutoThreshold(restart_steps=2, rollback_steps=3)`: targets x6 at step 9 (a loud step under
+    the threshold), x1e3 at step 10 (the switch). The run rolls back to the weights kept last (the
+    first step's, then the first quiet step 3 or more after the last kept, replayed from the logged
+    norms and thresholds): the switching step's update from them is lr x the threshold (momentum
+    zeroed), recorded with that step."""
+    lr, loud, spike = 0.01, 9, 10
+    x, y = spiked_data(steps=14, batch_size=16, spike_steps=[spike], scale=1e3)
+    y[(loud - 1) * 16:loud * 16] *= 6.0
+    sgd = (tf_keras.optimizers.legacy.SGD if legacy else tf_keras.optimizers.SGD)(lr, momentum=0.9)
+    snapshots = WeightsBeforeEachStep()
+    rule = gradwatch.AutoThreshold(restart_steps=2, rollback_steps=3)
+    model, monitor = fit(tmp_path, x, y, optimizer=sgd, callbacks=[snapshots], update_freq=3,
+                         auto_clip="global_clipnorm", clip_threshold=rule)
+    logged = read_tags(str(tmp_path))
+    norms, thresholds = logged[tags.GLOBAL], logged[tags.THRESHOLD]
+    assert norms[loud] >= rule.rollback_level * thresholds[spike] and norms[loud] < thresholds[loud]
+    kept = [1]
+    for step in range(2, spike):
+        if step - kept[-1] >= 3 and norms[step] < rule.rollback_level * thresholds[step]:
+            kept.append(step)
+    assert len(kept) > 1
+    assert [(e["step"], e.get("restarted"), e.get("restart_step")) for e in monitor.clipping_events] == [
+        (spike, True, kept[-1])]
+    start, after = snapshots.snapshots[kept[-1] - 1], snapshots.snapshots[spike]
+    change = np.sqrt(sum(np.sum((w1 - w0) ** 2) for w0, w1 in zip(start, after)))
+    np.testing.assert_allclose(change, lr * logged[tags.CLIP_THRESHOLD][spike], rtol=1e-4)
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "legacy_adam"])
 def test_nonfinite_step_is_skipped_leaving_weights_and_slots(tmp_path, optimizer, caplog):
     opt = {"adam": lambda: tf_keras.optimizers.Adam(0.01),
