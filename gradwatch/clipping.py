@@ -357,32 +357,32 @@ def restarts(switching, kept, healthy_steps, auto):
                           tf.equal(tf.cast(kept, tf.float32), KEPT_START))
 
 
-def keeps_weights_now(kept, healthy_steps, steps_since_kept, norm, threshold, auto):
+def keeps_weights_now(kept, steps_since_kept, norm, threshold, auto):
     """Whether a step before the switch keeps the weights it saw, to go
-    back to: the first step; then, once `auto.restart_steps` healthy steps
-    were seen (`healthy_steps` counts this step if healthy), the first
-    quiet step (`norm` under `auto.rollback_level` times the detector's
-    `threshold`) at least `auto.rollback_steps` steps after the last kept.
+    back to. With the rollback: the first quiet step (`norm` under
+    `auto.rollback_level` times the detector's `threshold`, which is `+inf`
+    at the first step) `auto.rollback_steps` steps or more after the last
+    kept, and not before `auto.restart_steps` (`steps_since_kept` is huge
+    before the first keep). Without it: the first step only (`kept` is
+    still `KEPT_NONE`). Five scalar ops a step: the only work the rollback
+    adds to a step before the switch, but for the copy itself.
 
     >>> auto = AutoThreshold(restart_steps=16, rollback_steps=32, rollback_level=0.3)
-    >>> [bool(keeps_weights_now(KEPT_NONE, n, 0.0, 1.0, 10.0, auto)) for n in [0.0, 1.0]]
-    [True, True]
-    >>> cases = [(10.0, 40.0), (20.0, 31.0), (20.0, 32.0)]  # (healthy steps, steps since kept)
-    >>> [bool(keeps_weights_now(KEPT_START, n, d, 1.0, 10.0, auto)) for n, d in cases]
-    [False, False, True]
-    >>> bool(keeps_weights_now(KEPT_START, 40.0, 40.0, 3.0, 10.0, auto))  # loud: not kept
+    >>> [bool(keeps_weights_now(KEPT_NONE, 1e9, 1.0, t, auto)) for t in [float("inf"), 2.0]]
+    [True, False]
+    >>> [bool(keeps_weights_now(KEPT_START, d, 1.0, 10.0, auto)) for d in [31.0, 32.0]]
+    [False, True]
+    >>> bool(keeps_weights_now(KEPT_START, 40.0, 3.0, 10.0, auto))  # loud: not kept
     False
-    >>> bool(keeps_weights_now(KEPT_START, 40.0, 40.0, 1.0, 10.0, AutoThreshold(rollback_steps=0)))
-    False
+    >>> no_rollback = AutoThreshold(rollback_steps=0)
+    >>> [bool(keeps_weights_now(k, 40.0, 1.0, 10.0, no_rollback)) for k in [KEPT_NONE, KEPT_START]]
+    [True, False]
     """
-    kept = tf.cast(kept, tf.float32)
-    first = tf.equal(kept, KEPT_NONE)
     if auto.rollback_steps <= 0:
-        return first
-    due = tf.logical_and(tf.cast(healthy_steps, tf.float32) >= float(max(auto.restart_steps, 1)),
-                         tf.cast(steps_since_kept, tf.float32) >= float(auto.rollback_steps))
+        return tf.equal(tf.cast(kept, tf.float32), KEPT_NONE)
+    due = tf.cast(steps_since_kept, tf.float32) >= float(max(auto.rollback_steps, auto.restart_steps))
     quiet = tf.cast(norm, tf.float32) < auto.rollback_level * tf.cast(threshold, tf.float32)
-    return tf.logical_or(first, tf.logical_and(tf.equal(kept, KEPT_START), tf.logical_and(due, quiet)))
+    return tf.logical_and(due, quiet)
 
 
 def rolls_back(switching, kept, last_norm, threshold, auto):

@@ -240,9 +240,11 @@ class StepPolicy:
                         packed_overshoot, [[2], [state.KEPT_STEP]],
                         tf.stack([tf.constant(clipping.KEPT_START), this_step])))
                     return tf.constant(True)
-                since = tf.cast(step, tf.float32) - kept_step if step is not None else tf.constant(0.0)
-                keep = clipping.keeps_weights_now(kept, _adaptive_state(device_state).count, since, global_norm,
-                                                  explosion_threshold, auto)
+                if step is not None:
+                    since = tf.cast(step, tf.float32) - kept_step
+                else:  # no step number: the first step's weights only
+                    since = tf.where(tf.equal(kept, clipping.KEPT_NONE), -state.NOT_KEPT, 0.0)
+                keep = clipping.keeps_weights_now(kept, since, global_norm, explosion_threshold, auto)
                 unlowered_cond(keep, keep_weights, lambda: tf.constant(False))
             return tf.zeros_like(baseline), tf.constant(False), tf.constant(False), tf.constant(False)
 

@@ -23,6 +23,7 @@ EXPLODED, NONFINITE, SKIPPED, CLIP_SWITCHED_ON, CLIP_ACTIVE, OVERFLOW, RESTARTED
 # `DeviceState.overshoot[KEPT_STEP]`: the step whose weights a restart or a
 # rollback goes back to (exact in float32 up to step 2**24).
 KEPT_STEP = 6
+NOT_KEPT = -1e9  # before any: every step is long enough after it
 
 
 def has_flag(flags, bit):
@@ -79,7 +80,7 @@ class DeviceState:
                 # last update's size and the step whose weights were kept before
                 # the switch (`KEPT_STEP`).
                 self.previous_weights = [make(tf.zeros(shape, tf.float32)) for shape in weight_shapes]
-                self.overshoot = make(tf.constant([0.0, 0.0, 0.0, 1.0, 1.0, 0.0, -1.0], tf.float32))
+                self.overshoot = make(tf.constant([0.0, 0.0, 0.0, 1.0, 1.0, 0.0, NOT_KEPT], tf.float32))
 
     def append(self, step, row):
         """In-graph: writes one record at the next ring-buffer slot; returns
