@@ -337,6 +337,15 @@ def test_the_threshold_cannot_climb_with_a_divergence(tmp_path, mode, watch):
     assert min(written.values()) < (0.1 if watch else 0.5) * at_switch  # it shrank while the norms kept doubling
 
 
+def _tape_gradient(model, weights, x, y, step):
+    """The MSE gradient of batch `step` (from 1, unshuffled) at `weights`, float64: a tape."""
+    model.set_weights(weights)
+    with tf.GradientTape() as tape:
+        rows = slice((step - 1) * BATCH, step * BATCH)
+        loss = tf.reduce_mean(tf.square(model(x[rows]) - y[rows]))
+    return [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
+
+
 @pytest.mark.parametrize("mode", ["global_clipnorm", "clipvalue"])
 @pytest.mark.parametrize("restart_steps", [16, 4, 0])
 def test_a_run_in_trouble_within_its_first_steps_restarts_from_its_first_weights(tmp_path, caplog, capsys, mode,
@@ -362,11 +371,7 @@ def test_a_run_in_trouble_within_its_first_steps_restarts_from_its_first_weights
     assert event.get("restarted", False) is restarted
     weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
     seen = weights[SPIKE_STEP - 1]  # the weights the switching step saw
-    model.set_weights(seen)
-    with tf.GradientTape() as tape:
-        rows = slice((SPIKE_STEP - 1) * BATCH, SPIKE_STEP * BATCH)
-        loss = tf.reduce_mean(tf.square(model(x[rows]) - y[rows]))
-    grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
+    grads = _tape_gradient(model, seen, x, y, SPIKE_STEP)
     threshold = read_tags(str(tmp_path))["grad_norm/clip_threshold"][SPIKE_STEP]
     if mode == "global_clipnorm":
         norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
@@ -444,11 +449,7 @@ def test_a_switch_after_a_build_up_rolls_back_to_the_weights_kept_at_a_quiet_ste
     assert event.get("restarted", False) is loud and event.get("restart_step") == rolled_back
     weights = snapshots.snapshots + [[v.numpy() for v in model.trainable_variables]]
     seen = weights[switch - 1]  # the weights the switching step saw
-    model.set_weights(seen)
-    with tf.GradientTape() as tape:
-        rows = slice((switch - 1) * BATCH, switch * BATCH)
-        loss = tf.reduce_mean(tf.square(model(x[rows]) - y[rows]))
-    grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
+    grads = _tape_gradient(model, seen, x, y, switch)
     norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
     clipped = [g * min(1.0, logged["grad_norm/clip_threshold"][switch] / norm) for g in grads]
     start = weights[rolled_back - 1] if loud else seen
