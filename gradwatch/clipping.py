@@ -106,10 +106,11 @@ class AutoThreshold:
     `rollback_steps` steps or more after they were last kept, and a switch
     whose previous healthy step was already loud (at least `rollback_level`
     times the threshold) takes the run back to them, as a restart does:
-    recorded with the step they were kept at. A switch out of the blue (one corrupted batch after quiet steps)
-    has nothing to undo and does not roll back. Both the restart and the
-    rollback leave the learning rate schedule, the optimizer's step count and
-    non-trainable weights (BatchNormalization's statistics) where they are.
+    recorded with the step they were kept at. A switch out of the blue (one
+    corrupted batch after quiet steps) has nothing to undo and does not roll
+    back. Both the restart and the rollback leave the learning rate schedule,
+    the optimizer's step count and non-trainable weights (BatchNormalization's
+    statistics) where they are.
 
     Why these defaults: `benchmarks/auto_threshold.py` (kinds of trouble x
     model families x optimizers x seeds, each against 4 fixed thresholds from

@@ -232,16 +232,17 @@ class StepPolicy:
             # not used (the record's CLIP_THRESHOLD is 0 and nothing is clipped).
             # So none of the window's statistics are computed before the switch.
             if restart_on:  # the weights of the first step, then of a quiet step every `rollback_steps`
+                this_step = tf.cast(step if step is not None else -1, tf.float32)
+
                 def keep_weights():  # (one untaken `If` on the other steps)
                     for kept_weights, (_, v) in zip(device_state.previous_weights, grads_and_vars):
                         kept_weights.assign(tf.cast(state.variable_value(v), tf.float32))
-                    this_step = tf.cast(step if step is not None else -1, tf.float32)
                     device_state.overshoot.assign(tf.tensor_scatter_nd_update(
                         packed_overshoot, [[2], [state.KEPT_STEP]],
                         tf.stack([tf.constant(clipping.KEPT_START), this_step])))
                     return tf.constant(True)
                 if step is not None:
-                    since = tf.cast(step, tf.float32) - kept_step
+                    since = this_step - kept_step
                 else:  # no step number: the first step's weights only
                     since = tf.where(tf.equal(kept, clipping.KEPT_NONE), -state.NOT_KEPT, 0.0)
                 keep = clipping.keeps_weights_now(kept, since, global_norm, explosion_threshold, auto)
