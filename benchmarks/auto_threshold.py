@@ -28,6 +28,7 @@ Results are appended as JSON lines (one per training run).
 
 import argparse
 import collections
+import gzip
 import itertools
 import json
 import multiprocessing
@@ -221,7 +222,9 @@ def jobs_for(kinds, families, optimizers, seeds, modes, runs):
 
 
 def load(path, label=None):
-    rows = [json.loads(line) for line in open(path)]
+    """The rows of a results file (`.jsonl`, or `.jsonl.gz` as in `benchmarks/results/`)."""
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     return [r for r in rows if label is None or r.get("label", "") == label]
 
 
