@@ -174,6 +174,9 @@ def train(job):
             elif part.startswith("rb"):  # "rb32l0.3": rollback every 32 healthy steps, level 0.3
                 steps, level = re.fullmatch(r"rb(\d+)(?:l([\d.]+))?", part).groups()
                 settings.update(rollback_steps=int(steps), **({"rollback_level": float(level)} if level else {}))
+            elif part.startswith("rj"):  # "rjoff": the first steps not judged again; "rj20": their ratio
+                ratio = part[2:]
+                settings["rejudge_ratio"] = float("inf") if ratio == "off" else float(ratio)
             elif part.startswith("up"):  # "up0": the update-size term off; "up0.5r0.02": gain, ratio
                 gain, ratio = re.fullmatch(r"up([\d.]+)(?:r([\d.]+))?", part).groups()
                 settings.update(update_gain=float(gain), **({"update_ratio": float(ratio)} if ratio else {}))

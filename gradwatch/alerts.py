@@ -163,10 +163,21 @@ def explosion_message(record):
 
 def switch_message(event, cause, auto):
     """The line logged when clipping switches on (`event` from the recorder);
-    `auto`: the `clipping.AutoThreshold` of `clip_threshold="auto"`, or None."""
+    `cause`: the explosion at the switching step, or, when the first steps were
+    judged again (`event["rejudged"]`), the global norm of `event["cause_step"]`
+    (None if unknown); `auto`: the `clipping.AutoThreshold` of
+    `clip_threshold="auto"`, or None."""
     how = f" ({auto_description(event['mode'], auto)})" if auto is not None else ""
     text = (f"switched on {event['mode']}={event['threshold']:.4g}{how} at step "
             f"{event['step']} (that step included)")
+    if event.get("rejudged"):
+        ratio = f" {auto.rejudge_ratio:g}x" if auto is not None else ""
+        which = (f"step {event['cause_step']} (global norm {cause:.3g})" if event.get("cause_step") is not None
+                 and cause is not None else "one of them")
+        text += (f", after the run's first steps were judged again against its first full window of healthy "
+                 f"steps: {which} was at least{ratio} their typical norm, an explosion the warm-up could not "
+                 "see; the run restarts from the weights it had before its first step, clipped")
+        return text
     if cause is not None:
         text += f", after the gradient explosion at step {cause.step} (global norm {cause.global_norm:.3g})"
     if event.get("restarted"):

@@ -97,6 +97,22 @@ class AutoThreshold:
     the size factor measures, so the threshold starts as low as those steps
     were long. The switch is logged and recorded as a restart.
 
+    The first steps judged again: trouble in the very first steps (a
+    corrupted batch at step 1, inputs that blow up an untrained net) can stay
+    below the warm-up's threshold, which only compares each step with the few
+    before it, all of them too large; the run then trains on from wherever
+    they threw it. So at the one step where the detector's window first holds
+    `window` healthy steps (step 33 by default, if none exploded), its first
+    `restart_steps` steps are judged again: one at least `rejudge_ratio`
+    times the window's median switches clipping on at that step, with a
+    restart from the weights before the first step (`restart_steps` steps
+    were too few to tell; 32 are enough). The distance moved in those 32
+    steps is not taken as one too-long update: the size factor starts at 1.
+    The ratio is twice the detector's
+    largest factor, because healthy runs start high too: a regression's first
+    norms were up to 10x its later ones on this project's healthy runs while
+    the loss fell, the corrupted starts 40-200x.
+
     The rollback: trouble that builds up over a few steps mid-run (a
     learning-rate spike: norms x3-x6 a step, each still under the detector's
     threshold) does its harm before the step that crosses it, whose own
@@ -187,6 +203,10 @@ class AutoThreshold:
             more where no step was quiet at the time.
         rollback_level: a step is quiet below this fraction of the
             detector's threshold, loud at or above it (in (0, 1]).
+        rejudge_ratio: once the detector's window is first full, a norm of
+            one of the first `restart_steps` steps at least this many times
+            the window's median switches clipping on with a restart (> 1;
+            `inf` turns this off; so does `restart_steps=0`).
     """
 
     percentile: float = 25.0
@@ -206,6 +226,7 @@ class AutoThreshold:
     restart_steps: int = 16
     rollback_steps: int = 32
     rollback_level: float = 0.3
+    rejudge_ratio: float = 20.0
 
     @property
     def watches_overshoot(self):
@@ -216,6 +237,11 @@ class AutoThreshold:
         """The monitor keeps a copy of the trainable weights (the overshoot
         watch's last step, or a quiet step's for a restart or a rollback)."""
         return self.watches_overshoot or self.goes_back
+
+    @property
+    def rejudges_start(self):
+        """The first steps are judged again once the detector's window is full."""
+        return self.restart_steps > 0 and self.rejudge_ratio != float("inf")
 
     @property
     def goes_back(self):
@@ -238,6 +264,7 @@ class AutoThreshold:
         for name, low, high, bounds in (("rise", 1.0, inf, "[1, inf)"), ("shrink", 0.0, 1.0, "(0, 1]"),
                                         ("min_scale", 0.0, 1.0, "(0, 1]"), ("elevation", 1.0, inf, "[1, inf)"),
                                         ("rollback_level", 0.0, 1.0, "(0, 1]"),
+                                        ("rejudge_ratio", 1.0, inf, "(1, inf]"),
                                         ("overshoot_gain", 0.0, inf, "[0, inf)"),
                                         ("update_ratio", 0.0, 1.0, "(0, 1)"), ("update_gain", 0.0, inf, "[0, inf)")):
             value = getattr(self, name)

@@ -113,6 +113,8 @@ class TENSOR_OPS:  # noqa: N801 -- a namespace, like `math`
     logical_and, logical_or, logical_not = tf.logical_and, tf.logical_or, tf.logical_not
     as_bool = staticmethod(lambda value: tf.cast(value, tf.bool))
     sort = staticmethod(lambda values: tf.sort(tf.convert_to_tensor(values, tf.float32), axis=0))
+    largest = staticmethod(lambda values, size: tf.reduce_max(tf.convert_to_tensor(values, tf.float32)[:size], axis=0))
+    equal = tf.equal
 
     @staticmethod
     def full(size, value):
@@ -150,6 +152,8 @@ class FLOAT_OPS:  # noqa: N801
     logical_or = staticmethod(lambda a, b: a or b)
     logical_not = staticmethod(lambda a: not a)
     sort = staticmethod(lambda values: tuple(sorted(values)))
+    largest = staticmethod(lambda values, size: max(values[:size]))
+    equal = staticmethod(lambda a, b: a == b)
     full = staticmethod(lambda size, value: (float(value),) * size)
     pick = staticmethod(lambda values, index: values[int(index)] if 0 <= index < len(values) else 0.0)
 
@@ -213,12 +217,18 @@ def adaptive_threshold(state, config, ops=TENSOR_OPS):
     >>> adaptive_threshold(initial_adaptive_state(config, FLOAT_OPS), config, FLOAT_OPS)  # on the host
     inf
     """
+    return threshold_and_typical(state, config, ops)[0]
+
+
+def threshold_and_typical(state, config, ops=TENSOR_OPS):
+    """`(adaptive_threshold, log typical norm)`: the threshold and the median
+    it comes from, in one pass over the window (see `adaptive_threshold`)."""
     count = ops.float32(state[0])
     median, spread = typical_and_spread(state, config, ops)
     margin = ops.clip(config.z_threshold * spread, math.log(config.min_ratio), math.log(config.max_ratio))
     threshold = ops.where(count < config.warmup_steps, ops.exp(median) * config.warmup_ratio,
                           ops.exp(median + margin))
-    return ops.where(count < 1.0, ops.float32(math.inf), threshold)
+    return ops.where(count < 1.0, ops.float32(math.inf), threshold), median
 
 
 def update_adaptive_state(state, global_norm, exploded, config, ops=TENSOR_OPS):
@@ -267,6 +277,37 @@ def last_norm(state, config, ops=TENSOR_OPS):
     latest = ops.maximum(count - 1.0, 0.0)
     slot = latest - window * ops.floor(latest / window)
     return ops.where(count < 1.0, 0.0, ops.exp(ops.pick(state[1], slot)))
+
+
+def start_rejudged(state, log_typical, steps, ratio, config, ops=TENSOR_OPS):
+    """Whether one of the first `steps` healthy steps was an explosion after
+    all: judged again, at the one step whose `state` (before its update)
+    first holds `config.window` healthy steps, a norm at least `ratio` times
+    the typical norm of that full window (`log_typical`, its log, from
+    `threshold_and_typical`).
+
+    During the warm-up a step is only compared with the few before it, so a
+    run whose very first steps were all far too large (a corrupted batch at
+    step 1, inputs that blow up an untrained net) took them as healthy. Once
+    the window is full its median no longer depends on them. `ratio` is
+    well above the detector's own factor (`max_ratio`): a healthy run's
+    first steps are often several times its later norms, as the loss falls
+    (up to 10x on this project's healthy runs).
+
+    >>> config = AdaptiveConfig(window=4, warmup_steps=4)
+    >>> state = initial_adaptive_state(config)
+    >>> for norm in [50.0, 1.0, 1.2, 0.9]:  # steps 1-4: the first was 50x the others
+    ...     state = update_adaptive_state(state, norm, False, config)
+    >>> typical = threshold_and_typical(state, config)[1]  # log(1.0): the lower median
+    >>> [bool(start_rejudged(state, typical, 2, ratio, config)) for ratio in [20.0, 60.0]]
+    [True, False]
+    >>> state = update_adaptive_state(state, 1.1, False, config)  # one step later: never again
+    >>> bool(start_rejudged(state, threshold_and_typical(state, config)[1], 2, 20.0, config))
+    False
+    """
+    full_now = ops.equal(ops.float32(state[0]), float(config.window))
+    first = ops.largest(state[1], max(1, min(int(steps), config.window)))
+    return ops.logical_and(full_now, first >= log_typical + math.log(ratio))
 
 
 def is_explosion(global_norm, threshold, ops=TENSOR_OPS):

@@ -93,8 +93,12 @@ class StepPolicy:
         `AutoThreshold.overshoot_gain` (and `device_state.previous_weights` of
         the variables' shapes, in order); else None. `step`: this step's
         number, kept with the weights a restart or rollback goes back to."""
-        threshold = self._threshold(device_state)
+        threshold, adaptive_state, log_typical = self._threshold(device_state)
         exploded = detection.is_explosion(global_norm, threshold)
+        rejudged = None
+        if self.restarts and self.auto.rejudges_start:
+            rejudged = detection.start_rejudged(adaptive_state, log_typical, self.auto.restart_steps,
+                                                self.auto.rejudge_ratio, self.adaptive)
         if self.explosion_threshold is None:
             _update_adaptive(device_state, self.adaptive, global_norm, exploded)
         if self.clip_mode is None:  # monitor only: no clipping state to read or keep
@@ -103,7 +107,8 @@ class StepPolicy:
                 false, false, tf.constant([0.0]), false, false, false)
         else:
             clip_active, switching, clip_threshold, shrinking, restarting, uphill = self._update_clipping(
-                device_state, auto_values, threshold, exploded, nonfinite, global_norm, grads_and_vars, step)
+                device_state, auto_values, threshold, exploded, nonfinite, global_norm, grads_and_vars, step,
+                rejudged)
         skip = tf.logical_and(tf.constant(self.skip_nonfinite), nonfinite)
         flags = _flags(exploded, nonfinite, skip, switching, clip_active, restarting)
         return StepResult(threshold, exploded, clip_active, clip_threshold, skip, switching, flags, shrinking,
@@ -116,18 +121,21 @@ class StepPolicy:
         return self.is_auto and self.auto_switch and self.explosion_threshold is None and self.auto.goes_back
 
     def _update_clipping(self, device_state, auto_values, threshold, exploded, nonfinite, global_norm,
-                         grads_and_vars=None, step=None):
+                         grads_and_vars=None, step=None, rejudged=None):
         """In-graph: `(clip_active, switching, clip_threshold, shrinking, restarting, uphill)` of this step."""
         was_active = device_state.clip_active.read_value()
         finite_explosion = tf.logical_and(exploded, tf.logical_not(nonfinite))
+        # The first steps judged again (never at a non-finite step: it is skipped or applied as is).
+        cause = finite_explosion if rejudged is None else tf.logical_or(
+            finite_explosion, tf.logical_and(rejudged, tf.logical_not(nonfinite)))
         switching = tf.logical_and(tf.constant(self.auto_switch),
-                                   tf.logical_and(tf.logical_not(was_active), finite_explosion))
+                                   tf.logical_and(tf.logical_not(was_active), cause))
         clip_active = tf.logical_or(was_active, switching)
         shrinking = restarting = uphill = tf.constant(False)
         if self.clip_threshold == "auto":
             clip_threshold, shrinking, restarting, uphill = self._auto_threshold(
                 device_state, auto_values, threshold, global_norm, was_active, switching, finite_explosion,
-                nonfinite, grads_and_vars, step)
+                nonfinite, grads_and_vars, step, rejudged)
             device_state.clip_threshold.assign(clip_threshold)
         else:  # a constant: `device_state.clip_threshold` keeps what `set_clip_state` wrote, no per-step write
             clip_threshold = tf.constant([float(self.clip_threshold)], tf.float32)
@@ -136,7 +144,8 @@ class StepPolicy:
         return clip_active, switching, clip_threshold, shrinking, restarting, uphill
 
     def _auto_threshold(self, device_state, auto_values, explosion_threshold, global_norm,
-                        was_active, switching, finite_explosion, nonfinite, grads_and_vars=None, step=None):
+                        was_active, switching, finite_explosion, nonfinite, grads_and_vars=None, step=None,
+                        rejudged=None):
         """In-graph: the "auto" threshold of this step (`clipping.AutoThreshold`),
         whether it shrinks at this step (the clipped norms doubled again),
         whether the run goes back to kept weights (a restart or a rollback, decided
@@ -190,6 +199,8 @@ class StepPolicy:
                     clipping.restarts(switching, kept, adaptive_state.count, auto),
                     clipping.rolls_back(switching, kept, detection.last_norm(adaptive_state, self.adaptive),
                                         explosion_threshold, auto))
+                if rejudged is not None:
+                    restarting = tf.logical_or(restarting, tf.logical_and(switching, rejudged))
             # The window's percentile: every step while clipping is on, or, with
             # `follow=False`, at the switch only.
             if auto.follow:
@@ -220,7 +231,11 @@ class StepPolicy:
             threshold = clipping.bounded_threshold(window_value, new_baseline, scale, auto)
             if watch_overshoot:  # in a branch of its own: healthy steps pass it as one dead node
                 def watch():
-                    return _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto, restarting)
+                    # After the first steps judged again, the distance moved since the start is
+                    # `window` steps' worth, not one step's: not measured as an update.
+                    measured = restarting if rejudged is None else tf.logical_and(restarting, tf.logical_not(rejudged))
+                    return _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto, restarting,
+                                            measured)
                 unwatched = lambda: (tf.ones([], tf.float32), tf.constant(False))  # noqa: E731
                 factor, uphill = unlowered_cond(clip_active, watch, unwatched)
                 return threshold * factor, keeps_growing, restarting, uphill
@@ -252,27 +267,30 @@ class StepPolicy:
         return tf.cond(clip_active, clipping_on, clipping_off)
 
     def _threshold(self, device_state):
+        """`(threshold, adaptive state, log typical norm)`: the explosion threshold of
+        this step, and (adaptive detector) the state and median it comes from."""
         if self.explosion_threshold is not None:
-            return tf.constant(float(self.explosion_threshold), tf.float32)
-        threshold = detection.adaptive_threshold(_adaptive_state(device_state), self.adaptive)
+            return tf.constant(float(self.explosion_threshold), tf.float32), None, None
+        adaptive_state = _adaptive_state(device_state)
+        threshold, log_typical = detection.threshold_and_typical(adaptive_state, self.adaptive)
         if not self.auto_switch or self.clip_threshold == "auto":
-            return threshold
+            return threshold, adaptive_state, log_typical
         # Until clipping is on, a norm CLIP_EXPLOSION_FACTOR times the chosen
         # clipping threshold explodes too, from the first step (when the
         # adaptive detector has no baseline yet).
         bound = tf.minimum(threshold, CLIP_EXPLOSION_FACTOR * float(self.clip_threshold))
-        return tf.where(device_state.clip_active.read_value(), threshold, bound)
+        return tf.where(device_state.clip_active.read_value(), threshold, bound), adaptive_state, log_typical
 
 
-def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto, restarting=False):
+def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto, restarting=False, measured=None):
     """In-graph, while clipping is on: the cosine between this step's gradient
     and the update made at the step before (the weights now minus the weights
     kept then, `clipping.cosine`), its running average and the threshold's
     factor (`clipping.overshoot_update`); that update's size against the
     weights' and the size factor (`clipping.update_size_update`); the weights
-    kept for the next step. At a restart the "update" is everything the run
-    moved since its first step, and the weights kept are those it restarts
-    from. Returns the two factors' product (at least `min_scale`) and whether
+    kept for the next step. At a restart the weights kept are those it
+    restarts from, and (`measured`, default: at every restart) the "update"
+    is everything the run moved since its first step. Returns the two factors' product (at least `min_scale`) and whether
     the momentum carries the run uphill (`clipping.carried_uphill`)."""
     dense = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g, _ in grads_and_vars]
     weights = [tf.cast(state.variable_value(v), tf.float32) for _, v in grads_and_vars]
@@ -287,7 +305,8 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto,
     restarting = tf.cast(restarting, tf.bool)
     # The weights of the step before, or at a restart those before the first step
     # (kept before the switch: stale at a later switch).
-    valid_update = tf.logical_and(finite, tf.logical_or(tf.equal(kept, clipping.KEPT_LAST), restarting))
+    measured = restarting if measured is None else tf.cast(measured, tf.bool)
+    valid_update = tf.logical_and(finite, tf.logical_or(tf.equal(kept, clipping.KEPT_LAST), measured))
     value, valid = clipping.cosine(dot, sq_norm, update_sq_norm)
     average, count, scale = clipping.overshoot_update(average, count, scale, value,
                                                       tf.logical_and(valid, valid_update), auto)

@@ -77,6 +77,10 @@ class Recorder:
         self._warned = set()
         self._layers_step = None  # step of the last `gradwatch/layers` written
         self._pending, self._pending_rows = [], 0  # drained rows whose events are not built yet
+        # "auto" judges the first healthy steps again once the detector's window is full
+        # (`AutoThreshold.rejudge_ratio`): their (step, global norm), to name the one that did it.
+        policy = capture.policy
+        self._first_norms = [] if policy.restarts and policy.auto.rejudges_start else None
         self._book = None
         if getattr(capture, "keeper", None) is not None:
             from gradwatch.culprits.book import CulpritBook
@@ -241,6 +245,8 @@ class Recorder:
         if lost:
             self._warn_once("lost", f"{lost} steps were overwritten on the device before being read; "
                                     "use a smaller `update_freq`.")
+        if len(steps) and self._first_norms is not None:
+            self._guard("clipping", lambda: self._remember_first_norms(steps, rows))
         if len(steps):
             self._pending.append((steps, rows))
             self._pending_rows += len(steps)
@@ -266,6 +272,16 @@ class Recorder:
             events = self._take_pending() + events
         if events or flush:
             self._output.write(events, flush=due)
+
+    def _remember_first_norms(self, steps, rows):
+        """The first `restart_steps` healthy steps' global norms (those the detector's window took in)."""
+        wanted = self.capture.policy.auto.restart_steps - len(self._first_norms)
+        if wanted <= 0:
+            return
+        norms = rows[:, state.GLOBAL]
+        flags = rows[:, state.FLAGS]
+        healthy = np.isfinite(norms) & (norms > 0) & ~state.has_flag(flags, state.EXPLODED | state.OVERFLOW)
+        self._first_norms += [(int(s), float(n)) for s, n in zip(steps[healthy], norms[healthy])][:wanted]
 
     def _take_pending(self):
         """The events of the rows waiting to be written (then forgotten)."""
@@ -315,12 +331,19 @@ class Recorder:
             if state.has_flag(rows[index, state.FLAGS], state.RESTARTED):
                 event["restarted"] = True  # the weights went back to those kept before this step:
                 event["restart_step"] = state.kept_step(self.capture.state)  # (1: the first step)
+            if not state.has_flag(rows[index, state.FLAGS], state.EXPLODED):
+                # No explosion at this step: the first steps judged again (`AutoThreshold.rejudge_ratio`).
+                event["rejudged"] = True
+                first = self._first_norms or []
+                event["cause_step"] = max(first, key=lambda pair: pair[1])[0] if first else None
             if self.capture.name is not None:
                 event["optimizer"] = self.capture.name
             events.append(event)
             self.monitor.clipping_events.append(event)
             cause = next((e for e in explosions if e.step == step), None)
             policy = self.capture.policy
+            if event.get("rejudged"):
+                cause = dict(self._first_norms or []).get(event["cause_step"])
             self._alert_log.emit(alerts.switch_message(event, cause, policy.auto if policy.is_auto else None),
                                  {"gradwatch_clipping": event})
         return events

@@ -95,7 +95,8 @@ def test_auto_threshold_settings_are_checked():
                         ("update_ratio", 0.0), ("update_ratio", 1.0), ("update_gain", -1.0), ("update_gain", "1"),
                         ("restart_steps", -1), ("restart_steps", 2.5), ("restart_steps", True),
                         ("rollback_steps", -1), ("rollback_steps", 8.0), ("rollback_level", 0.0),
-                        ("rollback_level", 1.5), ("rollback_level", "0.3")]:
+                        ("rollback_level", 1.5), ("rollback_level", "0.3"), ("rejudge_ratio", 1.0),
+                        ("rejudge_ratio", float("nan")), ("rejudge_ratio", True)]:
         with pytest.raises(ValueError, match=f"`{name}` must be .* Received: {name}={value!r}"):
             clipping.AutoThreshold(**{name: value})
     assert clipping.AutoThreshold(overshoot_gain=0.0, shrink=1.0, min_scale=1.0).overshoot_gain == 0.0  # the bounds
@@ -105,6 +106,9 @@ def test_auto_threshold_settings_are_checked():
     assert not clipping.AutoThreshold(restart_steps=0, rollback_steps=0, overshoot_gain=0.0,
                                       update_gain=0.0).keeps_weights
     assert clipping.AutoThreshold(rollback_level=1.0).rollback_level == 1.0
+    assert clipping.AutoThreshold().rejudges_start
+    assert not clipping.AutoThreshold(rejudge_ratio=float("inf")).rejudges_start
+    assert not clipping.AutoThreshold(restart_steps=0).rejudges_start
 
 
 # -- in a real fit ------------------------------------------------------------------
@@ -392,6 +396,72 @@ def test_a_run_in_trouble_within_its_first_steps_restarts_from_its_first_weights
     assert [(c["step"], c["restarted"]) for c in report["clipping"]] == [(SPIKE_STEP, restarted)]
     gradwatch_cli.main(["report", str(tmp_path)])
     assert ("restarted from the weights before the first step" in capsys.readouterr().out) is restarted
+
+
+REJUDGE_STEPS = 40  # the detector's window (32) is first full at step 33
+
+
+@pytest.mark.parametrize("mode", ["global_clipnorm", "clipvalue"])
+@pytest.mark.parametrize("factor", [30.0, 1.0])
+def test_first_steps_judged_again_once_the_window_is_full(tmp_path, caplog, capsys, mode, factor):
+    """The first batch's targets x30: steps 1-3 are far larger than the rest, but the warm-up
+    only compares each with the ones before it and takes them as healthy. At step 33, the
+    first whose detector state holds a full window (32 healthy steps), the first 16 are judged
+    again: one at least 20x the window's (lower) median, computed here from the logged norms,
+    switches clipping on at that step and restarts the run from its first weights: the weights
+    after step 33 are the weights before step 1 minus the clipped update of step 33's gradient
+    (a tape at the weights it saw). No step is recorded as an explosion; the alert names the
+    step. Without the corruption (x1: the first steps are ~10x the later ones, as a healthy
+    regression's are while its loss falls) nothing switches and the weights equal plain SGD's."""
+    caplog.set_level(logging.WARNING, logger="gradwatch")
+    x, y = regression_data(n=REJUDGE_STEPS * BATCH)
+    y[:BATCH] *= factor
+
+    def model():
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", use_bias=False),
+                                keras.layers.Dense(1, use_bias=False)])
+        net.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+        return net
+
+    net, snapshots = model(), WeightsBeforeEachStep()
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip=mode, clip_threshold="auto", verbose=0,
+                                        update_freq=5)
+    net.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
+    logged = read_tags(str(tmp_path))
+    norms = [logged["grad_norm/global"][s] for s in range(1, 33)]
+    typical = np.sort(norms)[15]  # the lower median of the window
+    first = int(np.argmax(norms[:16])) + 1
+    expected = bool(norms[first - 1] >= 20.0 * typical)
+    assert expected is (factor > 1)  # the case is what it says: 40x vs 10x here
+    assert monitor.explosions == []
+    if not expected:
+        assert monitor.clipping_events == []
+        plain = model()
+        plain.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        for a, b in zip(plain.get_weights(), net.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        return
+    [event] = monitor.clipping_events
+    assert (event["step"], event["restarted"], event["rejudged"], event["cause_step"]) == (33, True, True, first)
+    weights = snapshots.snapshots + [[v.numpy() for v in net.trainable_variables]]
+    grads = _tape_gradient(net, weights[32], x, y, 33)
+    threshold = logged["grad_norm/clip_threshold"][33]
+    if mode == "global_clipnorm":
+        norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
+        clipped = [g * min(1.0, threshold / norm) for g in grads]
+    else:
+        clipped = [np.clip(g, -threshold, threshold) for g in grads]
+    for before, grad, after in zip(weights[0], clipped, weights[33]):
+        np.testing.assert_allclose(after, before - LR * grad, rtol=1e-5, atol=1e-6)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("switched on")]
+    assert "at step 33 (that step included), after the run's first steps were judged again" in line
+    assert f"step {first} (global norm {norms[first - 1]:.3g}) was at least 20x their typical norm" in line
+    assert "restarts from the weights it had before its first step" in line
+    capsys.readouterr()
+    assert gradwatch_cli.main(["report", str(tmp_path), "--json"]) == 0
+    [report] = json.loads(capsys.readouterr().out)["runs"]
+    assert [(c["step"], c["cause_step"], c["restarted"]) for c in report["clipping"]] == [(33, first, True)]
 
 
 ROLLBACK_STEPS, TROUBLE_STEP, LONG_STEPS = 8, 22, 40
