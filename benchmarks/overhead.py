@@ -196,6 +196,9 @@ def configurations(log_root, profile):
             auto_clip="clipnorm", clip_threshold=gradwatch.AutoThreshold(restart_steps=0, rollback_steps=0)),
         "gradwatch auto_clip='clipnorm', clip_threshold='auto' without the rollback": gw(
             auto_clip="clipnorm", clip_threshold=gradwatch.AutoThreshold(rollback_steps=0)),
+        # Issue 24 (session 9): the first steps judged again (8 scalar kernels a step) apart.
+        "gradwatch auto_clip='clipnorm', clip_threshold='auto' without judging the first steps again": gw(
+            auto_clip="clipnorm", clip_threshold=gradwatch.AutoThreshold(rejudge_ratio=float("inf"))),
         # Issue 25: culprits=False (the default) keeps nothing and adds nothing to the step;
         # "rank" and True keep exploding batches on the device (an untaken tf.cond on healthy
         # steps, and a one-scalar read every 8 steps); on healthy steps they cost the same
