@@ -175,9 +175,13 @@ def switch_message(event, cause, auto):
         which = (f"step {event['cause_step']} (global norm {cause:.3g})" if event.get("cause_step") is not None
                  and cause is not None else "one of them")
         text += (f", after the run's first steps were judged again against its first full window of healthy "
-                 f"steps: {which} was at least{ratio} their typical norm, an explosion the warm-up could not "
-                 "see; the run restarts from the weights it had before its first step, clipped")
-        return text
+                 f"steps: {which} was at least{ratio} their typical norm, an explosion the warm-up could not see")
+        kept = event.get("restart_step")
+        if not event.get("restarted"):
+            return text
+        if isinstance(kept, int) and kept > 1:  # a short `rollback_steps` refreshed the kept weights already
+            return text + f"; the run goes back to the weights it had before step {kept} (the last kept), clipped"
+        return text + "; the run restarts from the weights it had before its first step, clipped"
     if cause is not None:
         text += f", after the gradient explosion at step {cause.step} (global norm {cause.global_norm:.3g})"
     if event.get("restarted"):

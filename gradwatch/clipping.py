@@ -108,10 +108,11 @@ class AutoThreshold:
     restart from the weights before the first step (`restart_steps` steps
     were too few to tell; 32 are enough). The distance moved in those 32
     steps is not taken as one too-long update: the size factor starts at 1.
-    The ratio is twice the detector's
-    largest factor, because healthy runs start high too: a regression's first
-    norms were up to 10x its later ones on this project's healthy runs while
-    the loss fell, the corrupted starts 40-200x.
+    (With a `rollback_steps` shorter than the window, the weights kept may
+    already be a later quiet step's: the run goes back to those.) The ratio
+    is twice the detector's largest factor, because healthy runs start high
+    too: a regression's first norms were up to 10x its later ones on this
+    project's healthy runs while the loss fell, the corrupted starts 40-200x.
 
     The rollback: trouble that builds up over a few steps mid-run (a
     learning-rate spike: norms x3-x6 a step, each still under the detector's

@@ -290,8 +290,9 @@ def _watch_overshoot(device_state, grads_and_vars, global_norm, nonfinite, auto,
     weights' and the size factor (`clipping.update_size_update`); the weights
     kept for the next step. At a restart the weights kept are those it
     restarts from, and (`measured`, default: at every restart) the "update"
-    is everything the run moved since its first step. Returns the two factors' product (at least `min_scale`) and whether
-    the momentum carries the run uphill (`clipping.carried_uphill`)."""
+    is everything the run moved since its first step. Returns the two
+    factors' product (at least `min_scale`) and whether the momentum carries
+    the run uphill (`clipping.carried_uphill`)."""
     dense = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g, _ in grads_and_vars]
     weights = [tf.cast(state.variable_value(v), tf.float32) for _, v in grads_and_vars]
     updates = [w - p.read_value() for w, p in zip(weights, device_state.previous_weights)]

@@ -401,9 +401,9 @@ def test_a_run_in_trouble_within_its_first_steps_restarts_from_its_first_weights
 REJUDGE_STEPS = 40  # the detector's window (32) is first full at step 33
 
 
-@pytest.mark.parametrize("mode", ["global_clipnorm", "clipvalue"])
-@pytest.mark.parametrize("factor", [30.0, 1.0])
-def test_first_steps_judged_again_once_the_window_is_full(tmp_path, caplog, capsys, mode, factor):
+@pytest.mark.parametrize("mode, factor, rollback_steps", [("global_clipnorm", 30.0, 32), ("clipvalue", 30.0, 32),
+                                                           ("global_clipnorm", 1.0, 32), ("global_clipnorm", 30.0, 8)])
+def test_first_steps_judged_again_once_the_window_is_full(tmp_path, caplog, capsys, mode, factor, rollback_steps):
     """The first batch's targets x30: steps 1-3 are far larger than the rest, but the warm-up
     only compares each with the ones before it and takes them as healthy. At step 33, the
     first whose detector state holds a full window (32 healthy steps), the first 16 are judged
@@ -412,7 +412,9 @@ def test_first_steps_judged_again_once_the_window_is_full(tmp_path, caplog, caps
     after step 33 are the weights before step 1 minus the clipped update of step 33's gradient
     (a tape at the weights it saw). No step is recorded as an explosion; the alert names the
     step. Without the corruption (x1: the first steps are ~10x the later ones, as a healthy
-    regression's are while its loss falls) nothing switches and the weights equal plain SGD's."""
+    regression's are while its loss falls) nothing switches and the weights equal plain SGD's.
+    With `rollback_steps=8` the kept weights were refreshed at a quiet step before step 33: the
+    run goes back to those, and the alert says so."""
     caplog.set_level(logging.WARNING, logger="gradwatch")
     x, y = regression_data(n=REJUDGE_STEPS * BATCH)
     y[:BATCH] *= factor
@@ -425,8 +427,8 @@ def test_first_steps_judged_again_once_the_window_is_full(tmp_path, caplog, caps
         return net
 
     net, snapshots = model(), WeightsBeforeEachStep()
-    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip=mode, clip_threshold="auto", verbose=0,
-                                        update_freq=5)
+    monitor = gradwatch.GradientMonitor(str(tmp_path), auto_clip=mode, update_freq=5, verbose=0,
+                                        clip_threshold=clipping.AutoThreshold(rollback_steps=rollback_steps))
     net.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[snapshots, monitor])
     logged = read_tags(str(tmp_path))
     norms = [logged["grad_norm/global"][s] for s in range(1, 33)]
@@ -452,12 +454,15 @@ def test_first_steps_judged_again_once_the_window_is_full(tmp_path, caplog, caps
         clipped = [g * min(1.0, threshold / norm) for g in grads]
     else:
         clipped = [np.clip(g, -threshold, threshold) for g in grads]
-    for before, grad, after in zip(weights[0], clipped, weights[33]):
+    kept = event["restart_step"]
+    assert (kept == 1) is (rollback_steps == 32) and kept < 33
+    for before, grad, after in zip(weights[kept - 1], clipped, weights[33]):
         np.testing.assert_allclose(after, before - LR * grad, rtol=1e-5, atol=1e-6)
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("switched on")]
     assert "at step 33 (that step included), after the run's first steps were judged again" in line
     assert f"step {first} (global norm {norms[first - 1]:.3g}) was at least 20x their typical norm" in line
-    assert "restarts from the weights it had before its first step" in line
+    assert line.endswith("; the run restarts from the weights it had before its first step, clipped" if kept == 1
+                         else f"; the run goes back to the weights it had before step {kept} (the last kept), clipped")
     capsys.readouterr()
     assert gradwatch_cli.main(["report", str(tmp_path), "--json"]) == 0
     [report] = json.loads(capsys.readouterr().out)["runs"]
