@@ -170,25 +170,24 @@ def switch_message(event, cause, auto):
     how = f" ({auto_description(event['mode'], auto)})" if auto is not None else ""
     text = (f"switched on {event['mode']}={event['threshold']:.4g}{how} at step "
             f"{event['step']} (that step included)")
-    if event.get("rejudged"):
+    rejudged = event.get("rejudged")
+    if rejudged:
         ratio = f" {auto.rejudge_ratio:g}x" if auto is not None else ""
         which = (f"step {event['cause_step']} (global norm {cause:.3g})" if event.get("cause_step") is not None
                  and cause is not None else "one of them")
         text += (f", after the run's first steps were judged again against its first full window of healthy "
                  f"steps: {which} was at least{ratio} their typical norm, an explosion the warm-up could not see")
-        kept = event.get("restart_step")
-        if not event.get("restarted"):
-            return text
-        if isinstance(kept, int) and kept > 1:  # a short `rollback_steps` refreshed the kept weights already
-            return text + f"; the run goes back to the weights it had before step {kept} (the last kept), clipped"
-        return text + "; the run restarts from the weights it had before its first step, clipped"
-    if cause is not None:
+    elif cause is not None:
         text += f", after the gradient explosion at step {cause.step} (global norm {cause.global_norm:.3g})"
     if event.get("restarted"):
         kept = event.get("restart_step")
-        if isinstance(kept, int) and kept > 1:
-            text += (f"; the run rolls back to the weights it had before step {kept} (the last kept, at a quiet "
+        if isinstance(kept, int) and kept > 1:  # (judged again: only with a short `rollback_steps`)
+            text += (f"; the run goes back to the weights it had before step {kept} (the last kept), clipped"
+                     if rejudged else
+                     f"; the run rolls back to the weights it had before step {kept} (the last kept, at a quiet "
                      "step: the norms were already building up before this one), clipped")
+        elif rejudged:  # the cause said why already
+            text += "; the run restarts from the weights it had before its first step, clipped"
         else:
             steps = f" {auto.restart_steps}" if auto is not None else ""
             text += (f"; in trouble within its first{steps} healthy steps, the run restarts from the weights it had "

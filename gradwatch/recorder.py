@@ -245,9 +245,9 @@ class Recorder:
         if lost:
             self._warn_once("lost", f"{lost} steps were overwritten on the device before being read; "
                                     "use a smaller `update_freq`.")
-        if len(steps) and self._first_norms is not None:
-            self._guard("clipping", lambda: self._remember_first_norms(steps, rows))
         if len(steps):
+            if self._first_norms is not None:
+                self._guard("clipping", lambda: self._remember_first_norms(steps, rows))
             self._pending.append((steps, rows))
             self._pending_rows += len(steps)
             notable = self._alert_log.burst is not None or _any_flag(rows, state.EXPLODED | state.CLIP_SWITCHED_ON)
@@ -331,19 +331,19 @@ class Recorder:
             if state.has_flag(rows[index, state.FLAGS], state.RESTARTED):
                 event["restarted"] = True  # the weights went back to those kept before this step:
                 event["restart_step"] = state.kept_step(self.capture.state)  # (1: the first step)
-            if not state.has_flag(rows[index, state.FLAGS], state.EXPLODED):
-                # No explosion at this step: the first steps judged again (`AutoThreshold.rejudge_ratio`).
+            rejudged = not state.has_flag(rows[index, state.FLAGS], state.EXPLODED)
+            if rejudged:
+                # No explosion at this step: the first steps judged again (`AutoThreshold.rejudge_ratio`);
+                # the cause is the largest of them (the alert gives its norm).
                 event["rejudged"] = True
-                first = self._first_norms or []
-                event["cause_step"] = max(first, key=lambda pair: pair[1])[0] if first else None
+                event["cause_step"], largest = max(self._first_norms or [], key=lambda pair: pair[1],
+                                                   default=(None, None))
             if self.capture.name is not None:
                 event["optimizer"] = self.capture.name
             events.append(event)
             self.monitor.clipping_events.append(event)
-            cause = next((e for e in explosions if e.step == step), None)
+            cause = largest if rejudged else next((e for e in explosions if e.step == step), None)
             policy = self.capture.policy
-            if event.get("rejudged"):
-                cause = dict(self._first_norms or []).get(event["cause_step"])
             self._alert_log.emit(alerts.switch_message(event, cause, policy.auto if policy.is_auto else None),
                                  {"gradwatch_clipping": event})
         return events
