@@ -225,10 +225,16 @@ def threshold_and_typical(state, config, ops=TENSOR_OPS):
     it comes from, in one pass over the window (see `adaptive_threshold`)."""
     count = ops.float32(state[0])
     median, spread = typical_and_spread(state, config, ops)
-    margin = ops.clip(config.z_threshold * spread, math.log(config.min_ratio), math.log(config.max_ratio))
+    margin = ops.clip(config.z_threshold * spread, _log(config.min_ratio, ops), _log(config.max_ratio, ops))
     threshold = ops.where(count < config.warmup_steps, ops.exp(median) * config.warmup_ratio,
                           ops.exp(median + margin))
     return ops.where(count < 1.0, ops.float32(math.inf), threshold), median
+
+
+def _log(value, ops):
+    """`log(value)` of a setting: a Python number (folded at trace time), or a
+    vector of them (`benchmarks/false_alarms.py --sweep` replays many settings)."""
+    return math.log(value) if isinstance(value, (int, float)) else ops.log(value)
 
 
 def update_adaptive_state(state, global_norm, exploded, config, ops=TENSOR_OPS):

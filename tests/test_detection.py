@@ -1,5 +1,6 @@
 import doctest
 import math
+import types
 
 import numpy as np
 import pytest
@@ -326,6 +327,26 @@ def test_vector_states_work_elementwise():
         _, _, single = run_eagerly(norms[:, column], DEFAULTS)
         assert float(state.count[column]) == float(single.count)
         np.testing.assert_allclose(state.log_norms[:, column].numpy(), single.log_norms.numpy(), rtol=1e-6)
+
+
+def test_vector_settings_give_each_column_its_own_threshold():
+    # `benchmarks/false_alarms.py --sweep` replays many settings at once, one per column.
+    configs = [AdaptiveConfig(min_ratio=4.0, max_ratio=8.0), DEFAULTS, AdaptiveConfig(z_threshold=2.0, max_ratio=12.0)]
+    fields = ("warmup_steps", "warmup_ratio", "z_threshold", "min_ratio", "max_ratio")
+    vector = types.SimpleNamespace(window=DEFAULTS.window, **{
+        name: np.array([getattr(c, name) for c in configs], np.float32) for name in fields})
+    norms = healthy_sequence(7, 60, 0.4, 40, 1.0)
+    state = detection.AdaptiveState(tf.zeros([3]), tf.fill([DEFAULTS.window, 3], math.inf))
+    singles = [initial_adaptive_state(c) for c in configs]
+    for norm in norms:
+        thresholds = adaptive_threshold(state, vector).numpy()
+        for column, config in enumerate(configs):
+            expected = float(adaptive_threshold(singles[column], config))
+            np.testing.assert_allclose(thresholds[column], expected, rtol=1e-6)
+            singles[column] = update_adaptive_state(singles[column], norm, is_explosion(norm, expected), config)
+        row = np.full(3, norm, np.float32)
+        state = update_adaptive_state(state, row, is_explosion(row, thresholds), vector)
+    assert len(set(np.round(thresholds, 4))) == 3  # the settings differ where it matters
 
 
 # --- properties -------------------------------------------------------------------------------------
