@@ -283,7 +283,9 @@ def sweep(norms):
                                   (3.0, 4.0, 5.0), (8.0, 10.0, 12.0)))
     runs = norms.shape[1]
     fields = np.repeat(np.array(grid, np.float32), runs, axis=0)  # [configs * runs, 5]
-    config = types.SimpleNamespace(window=detection.AdaptiveConfig().window,
+    defaults = detection.AdaptiveConfig()
+    config = types.SimpleNamespace(window=defaults.window, burst_ratio=defaults.burst_ratio,
+                                   burst_count=defaults.burst_count,
                                    **{name: fields[:, i] for i, name in enumerate(names)})
     tiled = np.tile(norms, (1, len(grid)))
     thresholds, alarms = replay(tiled, config)

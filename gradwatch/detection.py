@@ -16,7 +16,10 @@ spikes cannot widen it). A step explodes when its norm is at least
 `typical * exp(z * spread)`, that factor held between `min_ratio` and
 `max_ratio`. Exploded, non-finite and zero norms never enter the window, and a
 median cannot be dragged by the spikes it looks for: a run whose every fourth
-step is a 10x spike still sees 10x spikes. Nothing is blind at the start:
+step is a 10x spike still sees 10x spikes. Spikes a little under the bar
+are chronic trouble when they come often: once the window holds two steps
+of at least 7x its median (`burst_ratio`, `burst_count`), the next one is
+an explosion. Nothing is blind at the start:
 until `warmup_steps` healthy steps were seen the factor is `warmup_ratio`,
 so the second step is judged against the first, the third against the lower
 of the two, and so on; a norm growing step after step outruns the median of
@@ -25,6 +28,7 @@ with: it is never an explosion (unless not finite), and being one value of
 the window it cannot lift the median for long.
 """
 
+import bisect
 import dataclasses
 import math
 from typing import NamedTuple
@@ -67,6 +71,15 @@ class AdaptiveConfig:
             norm, for quiet runs with tiny spread (5; 4 alarmed once with z=8).
         max_ratio: the threshold is never above `max_ratio` times the typical
             norm, so a spike of 10x the typical norm always alarms (10).
+        burst_ratio, burst_count: a run whose window already holds
+            `burst_count - 1` steps of at least `burst_ratio` times the typical
+            norm (7 and 3) has its threshold lowered to `burst_ratio` times the
+            typical norm: the next such spike is an explosion. Frequent 7-9x
+            spikes are chronic trouble that a 10x bar never calls (rare
+            corrupted targets in tanh nets, whose norms then creep upward);
+            none of the 92 healthy runs of `benchmarks/false_alarms.py`, heavy
+            tails included, held more than one such step in its window.
+            `burst_count=0` turns this off.
     """
 
     window: int = 32
@@ -75,6 +88,8 @@ class AdaptiveConfig:
     z_threshold: float = 8.0
     min_ratio: float = 5.0
     max_ratio: float = 10.0
+    burst_ratio: float = 7.0
+    burst_count: int = 3
 
     def __post_init__(self):
         def check(name, valid, requirement):
@@ -96,6 +111,8 @@ class AdaptiveConfig:
         check("min_ratio", number(self.min_ratio) and self.min_ratio >= 1, "a number >= 1")
         check("max_ratio", number(self.max_ratio) and self.max_ratio >= self.min_ratio,
               f"a number >= min_ratio ({self.min_ratio!r})")
+        check("burst_ratio", number(self.burst_ratio) and self.burst_ratio >= 1, "a number >= 1")
+        check("burst_count", integer(self.burst_count) and self.burst_count >= 0, "a non-negative integer")
 
 
 def _positions(values):
@@ -119,6 +136,12 @@ class TENSOR_OPS:  # noqa: N801 -- a namespace, like `math`
     @staticmethod
     def full(size, value):
         return tf.fill([size], tf.constant(value, tf.float32))
+
+    @staticmethod
+    def count_at_least(values, floor):
+        """How many finite entries of `values` are `>= floor` (along axis 0)."""
+        values = tf.convert_to_tensor(values, tf.float32)
+        return tf.reduce_sum(tf.cast(tf.logical_and(values >= floor, tf.math.is_finite(values)), tf.float32), axis=0)
 
     @staticmethod
     def pick(values, index):
@@ -155,6 +178,7 @@ class FLOAT_OPS:  # noqa: N801
     largest = staticmethod(lambda values, size: max(values[:size]))
     equal = staticmethod(lambda a, b: a == b)
     full = staticmethod(lambda size, value: (float(value),) * size)
+    count_at_least = staticmethod(lambda values, floor: float(sum(1 for v in values if floor <= v < math.inf)))
     pick = staticmethod(lambda values, index: values[int(index)] if 0 <= index < len(values) else 0.0)
 
     @staticmethod
@@ -228,6 +252,11 @@ def threshold_and_typical(state, config, ops=TENSOR_OPS):
     margin = ops.clip(config.z_threshold * spread, _log(config.min_ratio, ops), _log(config.max_ratio, ops))
     threshold = ops.where(count < config.warmup_steps, ops.exp(median) * config.warmup_ratio,
                           ops.exp(median + margin))
+    # Chronic trouble: the window already holds `burst_count - 1` loud steps.
+    loud = median + _log(config.burst_ratio, ops)
+    burst = ops.logical_and(ops.count_at_least(state[1], loud) >= ops.float32(config.burst_count) - 1.0,
+                            ops.float32(config.burst_count) > 0.0)
+    threshold = ops.where(burst, ops.minimum(threshold, ops.exp(loud)), threshold)
     return ops.where(count < 1.0, ops.float32(math.inf), threshold), median
 
 
@@ -356,6 +385,7 @@ class FloatDetector:
         self._back = float(window) * 512.0
         self._log_min = math.log(self.config.min_ratio)
         self._log_max = math.log(self.config.max_ratio)
+        self._log_burst = math.log(self.config.burst_ratio)
         self.threshold = self._compute()
 
     @property
@@ -375,9 +405,15 @@ class FloatDetector:
         index = math.floor((valid - 1.0) * LOW_QUANTILE)
         low = ordered[int(index)] if 0 <= index < size else 0.0
         if count < config.warmup_steps:
-            return _exp(median) * config.warmup_ratio
-        margin = min(max(config.z_threshold * (median - low), self._log_min), self._log_max)
-        return _exp(median + margin)
+            threshold = _exp(median) * config.warmup_ratio
+        else:
+            margin = min(max(config.z_threshold * (median - low), self._log_min), self._log_max)
+            threshold = _exp(median + margin)
+        loud = median + self._log_burst
+        loud_steps = bisect.bisect_left(ordered, math.inf) - bisect.bisect_left(ordered, loud)
+        if config.burst_count > 0 and loud_steps >= config.burst_count - 1.0:
+            threshold = min(threshold, _exp(loud))
+        return threshold
 
     def step(self, norm):
         """Judges a step's global norm and updates the window: `(exploded, threshold)`."""

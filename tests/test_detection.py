@@ -1,3 +1,4 @@
+import dataclasses
 import doctest
 import math
 import types
@@ -32,9 +33,14 @@ class NumpyDetector:
         n = len(window)
         median, low = window[(n - 1) // 2], window[int(math.floor((n - 1) * 0.16))]
         if len(self.logs) < c.warmup_steps:
-            return math.exp(median) * c.warmup_ratio
-        margin = min(max(c.z_threshold * (median - low), math.log(c.min_ratio)), math.log(c.max_ratio))
-        return math.exp(median + margin)
+            threshold = math.exp(median) * c.warmup_ratio
+        else:
+            margin = min(max(c.z_threshold * (median - low), math.log(c.min_ratio)), math.log(c.max_ratio))
+            threshold = math.exp(median + margin)
+        loud = int(np.sum(window >= median + math.log(c.burst_ratio)))
+        if c.burst_count > 0 and loud >= c.burst_count - 1:  # chronic spikes: the bar drops to burst_ratio
+            threshold = min(threshold, math.exp(median + math.log(c.burst_ratio)))
+        return threshold
 
     def step(self, norm):
         exploded = not norm < self.threshold()
@@ -114,7 +120,11 @@ def test_is_explosion_elementwise_and_overflowing_float64():
 
 # --- adaptive detector vs. the numpy reference ---------------------------------------------------
 
-OTHER_CONFIGS = [AdaptiveConfig(window=8, warmup_steps=10, warmup_ratio=3.0, z_threshold=1.5, min_ratio=1.5, max_ratio=50.0), AdaptiveConfig(window=1, warmup_steps=0, warmup_ratio=1.0, z_threshold=1.0, min_ratio=1.0, max_ratio=1.0)]
+OTHER_CONFIGS = [AdaptiveConfig(window=8, warmup_steps=10, warmup_ratio=3.0, z_threshold=1.5, min_ratio=1.5, max_ratio=50.0),
+                 AdaptiveConfig(window=1, warmup_steps=0, warmup_ratio=1.0, z_threshold=1.0, min_ratio=1.0, max_ratio=1.0),
+                 AdaptiveConfig(window=16, warmup_steps=4, z_threshold=4.0, max_ratio=30.0, burst_ratio=1.5,
+                                burst_count=4),
+                 AdaptiveConfig(burst_count=0)]
 
 
 @pytest.mark.parametrize("config", [DEFAULTS] + OTHER_CONFIGS)
@@ -222,6 +232,28 @@ def test_frequent_10x_spikes_stay_10x_spikes():
     assert (later <= DEFAULTS.max_ratio * clean * 1.5).all() and (later >= DEFAULTS.min_ratio * clean / 1.5).all()
 
 
+def test_frequent_8x_spikes_alarm_from_the_third_in_a_window():
+    """Chronic trouble below the 10x bar: 8.5x spikes every 10th step, in a run whose spread puts
+    the bar at 10x its median. The first two pass; from the third in one window each one alarms;
+    two in a window, then one alone, never alarm."""
+    clean = np.tile(np.float32([1.0, 1.5, 2.0, 2.5, 3.0]), 40)  # median 2, 16th percentile 1
+    norms = clean.copy()
+    spikes = np.arange(45, 200, 10)
+    norms[spikes] = 8.5 * 2.0
+    thresholds, alarms, _ = run_eagerly(norms, DEFAULTS)
+    assert thresholds[44] == pytest.approx(DEFAULTS.max_ratio * 2.0, rel=1e-5)  # 8.5x is below the bar
+    flagged = np.flatnonzero(alarms).tolist()
+    assert flagged[0] == 65 and set(flagged) <= set(spikes.tolist())  # the third spike, then only spikes
+    assert thresholds[65] == pytest.approx(DEFAULTS.burst_ratio * 2.0, rel=1e-5)  # two loud steps in the window
+    # Flagged steps never enter the window: the spikes let through refill it, and every third
+    # loud step within 32 healthy steps alarms (here 2 of every 4 spikes).
+    assert flagged == [s for s in spikes.tolist() if (s - 45) % 40 in (20, 30)]
+    once = clean.copy()
+    once[[45, 55, 120]] = 8.5 * 2.0
+    assert not run_eagerly(once, DEFAULTS)[1].any()
+    assert not run_eagerly(norms, AdaptiveConfig(burst_count=0))[1].any()  # turned off: never
+
+
 def test_geometric_growth_from_the_first_step_is_caught_within_five_steps():
     norms = 3.0 ** np.arange(30)  # x3 a step from the start, no healthy step at all
     reference = NumpyDetector(DEFAULTS)
@@ -251,8 +283,10 @@ def test_threshold_is_clipped_between_min_and_max_ratio_of_the_typical_norm():
     noisy = detection.AdaptiveState(50.0, tf.constant(spread, tf.float32))
     assert float(adaptive_threshold(quiet, DEFAULTS)) == pytest.approx(3.0 * DEFAULTS.min_ratio, rel=1e-5)
     median = np.sort(spread)[(DEFAULTS.window - 1) // 2]
-    assert float(adaptive_threshold(noisy, DEFAULTS)) == pytest.approx(
-        math.exp(median) * DEFAULTS.max_ratio, rel=1e-5)
+    no_burst = dataclasses.replace(DEFAULTS, burst_count=0)
+    assert float(adaptive_threshold(noisy, no_burst)) == pytest.approx(math.exp(median) * DEFAULTS.max_ratio, rel=1e-5)
+    # That window holds many steps above 7x its median: the bar drops to burst_ratio x the median.
+    assert float(adaptive_threshold(noisy, DEFAULTS)) == pytest.approx(math.exp(median) * DEFAULTS.burst_ratio, rel=1e-5)
 
 
 @pytest.mark.parametrize("norm, exploded", [
@@ -331,8 +365,9 @@ def test_vector_states_work_elementwise():
 
 def test_vector_settings_give_each_column_its_own_threshold():
     # `benchmarks/false_alarms.py --sweep` replays many settings at once, one per column.
-    configs = [AdaptiveConfig(min_ratio=4.0, max_ratio=8.0), DEFAULTS, AdaptiveConfig(z_threshold=2.0, max_ratio=12.0)]
-    fields = ("warmup_steps", "warmup_ratio", "z_threshold", "min_ratio", "max_ratio")
+    configs = [AdaptiveConfig(min_ratio=4.0, max_ratio=8.0, burst_count=0), DEFAULTS,
+               AdaptiveConfig(z_threshold=2.0, max_ratio=12.0, burst_ratio=3.0)]
+    fields = ("warmup_steps", "warmup_ratio", "z_threshold", "min_ratio", "max_ratio", "burst_ratio", "burst_count")
     vector = types.SimpleNamespace(window=DEFAULTS.window, **{
         name: np.array([getattr(c, name) for c in configs], np.float32) for name in fields})
     norms = healthy_sequence(7, 60, 0.4, 40, 1.0)
