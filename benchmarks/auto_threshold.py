@@ -16,7 +16,11 @@ standardised: 1.0 is predicting the mean):
 Families (regression heads): `mlp` (4 x Dense(64, tanh)), `gru` (GRU(32)),
 `cnn` (2 x Conv2D on 12x12 images), `attention` (a self-attention block with
 LayerNorm); held out, never used to work the rule out (`--families resbn conv1d`): `resbn` (a residual
-MLP with BatchNormalization) and `conv1d` (a 1-D CNN over the GRU's sequences); optimizers `sgd` (SGD + momentum 0.9) and `adam`. Same initial
+MLP with BatchNormalization) and `conv1d` (a 1-D CNN over the GRU's sequences); held out since
+session 10 (`--families cnncls lstm deepmlp`): `cnncls` (a CNN classifier, softmax over 4 classes,
+one-hot targets: the "MSE" is then the Brier score; "chronic" scales 0.5% of the one-hot rows
+x60), `lstm` (LSTM(32) on the GRU's data) and `deepmlp` (8 x Dense(32, tanh) on the MLP's data);
+optimizers `sgd` (SGD + momentum 0.9) and `adam`. Same initial
 weights and batches for every run of a (kind, family, optimizer, seed).
 
     python benchmarks/auto_threshold.py --out r.jsonl --seeds 0 1          # the grid (2 workers)
@@ -48,7 +52,8 @@ KINDS = ("chronic", "midrun", "inputs", "lr_spike", "diverge", "healthy")
 FAMILIES = ("mlp", "gru", "cnn", "attention")
 # Families the rule never saw, for held-out checks only (`--families resbn conv1d`): a residual MLP
 # with BatchNormalization and ReLU (on the MLP's data), a 1-D CNN over the GRU's sequences.
-HELD_OUT_FAMILIES = ("resbn", "conv1d")
+# Session 10: a CNN classifier (softmax, one-hot targets), an LSTM regressor, an 8-layer tanh MLP.
+HELD_OUT_FAMILIES = ("resbn", "conv1d", "cnncls", "lstm", "deepmlp")
 OPTIMIZERS = ("sgd", "adam")
 FIXED = {"clipnorm": (0.1, 0.3, 1.0, 3.0), "global_clipnorm": (0.1, 0.3, 1.0, 3.0),
          "clipvalue": (0.003, 0.01, 0.03, 0.1)}
@@ -59,13 +64,15 @@ TRAIN, VAL, BATCH, EPOCHS = 2048, 512, 32, 4
 
 def data(kind, family, seed):
     """`(x, y, x_bad, y_bad, x_val, y_val)`: clean and corrupted training sets, clean validation."""
+    if family == "cnncls":
+        return _classifier_data(kind, seed)
     rng = np.random.default_rng(seed)
     n = TRAIN + VAL
-    if family in ("mlp", "resbn"):
+    if family in ("mlp", "resbn", "deepmlp"):
         x = rng.normal(size=(n, 16))
         w = rng.normal(size=(16, 2)) / 4.0
         y = x @ w[:, :1] + 0.5 * np.tanh(x @ w[:, 1:]) + 0.3 * x[:, :1] * x[:, 1:2]
-    elif family in ("gru", "attention", "conv1d"):
+    elif family in ("gru", "attention", "conv1d", "lstm"):
         x = rng.normal(size=(n, 12, 4))
         w = rng.normal(size=(4,)) / 2.0
         y = x[:, -6:, 0].mean(1, keepdims=True) * 2.0 + np.tanh(x[:, -3:] @ w).mean(1)[:, None]
@@ -77,6 +84,23 @@ def data(kind, family, seed):
             x[i, centre[i, 0] - 2:centre[i, 0] + 2, centre[i, 1] - 2:centre[i, 1] + 2, 0] += amplitude[i]
         y = amplitude[:, None] + 0.1 * (centre[:, :1] - 6)
     y = (y - y.mean()) / y.std()
+    return _split_and_corrupt(kind, x, y, rng)
+
+
+def _classifier_data(kind, seed):
+    """A blob on 12x12 noise; its class is the quadrant of its centre (one-hot, 4 classes)."""
+    rng = np.random.default_rng(seed + 1000)
+    n = TRAIN + VAL
+    x = rng.normal(size=(n, 12, 12, 1)) * 0.5
+    centre = rng.integers(2, 10, size=(n, 2))
+    amplitude = 1.0 + rng.random(n)
+    for i in range(n):
+        x[i, centre[i, 0] - 2:centre[i, 0] + 2, centre[i, 1] - 2:centre[i, 1] + 2, 0] += amplitude[i]
+    y = np.eye(4)[(centre[:, 0] >= 6) * 2 + (centre[:, 1] >= 6)]
+    return _split_and_corrupt(kind, x, y, rng)
+
+
+def _split_and_corrupt(kind, x, y, rng):
     x, y = x.astype("float32"), y.astype("float32")
     x_val, y_val, x, y = x[-VAL:], y[-VAL:], x[:-VAL], y[:-VAL]
     x_bad, y_bad = x.copy(), y.copy()
@@ -99,6 +123,17 @@ def build(family, seed, optimizer):
                                + [layers.Dense(1)])
     elif family == "gru":
         net = keras.Sequential([keras.Input((12, 4)), layers.GRU(32), layers.Dense(1)])
+    elif family == "lstm":
+        net = keras.Sequential([keras.Input((12, 4)), layers.LSTM(32), layers.Dense(1)])
+    elif family == "deepmlp":
+        net = keras.Sequential([keras.Input((16,))] + [layers.Dense(32, activation="tanh") for _ in range(8)]
+                               + [layers.Dense(1)])
+    elif family == "cnncls":
+        net = keras.Sequential([keras.Input((12, 12, 1)), layers.Conv2D(8, 3, activation="relu", padding="same"),
+                                layers.MaxPooling2D(), layers.Conv2D(16, 3, activation="relu"),
+                                layers.GlobalAveragePooling2D(), layers.Dense(4, activation="softmax")])
+        net.compile(optimizer=optimizer, loss="categorical_crossentropy")
+        return net
     elif family == "resbn":
         inputs = keras.Input((16,))
         h = layers.Dense(64)(inputs)
