@@ -225,7 +225,9 @@ def adaptive_threshold(state, config, ops=TENSOR_OPS):
 
     `+inf` before the first healthy step; `warmup_ratio` times the typical
     norm until `warmup_steps` healthy steps were seen; then
-    `typical * exp(clip(z * spread, log(min_ratio), log(max_ratio)))`.
+    `typical * exp(clip(z * spread, log(min_ratio), log(max_ratio)))`. At
+    most `burst_ratio` times the typical norm once the window holds
+    `burst_count - 1` steps that large (chronic spikes under the bar).
 
     >>> config = AdaptiveConfig(window=8, warmup_steps=4)
     >>> state = initial_adaptive_state(config)
